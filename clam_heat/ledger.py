@@ -1,0 +1,237 @@
+"""Per-slide JSON ledger: what each stage last produced, from which inputs and parameters.
+
+Protocol (as snakemake's persistence): a stage is *marked started* before it writes anything,
+its outputs are written to temp files and renamed into place, and only then is the record
+completed with the fingerprint. A stage reruns when its record is missing, still marked started
+(interrupted, e.g. by kill -9), any recorded output is gone, or its fingerprint differs. The
+ledger itself is replaced atomically; an unreadable ledger is treated as empty (everything reruns)
+rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+#: Bump when the record layout changes; older records are not trusted.
+RECORD_FORMAT_VERSION = 1
+
+#: Files up to this size are identified by content hash, larger ones by size + mtime.
+HASH_LIMIT_BYTES = 64 * 1024 * 1024
+
+__all__ = [
+    "Ledger",
+    "Reason",
+    "file_identity",
+    "fingerprint_diff",
+    "now_iso",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
+
+
+def now_iso() -> str:
+    """UTC timestamp, second precision, for CSV ``updated_at`` and records."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temp file in the same folder + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """Identity of an input file: sha256 for small files, size + mtime for large ones.
+
+    Content hashes mean a rerun that rewrites identical bytes does not invalidate downstream
+    stages; huge slides are identified cheaply.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return {"path": str(path), "missing": True}
+    ident: dict[str, Any] = {"path": str(path), "size": stat.st_size}
+    if stat.st_size <= HASH_LIMIT_BYTES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        ident["sha256"] = digest.hexdigest()
+    else:
+        ident["mtime_ns"] = stat.st_mtime_ns
+    return ident
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two fingerprints, with old -> new values.
+
+    >>> fingerprint_diff({"params": {"alpha": 0.4}}, {"params": {"alpha": 0.5}})
+    ['params.alpha 0.4 -> 0.5']
+    """
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, "<absent>"), flat_new.get(key, "<absent>")
+        if a != b:
+            if key.endswith("sha256") or key.endswith("mtime_ns"):
+                changes.append(f"{key.rsplit('.', 1)[0]} changed")
+            else:
+                changes.append(f"{key} {a} -> {b}")
+    return changes
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a stage will run (``None`` from :meth:`Ledger.reason` means up to date)."""
+
+    kind: str  # never-run | interrupted | output-missing | changed | ledger-version
+    detail: str = ""
+
+    def __str__(self) -> str:
+        labels = {
+            "never-run": "no previous run",
+            "interrupted": "previous run was interrupted",
+            "output-missing": "output missing",
+            "changed": "changed",
+            "ledger-version": "ledger written by an older format",
+            "upstream": "upstream stage reruns",
+        }
+        text = labels.get(self.kind, self.kind)
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+@dataclass
+class Ledger:
+    """The JSON ledger of one slide (``<raw slide dir>/<slide_id>.ledger.json``)."""
+
+    path: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger:
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text("utf-8"))
+            if data.get("record_format_version") != RECORD_FORMAT_VERSION:
+                log.warning("%s: ledger format %s not trusted; stages rerun", path,
+                            data.get("record_format_version"))
+                return cls(path)
+            return cls(path, dict(data.get("stages", {})))
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("%s: unreadable ledger (%s); treating as empty", path, err)
+            return cls(path)
+
+    def save(self) -> None:
+        payload = {
+            "record_format_version": RECORD_FORMAT_VERSION,
+            "package_version": __version__,
+            "stages": self.stages,
+        }
+        write_text_atomic(self.path, json.dumps(payload, indent=1, sort_keys=True, default=str))
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        return self.stages.get(stage)
+
+    def reason(
+        self, stage: str, fingerprint: Mapping[str, Any], outputs: Iterable[Path] = ()
+    ) -> Reason | None:
+        """Why ``stage`` must run given its current fingerprint, or None when up to date."""
+        rec = self.stages.get(stage)
+        if rec is None:
+            return Reason("never-run")
+        if rec.get("state") != "done":
+            return Reason("interrupted", f"started {rec.get('started_at', '?')}")
+        recorded = [Path(p) for p in rec.get("outputs", [])]
+        for out in [*recorded, *outputs]:
+            if not Path(out).exists():
+                return Reason("output-missing", Path(out).name)
+        changes = fingerprint_diff(rec.get("fingerprint", {}), fingerprint)
+        if changes:
+            return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
+        return None
+
+    def mark_started(self, stage: str) -> None:
+        previous = self.stages.get(stage, {})
+        self.stages[stage] = {
+            "state": "started",
+            "started_at": now_iso(),
+            # keep the previous outputs listed so a rerun can clean files it no longer writes
+            "outputs": previous.get("outputs", []),
+        }
+        self.save()
+
+    def mark_done(
+        self,
+        stage: str,
+        fingerprint: Mapping[str, Any],
+        outputs: Iterable[Path],
+        *,
+        seconds: float,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        rec = self.stages.get(stage, {})
+        self.stages[stage] = {
+            "state": "done",
+            "started_at": rec.get("started_at", now_iso()),
+            "finished_at": now_iso(),
+            "seconds": round(seconds, 3),
+            "fingerprint": dict(fingerprint),
+            "outputs": [str(p) for p in outputs],
+            "result": dict(result or {}),
+        }
+        self.save()
+
+    def invalidate(self, stage: str) -> None:
+        if self.stages.pop(stage, None) is not None:
+            self.save()
+
+
+class Timer:
+    """Tiny wall-clock helper for per-stage timings."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
