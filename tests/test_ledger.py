@@ -1,0 +1,88 @@
+"""The ledger decides what reruns: each reason, atomicity and robustness to corrupt records."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from clam_heat import ledger as ledger_mod
+from clam_heat.ledger import Ledger, Reason, file_identity, fingerprint_diff, write_text_atomic
+
+
+def _done(tmp_path: Path, fingerprint: dict, outputs: list[Path]) -> Ledger:
+    led = Ledger(tmp_path / "s.ledger.json")
+    led.mark_started("segment")
+    for out in outputs:
+        out.write_text("x")
+    led.mark_done("segment", fingerprint, outputs, seconds=0.1, result={"n": 1})
+    return Ledger.load(led.path)
+
+
+def test_never_run_then_up_to_date(tmp_path: Path) -> None:
+    led = Ledger.load(tmp_path / "s.ledger.json")
+    assert led.reason("segment", {"a": 1}) == Reason("never-run")
+    out = tmp_path / "mask.jpg"
+    led = _done(tmp_path, {"a": 1}, [out])
+    assert led.reason("segment", {"a": 1}) is None
+    assert led.record("segment")["result"] == {"n": 1}
+
+
+def test_interrupted_stage_is_not_trusted(tmp_path: Path) -> None:
+    led = _done(tmp_path, {"a": 1}, [tmp_path / "o"])
+    led.mark_started("segment")  # a crash right after this leaves the mark
+    reloaded = Ledger.load(led.path)
+    reason = reloaded.reason("segment", {"a": 1})
+    assert reason is not None and reason.kind == "interrupted"
+
+
+def test_missing_output_and_changed_key(tmp_path: Path) -> None:
+    out = tmp_path / "o.h5"
+    led = _done(tmp_path, {"params": {"alpha": 0.4}, "package_version": "1"}, [out])
+    changed = led.reason("segment", {"params": {"alpha": 0.5}, "package_version": "1"})
+    assert str(changed) == "changed: params.alpha 0.4 -> 0.5"
+    out.unlink()
+    assert str(led.reason("segment", {"params": {"alpha": 0.4}, "package_version": "1"})) == (
+        "output missing: o.h5"
+    )
+
+
+def test_corrupt_or_old_ledger_is_treated_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "s.ledger.json"
+    path.write_text('{"record_format_version": 1, "stages": {"segm')  # truncated
+    assert Ledger.load(path).stages == {}
+    path.write_text(json.dumps({"record_format_version": 0, "stages": {"segment": {}}}))
+    assert Ledger.load(path).stages == {}
+
+
+def test_file_identity_hashes_small_files_and_stats_large(tmp_path: Path, monkeypatch) -> None:
+    small = tmp_path / "a.bin"
+    small.write_bytes(b"abc")
+    ident = file_identity(small)
+    assert ident["sha256"].startswith("ba7816bf")
+    monkeypatch.setattr(ledger_mod, "HASH_LIMIT_BYTES", 1)
+    big = file_identity(small)
+    assert "sha256" not in big and big["mtime_ns"] == small.stat().st_mtime_ns
+    assert file_identity(tmp_path / "nope")["missing"] is True
+
+
+def test_fingerprint_diff_reports_file_changes_compactly() -> None:
+    old = {"checkpoint": {"path": "c.pt", "sha256": "aa"}}
+    new = {"checkpoint": {"path": "c.pt", "sha256": "bb"}}
+    assert fingerprint_diff(old, new) == ["checkpoint changed"]
+
+
+def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "x.json"
+    write_text_atomic(target, "old")
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
