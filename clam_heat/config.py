@@ -542,6 +542,18 @@ class RunnerArguments(_Block):
     write_pyramid_tiff: Bool = Field(False, description="Also write a pyramidal TIFF heatmap.")
     write_geojson: Bool = Field(False, description="Also write patch scores as GeoJSON.")
     segment_heatmap: Bool = Field(True, description="Mask the heatmap to tissue.")
+    encoder_weights: OptionalPath = Field(
+        None,
+        description="Local weights file for encoder_arguments.model_name (no downloads); null: "
+        "look in the Hugging Face cache.",
+    )
+    extract_features: Bool = Field(
+        False,
+        description="When a slide has no feature H5, encode its non-overlapping grid with the "
+        "configured encoder (CLAM's behaviour) and cache it as <raw>/<slide_id>.h5.",
+    )
+    loader_workers: int = Field(0, ge=0, description="DataLoader workers reading patches.")
+    amp: Bool = Field(False, description="Mixed precision for the encoder on CUDA.")
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)
     ] = Field("INFO", description="Logging level.")

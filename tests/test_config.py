@@ -115,6 +115,10 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
             "write_pyramid_tiff": False,
             "write_geojson": False,
             "segment_heatmap": True,
+            "encoder_weights": None,
+            "extract_features": False,
+            "loader_workers": 0,
+            "amp": False,
             "log_level": "INFO",
         },
     }
