@@ -149,11 +149,17 @@ def _norm(path: Path) -> Path:
 
 
 def _resolve(raw: str | os.PathLike[str], base: Path, cwd: Path) -> Path:
-    """Config folder if the path exists there, else the CWD (CLAM's rule); absolute kept."""
+    """Config folder if the path (or its top folder) exists there, else the CWD (CLAM's rule).
+
+    The top-folder rule lets output dirs that do not exist yet (``heatmaps/heatmap_raw_results``)
+    land next to a config whose folder already has ``heatmaps/``. Absolute paths are kept.
+    """
     path = Path(raw).expanduser()
     if path.is_absolute():
         return _norm(path)
-    if (base / path).exists():
+    if (base / path).exists() or (
+        path.parts and (base / path.parts[0]).is_dir() and path.parts[0] not in (".", "..")
+    ):
         return _norm(base / path)
     return _norm(cwd / path)
 

@@ -1,0 +1,242 @@
+"""``clam-heat`` command line: each command parses options and calls one library function.
+
+Errors derived from :class:`~clam_heat.errors.ClamHeatError` print one line and exit with their
+code (2 for config/process-list problems, 1 otherwise); tracebacks go to the run log. Progress
+goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import ClamHeatError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Resumable, CLAM-compatible attention heatmaps for MIL models on whole-slide images.",
+)
+
+ConfigArg = Annotated[
+    str, typer.Argument(help="YAML config (path, or a name found in configs/ or heatmaps/configs/)")
+]
+SaveExpOpt = Annotated[
+    str | None,
+    typer.Option("--save_exp_code", "--save-exp-code", help="Override exp_arguments.save_exp_code."),
+]
+OverlapOpt = Annotated[
+    float | None,
+    typer.Option("--overlap", help="Override patching_arguments.overlap."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any key: --set heatmap_arguments.alpha=0.5 (repeatable)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _fail(err: ClamHeatError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _load(config: str, save_exp_code: str | None, overlap: float | None, sets: list[str] | None) -> Any:
+    from .config import find_config, load_config
+
+    return load_config(
+        find_config(config), overrides=sets or [], save_exp_code=save_exp_code, overlap=overlap
+    )
+
+
+def _setup_logging(log_file: Path | None, quiet: bool) -> None:
+    root = logging.getLogger("clam_heat")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+@app.command()
+def validate(
+    config: ConfigArg,
+    save_exp_code: SaveExpOpt = None,
+    overlap: OverlapOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a config: print the resolved config, or every error (exit 2)."""
+    import yaml
+
+    try:
+        cfg = _load(config, save_exp_code, overlap, set_)
+    except ClamHeatError as err:
+        _fail(err)
+    typer.echo(f"# {cfg.source_path}: valid")
+    typer.echo(yaml.safe_dump(cfg.to_yaml_dict(), default_flow_style=False, sort_keys=False))
+
+
+@app.command("list")
+def list_(
+    config: ConfigArg,
+    save_exp_code: SaveExpOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build or update the process list (CSV with CLAM's columns plus status columns)."""
+    from .process_list import build_process_list, status_summary
+
+    try:
+        cfg = _load(config, save_exp_code, None, set_)
+        df, path = build_process_list(cfg, write=True)
+    except ClamHeatError as err:
+        _fail(err)
+    counts = status_summary(df)
+    missing = int(df["missing"].astype(bool).sum()) if "missing" in df.columns else 0
+    typer.echo(f"{path}: {len(df)} slides ({_counts_text(counts)})"
+               + (f"; {missing} missing on disk" if missing else ""))
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "empty"
+
+
+@app.command()
+def status(
+    target: Annotated[str, typer.Argument(help="A process-list CSV, or a YAML config.")],
+) -> None:
+    """Counts per status and each failed row with its error."""
+    from .process_list import failed_rows, read_process_list, status_summary
+
+    try:
+        path = Path(target)
+        if path.suffix.lower() in {".yaml", ".yml"}:
+            path = _load(target, None, None, None).process_list_path
+        df = read_process_list(path)
+    except ClamHeatError as err:
+        _fail(err)
+    typer.echo(f"{path}: {len(df)} rows ({_counts_text(status_summary(df))})")
+    for row in failed_rows(df).to_dict("records"):
+        typer.echo(f"  failed {row['slide_id']}: {row.get('error', '')}")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    save_exp_code: SaveExpOpt = None,
+    overlap: OverlapOpt = None,
+    set_: SetOpt = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run segment -> infer -> heatmap -> sample for every pending row (resumable)."""
+    from .runner import run_pipeline
+
+    try:
+        cfg = _load(config, save_exp_code, overlap, set_)
+    except ClamHeatError as err:
+        _fail(err)
+    summary = _run_with_progress(cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet,
+                                 runner=run_pipeline)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bool, runner: Any) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err_console = Console(stderr=True)
+    show = not quiet and err_console.is_terminal
+    log_file = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
+    _setup_logging(None if dry_run else log_file, quiet)
+    progress = Progress(
+        TextColumn("[bold]clam-heat"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err_console, disable=not show, transient=False,
+    )
+    task: dict[str, Any] = {}
+
+    def on_start(total: int) -> None:
+        task["id"] = progress.add_task("", total=total)
+
+    def on_row(outcome: Any) -> None:
+        if "id" in task:
+            progress.update(task["id"], advance=1, description=f"{outcome.slide_id} {outcome.status}")
+        if outcome.status == "failed":
+            err_console.print(f"failed {outcome.slide_id}: {outcome.error}", markup=False,
+                              highlight=False)
+
+    try:
+        with progress:
+            summary = runner(cfg, retry_failed=retry_failed, dry_run=dry_run,
+                             on_row=on_row, on_start=on_start)
+    except ClamHeatError as err:
+        _fail(err)
+    if dry_run:
+        for slide_id, plan in summary.plans.items():
+            parts = [f"{stage}: {why}" if why else f"{stage}: up to date" for stage, why in plan.items()]
+            typer.echo(f"{slide_id}: " + "; ".join(parts))
+        if not summary.plans:
+            typer.echo("nothing to run")
+        return summary
+    typer.echo(_summary_text(summary))
+    return summary
+
+
+def _summary_text(summary: Any) -> str:
+    lines = [f"rows: {_counts_text(summary.counts)} in {summary.seconds:.1f}s"]
+    if summary.stage_seconds:
+        lines.append("time per stage: " + ", ".join(
+            f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items()))
+    if summary.slowest:
+        lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
+    for slide_id, error in summary.failed:
+        lines.append(f"failed {slide_id}: {error}")
+    lines.append(f"process list: {summary.process_list}")
+    if summary.results_csv:
+        lines.append(f"results: {summary.results_csv}")
+    return "\n".join(lines)
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option("--folder", help="Where to write the demo project.")] = Path(
+        "clam_heat_demo"
+    ),
+    n_slides: Annotated[int, typer.Option("--slides", min=1, help="Number of demo slides.")] = 5,
+    size: Annotated[str, typer.Option("--size", help="tiny, small or large.")] = "tiny",
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate demo slides, features, a trained CLAM_SB checkpoint and a config, then run it."""
+    from .config import load_config
+    from .demo import make_demo_project
+    from .runner import run_pipeline
+
+    try:
+        project = make_demo_project(folder, n_slides=n_slides, size=size)
+        typer.echo(f"demo project: {project.folder} (config {project.config_path})")
+        cfg = load_config(project.config_path)
+    except ClamHeatError as err:
+        _fail(err)
+    summary = _run_with_progress(cfg, retry_failed=False, dry_run=False, quiet=quiet,
+                                 runner=run_pipeline)
+    typer.echo(f"heatmaps: {Path(cfg.exp_arguments.production_save_dir) / cfg.exp_arguments.save_exp_code}")
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; rerun the same command to continue\n")
+        raise SystemExit(130) from None

@@ -1,0 +1,474 @@
+"""Demo data, read back for real: pyramidal TIFFs via OpenSlide, HDF5 via h5py, torch ckpts."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+import yaml
+
+from clam_heat import demo
+from clam_heat.demo import (
+    DemoProject,
+    DemoSlide,
+    make_demo_features,
+    make_demo_project,
+    make_demo_slide,
+    train_demo_checkpoint,
+)
+from clam_heat.errors import OutputError
+from clam_heat.models import ClamSB, load_model, run_attention
+from clam_heat.slide import open_slide
+
+TINY_LEVELS = ((4096, 3072), (1024, 768), (256, 192), (128, 96))
+
+#: CLAM_SB small, gated, n_classes=2: name -> shape, with E = 64 (spec clam-heatmaps §5.3).
+SB_SMALL_KEYS = {
+    "attention_net.0.weight": (512, 64),
+    "attention_net.0.bias": (512,),
+    "attention_net.3.attention_a.0.weight": (256, 512),
+    "attention_net.3.attention_a.0.bias": (256,),
+    "attention_net.3.attention_b.0.weight": (256, 512),
+    "attention_net.3.attention_b.0.bias": (256,),
+    "attention_net.3.attention_c.weight": (1, 256),
+    "attention_net.3.attention_c.bias": (1,),
+    "classifiers.weight": (2, 512),
+    "classifiers.bias": (2,),
+    "instance_classifiers.0.weight": (2, 512),
+    "instance_classifiers.0.bias": (2,),
+    "instance_classifiers.1.weight": (2, 512),
+    "instance_classifiers.1.bias": (2,),
+}
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation on CLAM's 0-255 scale, (h, w) uint8."""
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+
+
+def interior(mask: np.ndarray, px: int = 2) -> np.ndarray:
+    """``mask`` eroded by ``px`` pixels, so sampled points are well inside a region."""
+    kernel = np.ones((2 * px + 1, 2 * px + 1), np.uint8)
+    return cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoSlide, float]:
+    """The default slide (4096x3072, seed 0) and the seconds it took to write."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.tiff"
+    start = time.perf_counter()
+    slide = make_demo_slide(path)
+    return slide, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoProject, float]:
+    """A default 5-slide tiny project and the seconds it took, training included."""
+    folder = tmp_path_factory.mktemp("project") / "demo"
+    start = time.perf_counter()
+    made = make_demo_project(folder)
+    return made, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------ slides
+
+
+def test_tiny_slide_is_a_generic_tiff_pyramid_with_mpp(tiny: tuple[DemoSlide, float]) -> None:
+    slide, seconds = tiny
+    assert seconds < 5
+    assert slide.dimensions == (4096, 3072)
+    assert slide.level_dimensions == TINY_LEVELS
+
+    osr = openslide.OpenSlide(str(slide.path))
+    try:
+        assert osr.properties["openslide.vendor"] == "generic-tiff"
+        assert osr.level_dimensions == TINY_LEVELS
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        assert float(osr.properties["openslide.mpp-y"]) == pytest.approx(0.5)
+        assert [round(d, 3) for d in osr.level_downsamples] == [1, 4, 16, 32]
+    finally:
+        osr.close()
+
+    with open_slide(slide.path) as reader:
+        assert reader.mpp == pytest.approx(0.5)
+        assert reader.best_level_for_downsample(32) == 3
+
+    with tifffile.TiffFile(slide.path) as tif:
+        pages = list(tif.pages)
+        assert [p.subfiletype for p in pages] == [0, 1, 1, 1]
+        assert all(p.is_tiled and p.tile == (256, 256) for p in pages)
+        assert all(p.compression == tifffile.COMPRESSION.JPEG for p in pages)
+        assert not any(p.subifds for p in pages)  # separate pages, not SubIFDs
+
+
+def test_the_32x_level_is_within_tolerance_for_an_awkward_size(tmp_path: Path) -> None:
+    slide = make_demo_slide(tmp_path / "odd.tiff", width=3000, height=2000, seed=3)
+    with open_slide(slide.path) as reader:
+        assert reader.level_dimensions == slide.level_dimensions
+        assert reader.level_dimensions[-1] == (93, 62)
+        level = reader.best_level_for_downsample(32)
+        assert level == 3
+        dx, dy = reader.level_downsamples[level]
+        assert dx == pytest.approx(32, rel=0.01) and dy == pytest.approx(32, rel=0.01)
+
+
+def test_tissue_is_pink_tumour_is_darker_and_glass_is_white(
+    tiny: tuple[DemoSlide, float],
+) -> None:
+    slide, _ = tiny
+    tissue, tumour = slide.tissue_mask(32), slide.tumour_mask(32)
+    regions = {
+        "normal": interior(tissue & ~tumour),
+        "tumour": interior(tumour),
+        "glass": interior(~tissue),
+    }
+    rng = np.random.default_rng(0)
+    means = {}
+    with open_slide(slide.path) as reader:
+        for name, mask in regions.items():
+            rows, cols = np.nonzero(mask)
+            assert len(rows) > 0, name
+            pick = rng.choice(len(rows), 6, replace=False)
+            l0 = np.stack([cols[pick], rows[pick]], axis=1) * 32 + 16 - 24  # 48 px windows
+            patches = [reader.read_region((int(x), int(y)), 0, (48, 48)) for x, y in l0]
+            means[name] = np.stack(patches).reshape(-1, 3).astype(float).mean(axis=0)
+
+    r, g, b = means["normal"]
+    assert r > g + 40 and b > g + 15  # eosin pink
+    assert means["glass"].min() > 230 and np.ptp(means["glass"]) < 8  # white, unsaturated
+    assert means["tumour"].sum() < means["normal"].sum() - 60  # denser, darker purple
+    assert means["tumour"][2] > means["tumour"][1] + 30
+
+
+def test_truth_masks_match_the_pixels_on_every_level(tiny: tuple[DemoSlide, float]) -> None:
+    slide, _ = tiny
+    with open_slide(slide.path) as reader:
+        for level, downsample in enumerate(reader.level_downsamples):
+            if level == 0:  # a 1024 px crop across a tissue edge, via point truth
+                l0_x0, l0_y0 = 512, 1024
+                pixels = reader.read_region((l0_x0, l0_y0), 0, (1024, 1024))
+                ys, xs = np.mgrid[0:1024, 0:1024] + 0.5
+                points = np.stack([xs.ravel() + l0_x0, ys.ravel() + l0_y0], axis=1)
+                truth = slide.truth_at(points)[0].reshape(1024, 1024)
+                assert 0.2 < truth.mean() < 0.8
+            else:
+                truth = slide.tissue_mask(downsample)
+                pixels = reader.read_level(level)
+            assert truth.shape == pixels.shape[:2]
+            seg = saturation(pixels) > 20  # CLAM's default sthresh
+            iou = (seg & truth).sum() / (seg | truth).sum()
+            assert iou > 0.95, (level, iou)
+    assert slide.tumour_mask(4).sum() > 0
+    assert not (slide.tumour_mask(4) & ~slide.tissue_mask(4)).any()
+    assert 0.1 < slide.tissue_mask(16).mean() < 0.6
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path: Path) -> None:
+    kwargs = {"width": 1024, "height": 768, "seed": 7}
+    a = make_demo_slide(tmp_path / "a.tiff", **kwargs)
+    b = make_demo_slide(tmp_path / "b.tiff", **kwargs)
+    c = make_demo_slide(tmp_path / "c.tiff", **{**kwargs, "seed": 8})
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.path.read_bytes() != c.path.read_bytes()
+    assert np.array_equal(a.tissue_mask(4), b.tissue_mask(4))
+    assert not np.array_equal(a.tissue_mask(4), c.tissue_mask(4))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tumour_free_slide_has_no_tumour(tmp_path: Path) -> None:
+    slide = make_demo_slide(tmp_path / "n.tiff", width=1024, height=768, tumour=False)
+    assert slide.tissue_mask(4).any()
+    assert not slide.tumour_mask(4).any()
+    assert slide.has_tumour is False
+
+
+def test_mpp_is_written_for_a_40x_slide(tmp_path: Path) -> None:
+    slide = make_demo_slide(tmp_path / "hi.tiff", width=512, height=512, mpp=0.25)
+    with open_slide(slide.path) as reader:
+        assert reader.mpp == pytest.approx(0.25)
+        assert reader.level_dimensions == ((512, 512), (128, 128), (32, 32), (16, 16))
+    bag = make_demo_features(slide, tmp_path / "hi.h5", patch_size_level0=64)
+    with h5py.File(bag.path) as h5:
+        assert h5["coords"].attrs["level0_magnification"] == 40
+        assert h5["coords"].attrs["patch_size"] == 32  # 64 level-0 px at 40x = 32 px at 20x
+
+
+def test_generation_streams_instead_of_holding_the_canvas(tmp_path: Path) -> None:
+    demo._pyramid_textures(0.5, 256)  # build the shared textures outside the measurement
+    width, height = 1024, 32768
+    tracemalloc.start()
+    try:
+        slide = make_demo_slide(tmp_path / "tall.tiff", width=width, height=height)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < width * height * 3 / 3  # the level-0 canvas alone would be 100 MB
+    with open_slide(slide.path) as reader:
+        assert reader.dimensions == (width, height)
+        bottom = reader.read_region((0, height - 64), 0, (64, 64))
+        assert bottom.shape == (64, 64, 3)
+
+
+def test_a_failed_write_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile.TiffWriter, "write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        make_demo_slide(tmp_path / "x.tiff", width=256, height=256)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_is_an_output_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match=r"file/sub: cannot create folder"):
+        make_demo_slide(blocker / "sub" / "x.tiff", width=256, height=256)
+
+
+def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        make_demo_slide(tmp_path / "x.tiff", tile=100)
+    with pytest.raises(ValueError, match="size must be one of"):
+        make_demo_project(tmp_path, size="huge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bag 0: features must be"):
+        train_demo_checkpoint([(np.zeros((3, 8), np.float32), 1)], tmp_path / "c.pt")
+
+
+# ---------------------------------------------------------------------------------- features
+
+
+def test_features_follow_the_trident_layout(tiny: tuple[DemoSlide, float], tmp_path: Path) -> None:
+    slide, _ = tiny
+    bag = make_demo_features(slide, tmp_path / "features" / "tiny.h5", feature_dim=32, seed=4)
+    with h5py.File(bag.path, "r") as h5:
+        feats, coords = h5["features"], h5["coords"]
+        assert feats.dtype == np.float32 and feats.shape == (len(bag.coords), 32)
+        assert coords.dtype == np.int64 and coords.shape == (len(bag.coords), 2)
+        assert dict(coords.attrs) == {
+            "patch_size": 256,
+            "patch_size_level0": 256,
+            "level0_magnification": 20,
+            "target_magnification": 20,
+            "overlap": 0,
+            "name": "tiny",
+            "savetodir": str(tmp_path / "features"),
+            "level0_width": 4096,
+            "level0_height": 3072,
+        }
+        assert feats.attrs["encoder"] == "demo"
+        assert feats.attrs["name"] == "tiny"
+        np.testing.assert_array_equal(coords[:], bag.coords)
+        values = feats[:]
+
+    xy = bag.coords
+    assert (
+        (xy % 256 == 0).all() and (xy[:, 0] + 256 <= 4096).all() and (xy[:, 1] + 256 <= 3072).all()
+    )
+    order = np.lexsort((xy[:, 0], xy[:, 1]))  # row-major: y, then x
+    np.testing.assert_array_equal(order, np.arange(len(xy)))
+    in_tissue, in_tumour = slide.truth_at(xy + 128)
+    assert in_tissue.all()
+    np.testing.assert_array_equal(in_tumour, bag.is_tumour)
+    assert 0 < bag.is_tumour.sum() < len(xy)
+
+    # Tumour patches are separable: they sit TUMOUR_SHIFT away along one shared direction.
+    gap = values[bag.is_tumour].mean(axis=0) - values[~bag.is_tumour].mean(axis=0)
+    assert np.linalg.norm(gap) > 2.0
+    projected = values @ (gap / np.linalg.norm(gap))
+    assert projected[bag.is_tumour].min() > np.median(projected[~bag.is_tumour])
+
+
+def test_features_are_deterministic_per_seed(tiny: tuple[DemoSlide, float], tmp_path: Path) -> None:
+    slide, _ = tiny
+    paths = [make_demo_features(slide, tmp_path / f"{s}.h5", seed=s).path for s in (1, 1, 2)]
+    read = []
+    for path in paths:
+        with h5py.File(path) as h5:
+            read.append(h5["features"][:])
+    np.testing.assert_array_equal(read[0], read[1])
+    assert not np.array_equal(read[0], read[2])
+
+
+def test_a_slide_with_no_patches_gives_empty_trident_datasets(
+    tiny: tuple[DemoSlide, float], tmp_path: Path
+) -> None:
+    slide, _ = tiny
+    bag = make_demo_features(slide, tmp_path / "empty.h5", patch_size_level0=4000)
+    with h5py.File(bag.path) as h5:
+        assert h5["features"].shape == (0, 64) and h5["features"].dtype == np.float32
+        assert h5["coords"].shape == (0, 2) and h5["coords"].dtype == np.int64
+    assert bag.is_tumour.shape == (0,)
+
+
+# -------------------------------------------------------------------------------- checkpoint
+
+
+def _bags(n: int = 2) -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((20, 64)).astype(np.float32), i % 2) for i in range(n)]
+
+
+def test_checkpoint_has_clam_sb_small_keys_and_loads_weights_only(tmp_path: Path) -> None:
+    path = train_demo_checkpoint(_bags(), tmp_path / "s_0_checkpoint.pt", seconds=0.05)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == SB_SMALL_KEYS
+    assert all(v.dtype == torch.float32 for v in state.values())
+    model = ClamSB(embed_dim=64)
+    model.load_state_dict(state, strict=True)
+
+
+def test_legacy_checkpoint_matches_clams_demo_layout(tmp_path: Path) -> None:
+    path = train_demo_checkpoint(_bags(), tmp_path / "legacy.pt", seconds=0.05, legacy_keys=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {
+        k.replace("attention_net.", "attention_net.module."): v for k, v in SB_SMALL_KEYS.items()
+    }
+    expected["instance_loss_fn.labels"] = (2,)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert state["instance_loss_fn.labels"].dtype == torch.int64
+    model = load_model(path, "clam_sb", n_classes=2, embed_dim=64)  # CLAM's clean-up applies
+    assert isinstance(model, ClamSB)
+
+
+def test_training_is_reproducible_and_leaves_torch_state_alone(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    a = train_demo_checkpoint(_bags(4), tmp_path / "a.pt", seconds=0.2, seed=5)
+    b = train_demo_checkpoint(_bags(4), tmp_path / "b.pt", seconds=0.2, seed=5)
+    c = train_demo_checkpoint(_bags(4), tmp_path / "c.pt", seconds=0.2, seed=6)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.get_num_threads() == threads
+    sa, sb, sc = (torch.load(p, weights_only=True) for p in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------------- project
+
+
+def test_tiny_project_is_complete_and_fast(project: tuple[DemoProject, float]) -> None:
+    made, seconds = project
+    assert seconds < 15
+    folder = made.folder
+    assert made.slide_ids == ("demo_000", "demo_001", "demo_002", "demo_003", "demo_004")
+    assert made.labels == ("tumour", "normal", "tumour", "normal", "tumour")
+    assert made.slide_paths == tuple(folder / "slides" / f"{s}.tiff" for s in made.slide_ids)
+    assert made.feature_paths == tuple(folder / "features" / f"{s}.h5" for s in made.slide_ids)
+    assert made.checkpoint_path == folder / "ckpts" / "s_0_checkpoint.pt"
+    assert all(p.is_file() for p in (*made.slide_paths, *made.feature_paths))
+    assert (folder / "heatmaps").is_dir()
+    assert made.process_list_path.read_text() == (
+        "slide_id,label\ndemo_000,tumour\ndemo_001,normal\ndemo_002,tumour\n"
+        "demo_003,normal\ndemo_004,tumour\n"
+    )
+    assert [s.has_tumour for s in made.slides] == [True, False, True, False, True]
+    assert [bool(b.is_tumour.any()) for b in made.bags] == [True, False, True, False, True]
+    assert not list(folder.rglob(".*.tmp"))
+
+
+def test_project_config_is_clam_shaped_with_relative_paths(
+    project: tuple[DemoProject, float],
+) -> None:
+    made, _ = project
+    text = made.config_path.read_text()
+    assert text.startswith("#")
+    config = yaml.safe_load(text)
+    assert list(config) == [
+        "exp_arguments",
+        "data_arguments",
+        "patching_arguments",
+        "encoder_arguments",
+        "model_arguments",
+        "heatmap_arguments",
+        "sample_arguments",
+        "runner_arguments",
+    ]
+    data, model = config["data_arguments"], config["model_arguments"]
+    assert data["data_dir"] == "slides" and data["slide_ext"] == ".tiff"
+    assert data["process_list"] == "demo.csv" and data["preset"] == "presets/demo.csv"
+    assert data["label_dict"] == {"normal": 0, "tumour": 1}
+    assert model["ckpt_path"] == "ckpts/s_0_checkpoint.pt"
+    assert model["model_type"] == "clam_sb" and model["embed_dim"] == 64
+    assert config["patching_arguments"]["patch_size"] == 256
+    assert config["patching_arguments"]["overlap"] == 0
+    assert config["patching_arguments"]["patch_level"] == 0
+    heat = config["heatmap_arguments"]
+    assert heat["vis_level"] == -1 and heat["calc_heatmap"] is False and heat["save_ext"] == "jpg"
+    exp = config["exp_arguments"]
+    assert exp["save_exp_code"] == "demo" and exp["n_classes"] == 2
+    assert exp["raw_save_dir"] == "heatmaps/heatmap_raw_results"
+    assert exp["production_save_dir"] == "heatmaps/heatmap_production_results"
+    assert config["sample_arguments"]["samples"][0]["mode"] == "topk"
+    assert config["runner_arguments"] == {"features_dir": "features", "device": "auto"}
+    folder = made.folder
+    assert (folder / data["data_dir"]).is_dir() and (folder / model["ckpt_path"]).is_file()
+    assert (folder / "process_lists" / data["process_list"]).is_file()
+
+
+def test_trained_attention_is_higher_on_tumour_patches(project: tuple[DemoProject, float]) -> None:
+    made, _ = project
+    model = load_model(made.checkpoint_path, "clam_sb", n_classes=2, embed_dim=64)
+    for bag, label in zip(made.bags, made.labels, strict=True):
+        with h5py.File(bag.path) as h5:
+            out = run_attention(model, h5["features"][:])
+        assert out.pred == {"normal": 0, "tumour": 1}[label], bag.path.name
+        if bag.is_tumour.any():
+            scores = out.attention
+            assert scores[bag.is_tumour].mean() > scores[~bag.is_tumour].mean() + 1.0
+            top = np.argsort(-scores)[: bag.is_tumour.sum()]
+            assert bag.is_tumour[top].mean() >= 0.8
+
+
+def test_attention_generalises_to_an_unseen_demo_slide(
+    project: tuple[DemoProject, float], tmp_path: Path
+) -> None:
+    made, _ = project
+    slide = make_demo_slide(tmp_path / "new.tiff", width=2048, height=1536, seed=99)
+    bag = make_demo_features(slide, tmp_path / "new.h5", patch_size_level0=128, seed=99)
+    model = load_model(made.checkpoint_path, "clam_sb", n_classes=2, embed_dim=64)
+    with h5py.File(bag.path) as h5:
+        out = run_attention(model, h5["features"][:])
+    assert out.pred == 1
+    assert out.attention[bag.is_tumour].mean() > out.attention[~bag.is_tumour].mean() + 1.0
+
+
+def test_project_is_reused_with_same_parameters_and_rebuilt_otherwise(
+    project: tuple[DemoProject, float], tmp_path: Path
+) -> None:
+    made, _ = project
+    folder = tmp_path / "copy"
+    shutil.copytree(made.folder, folder)
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+    start = time.perf_counter()
+    again = make_demo_project(folder)
+    assert time.perf_counter() - start < 1.0
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
+    for old, new in zip(made.bags, again.bags, strict=True):
+        np.testing.assert_array_equal(old.coords, new.coords)
+        np.testing.assert_array_equal(old.is_tumour, new.is_tumour)
+    assert [(s.seed, s.has_tumour, s.level_dimensions, s.mpp) for s in again.slides] == [
+        (s.seed, s.has_tumour, s.level_dimensions, s.mpp) for s in made.slides
+    ]
+
+    smaller = make_demo_project(folder, n_slides=2)
+    assert sorted(p.name for p in (folder / "slides").iterdir()) == [
+        "demo_000.tiff",
+        "demo_001.tiff",
+    ]
+    assert sorted(p.name for p in (folder / "features").iterdir()) == ["demo_000.h5", "demo_001.h5"]
+    assert smaller.process_list_path.read_text().count("\n") == 3
+    assert '"n_slides": 2' in (folder / "demo_manifest.json").read_text()
