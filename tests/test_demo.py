@@ -412,7 +412,11 @@ def test_project_config_is_clam_shaped_with_relative_paths(
     assert exp["raw_save_dir"] == "heatmaps/heatmap_raw_results"
     assert exp["production_save_dir"] == "heatmaps/heatmap_production_results"
     assert config["sample_arguments"]["samples"][0]["mode"] == "topk"
-    assert config["runner_arguments"] == {"features_dir": "features", "device": "auto"}
+    assert config["runner_arguments"] == {
+        "features_dir": "features",
+        "device": "auto",
+        "results_dir": "heatmaps/results",
+    }
     folder = made.folder
     assert (folder / data["data_dir"]).is_dir() and (folder / model["ckpt_path"]).is_file()
     assert (folder / "process_lists" / data["process_list"]).is_file()
