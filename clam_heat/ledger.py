@@ -107,15 +107,22 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     ['params.alpha 0.4 -> 0.5']
     """
     flat_old, flat_new = _flatten(old), _flatten(new)
-    changes = []
+    changes: list[str] = []
     for key in sorted(set(flat_old) | set(flat_new)):
         a, b = flat_old.get(key, "<absent>"), flat_new.get(key, "<absent>")
-        if a != b:
-            if key.endswith("sha256") or key.endswith("mtime_ns"):
-                changes.append(f"{key.rsplit('.', 1)[0]} changed")
-            else:
-                changes.append(f"{key} {a} -> {b}")
+        if a == b:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        if parent and leaf in _IDENTITY_KEYS:  # a file's content: say so once, not per field
+            text = f"{parent} changed"
+            if text not in changes:
+                changes.append(text)
+        else:
+            changes.append(f"{key} {a} -> {b}")
     return changes
+
+
+_IDENTITY_KEYS = frozenset({"sha256", "size", "mtime_ns", "missing"})
 
 
 @dataclass(frozen=True)
@@ -181,13 +188,15 @@ class Ledger:
             return Reason("never-run")
         if rec.get("state") != "done":
             return Reason("interrupted", f"started {rec.get('started_at', '?')}")
-        recorded = [Path(p) for p in rec.get("outputs", [])]
-        for out in [*recorded, *outputs]:
+        for out in rec.get("outputs", []):
             if not Path(out).exists():
                 return Reason("output-missing", Path(out).name)
         changes = fingerprint_diff(rec.get("fingerprint", {}), fingerprint)
         if changes:
             return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
+        for out in outputs:  # e.g. a file name that depends on a key not in the fingerprint
+            if not Path(out).exists():
+                return Reason("output-missing", Path(out).name)
         return None
 
     def mark_started(self, stage: str) -> None:

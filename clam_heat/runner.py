@@ -14,6 +14,7 @@ error and results back atomically, and a row's failure never stops the others.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -33,11 +34,12 @@ from .ledger import Ledger, Reason, Timer, file_identity, now_iso, write_text_at
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("segment", "infer", "heatmap", "sample")
+STAGES: tuple[str, ...] = ("segment", "infer", "overlap", "heatmap", "sample")
 
 __all__ = [
     "STAGES",
     "RowContext",
+    "stages_for",
     "RowOutcome",
     "RunSummary",
     "plan_row",
@@ -176,9 +178,7 @@ def _seg_params(ctx: RowContext) -> Any:
 
 
 def _segment_fingerprint(ctx: RowContext) -> dict[str, Any]:
-    return _base_fingerprint(
-        params=_seg_params(ctx).to_dict(), slide=file_identity(ctx.slide_path)
-    )
+    return _base_fingerprint(params=_seg_params(ctx).to_dict(), slide=file_identity(ctx.slide_path))
 
 
 def _segment_outputs(ctx: RowContext) -> list[Path]:
@@ -212,18 +212,49 @@ def _segment_run(ctx: RowContext) -> StageRun:
 def _features_path(ctx: RowContext) -> Path:
     from .features import find_features_file
 
-    return find_features_file(
-        ctx.slide_id, features_dir=ctx.cfg.runner_arguments.features_dir, raw_dir=ctx.raw_dir
-    )
+    try:
+        return find_features_file(
+            ctx.slide_id, features_dir=ctx.cfg.runner_arguments.features_dir, raw_dir=ctx.raw_dir
+        )
+    except FeatureError:
+        if ctx.cfg.runner_arguments.extract_features:
+            return ctx.raw(".h5")  # CLAM's raw feature cache, written by the infer stage
+        raise
+
+
+def _extracting(ctx: RowContext) -> bool:
+    """True when the bag's features come from our own encoder pass (no H5 was provided)."""
+    return ctx.cfg.runner_arguments.extract_features and _features_path(ctx) == ctx.raw(".h5")
+
+
+def _encoder_fingerprint(cfg: HeatmapConfig) -> dict[str, Any]:
+    from .encoders import find_encoder_weights
+
+    enc = cfg.encoder_arguments
+    weights = find_encoder_weights(enc.model_name, cfg.runner_arguments.encoder_weights)
+    return {
+        "model_name": enc.model_name,
+        "target_img_size": enc.target_img_size,
+        "weights": file_identity(weights) if weights is not None else None,
+        "patching": cfg.block("patching_arguments") | {"overlap": None},
+        "use_center_shift": cfg.heatmap_arguments.use_center_shift,
+    }
 
 
 def _infer_fingerprint(ctx: RowContext) -> dict[str, Any]:
     model = ctx.cfg.model_arguments
+    extra: dict[str, Any] = {}
     try:
-        features = file_identity(_features_path(ctx))
+        path = _features_path(ctx)
+        features = file_identity(path)
+        if _extracting(ctx):
+            extra["encoder"] = _encoder_fingerprint(ctx.cfg)
+            extra["tissue"] = file_identity(ctx.raw("_segmentation.geojson"))
+            features = {"path": str(path)}  # our own cache: identified by the encoder + tissue
     except FeatureError as err:
         features = {"error": str(err)}
     return _base_fingerprint(
+        **extra,
         model={
             "model_type": model.model_type,
             "model_size": model.model_size,
@@ -237,7 +268,109 @@ def _infer_fingerprint(ctx: RowContext) -> dict[str, Any]:
 
 
 def _infer_outputs(ctx: RowContext) -> list[Path]:
-    return [ctx.raw("_blockmap.h5")]
+    outs = [ctx.raw("_blockmap.h5")]
+    try:
+        if _extracting(ctx):
+            outs.append(ctx.raw(".h5"))
+    except FeatureError:
+        pass
+    return outs
+
+
+_ENCODER_CACHE: dict[tuple, Any] = {}
+
+
+def _encoder_for(cfg: HeatmapConfig) -> Any:
+    """Build the configured patch encoder once per process."""
+    from .encoders import build_encoder
+    from .models import resolve_device
+
+    enc = cfg.encoder_arguments
+    device = resolve_device(cfg.runner_arguments.device)
+    key = (
+        enc.model_name,
+        enc.target_img_size,
+        str(cfg.runner_arguments.encoder_weights),
+        cfg.model_arguments.embed_dim,
+        str(device),
+    )
+    if key not in _ENCODER_CACHE:
+        _ENCODER_CACHE.clear()
+        _ENCODER_CACHE[key] = build_encoder(
+            enc.model_name,
+            target_img_size=enc.target_img_size,
+            weights=cfg.runner_arguments.encoder_weights,
+            device=device,
+            dim=cfg.model_arguments.embed_dim,
+        )
+    return _ENCODER_CACHE[key]
+
+
+def _patch_geometry(ctx: RowContext, overlap: float) -> tuple[int, int]:
+    """Level-0 (patch side, step) of CLAM's grid: patch_size at patch_level x custom_downsample."""
+    patching = ctx.cfg.patching_arguments
+    slide = ctx.slide()
+    slide.check_level(patching.patch_level)
+    downsample = int(slide.level_downsamples[patching.patch_level][0])
+    side = int(patching.patch_size * downsample * patching.custom_downsample)
+    step = int(patching.patch_size * (1 - overlap)) * downsample * patching.custom_downsample
+    return side, max(1, int(step))
+
+
+def _grid(
+    ctx: RowContext, overlap: float, roi: tuple[int, int, int, int] | None
+) -> tuple[np.ndarray, int]:
+    """In-tissue grid (CLAM's heatmap dataset: four_pt_hard, centre shift by overlap)."""
+    from .errors import SegmentationError
+    from .segmentation import center_shift_for_overlap, grid_coords, load_geojson
+
+    side, step = _patch_geometry(ctx, overlap)
+    tissue = load_geojson(ctx.raw("_segmentation.geojson"))
+    coords = grid_coords(
+        tissue,
+        patch_size_l0=side,
+        step_l0=step,
+        slide_dims=ctx.slide().dimensions,
+        roi=roi,
+        contour_fn="four_pt_hard",
+        center_shift=center_shift_for_overlap(overlap, ctx.cfg.heatmap_arguments.use_center_shift),
+    )
+    if len(coords) == 0:
+        raise SegmentationError(
+            f"{ctx.slide_path}: no patch of {side} px lies fully in tissue"
+            + (" inside the ROI" if roi else "")
+            + " (check the segmentation overview _mask.jpg, patch_size or the ROI)"
+        )
+    return coords, side
+
+
+def _encode_kwargs(cfg: HeatmapConfig) -> dict[str, Any]:
+    patching = cfg.patching_arguments
+    return {
+        "encoder": _encoder_for(cfg),
+        "patch_level": patching.patch_level,
+        "patch_size": patching.patch_size,
+        "custom_downsample": patching.custom_downsample,
+        "batch_size": cfg.exp_arguments.batch_size,
+        "num_workers": cfg.runner_arguments.loader_workers,
+        "amp": cfg.runner_arguments.amp,
+    }
+
+
+def _extract_bag_features(ctx: RowContext) -> None:
+    """CLAM's blocky pass: encode the non-overlapping in-tissue grid into ``<raw>/<id>.h5``."""
+    from .encoders import encode_patches, write_features_h5
+
+    coords, side = _grid(ctx, 0.0, None)
+    kwargs = _encode_kwargs(ctx.cfg)
+    features = encode_patches(ctx.slide_path, coords, **kwargs)
+    write_features_h5(
+        ctx.raw(".h5"),
+        features,
+        coords,
+        attrs={"encoder": json.dumps(kwargs["encoder"].fingerprint(), default=str)},
+        coords_attrs={"patch_size_level0": side},
+    )
 
 
 _MODEL_CACHE: dict[tuple, Any] = {}
@@ -251,8 +384,13 @@ def _model_for(cfg: HeatmapConfig) -> tuple[Any, Any]:
     device = resolve_device(cfg.runner_arguments.device)
     ident = file_identity(Path(args.ckpt_path))
     key = (
-        str(args.ckpt_path), ident.get("sha256", ident.get("mtime_ns")), args.model_type,
-        args.model_size, args.embed_dim, cfg.exp_arguments.n_classes, str(device),
+        str(args.ckpt_path),
+        ident.get("sha256", ident.get("mtime_ns")),
+        args.model_type,
+        args.model_size,
+        args.embed_dim,
+        cfg.exp_arguments.n_classes,
+        str(device),
     )
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
@@ -272,6 +410,8 @@ def _infer_run(ctx: RowContext) -> StageRun:
     from .models import run_attention
 
     path = _features_path(ctx)
+    if _extracting(ctx):
+        _extract_bag_features(ctx)
     slide = None
     try:
         slide = ctx.slide()
@@ -304,7 +444,7 @@ def _infer_run(ctx: RowContext) -> StageRun:
     }
     blockmap = ctx.raw("_blockmap.h5")
     _write_blockmap(blockmap, out.attention, bag.coords_l0, result)
-    return StageRun([blockmap], result)
+    return StageRun(_infer_outputs(ctx), result)
 
 
 def _write_blockmap(path: Path, scores: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
@@ -340,6 +480,55 @@ def _read_blockmap(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     return scores, coords, size
 
 
+# overlap (CLAM's calc_heatmap pass) ---------------------------------------------------------
+
+
+def _overlap_path(ctx: RowContext) -> Path:
+    from .encoders import overlap_h5_name
+
+    overlap = ctx.cfg.patching_arguments.overlap
+    return ctx.raw_dir / overlap_h5_name(
+        ctx.slide_id, f"{overlap:g}", ctx.cfg.heatmap_arguments.use_roi
+    )
+
+
+def _overlap_fingerprint(ctx: RowContext) -> dict[str, Any]:
+    hm = ctx.cfg.heatmap_arguments
+    return _base_fingerprint(
+        encoder=_encoder_fingerprint(ctx.cfg),
+        overlap=ctx.cfg.patching_arguments.overlap,
+        roi=list(ctx.roi() or ()),
+        use_ref_scores=hm.use_ref_scores,
+        checkpoint=file_identity(Path(ctx.cfg.model_arguments.ckpt_path)),
+        blockmap=file_identity(ctx.raw("_blockmap.h5")),
+        tissue=file_identity(ctx.raw("_segmentation.geojson")),
+        slide=file_identity(ctx.slide_path),
+    )
+
+
+def _overlap_run(ctx: RowContext) -> StageRun:
+    """Encode the overlapping grid and score it (vs the blockmap scores with use_ref_scores)."""
+    from .encoders import overlap_scores, write_scores_h5
+
+    hm = ctx.cfg.heatmap_arguments
+    coords, side = _grid(ctx, ctx.cfg.patching_arguments.overlap, ctx.roi())
+    reference, _, _ = _read_blockmap(ctx.raw("_blockmap.h5"))
+    infer = Ledger.load(ctx.ledger_path).record("infer") or {}
+    model, device = _model_for(ctx.cfg)
+    scores = overlap_scores(
+        ctx.slide_path,
+        coords,
+        model=model,
+        device=device,
+        branch=int(infer.get("result", {}).get("pred", 0)),
+        reference_scores=reference if hm.use_ref_scores else None,
+        **_encode_kwargs(ctx.cfg),
+    )
+    out = _overlap_path(ctx)
+    write_scores_h5(out, scores, coords, coords_attrs={"patch_size_level0": side})
+    return StageRun([out], {"n_patches": int(len(coords))})
+
+
 # heatmap ------------------------------------------------------------------------------------
 
 
@@ -354,7 +543,8 @@ def _heatmap_outputs(ctx: RowContext) -> list[Path]:
     overlap = ctx.cfg.patching_arguments.overlap
     outs = [
         ctx.raw_dir / blockmap_name(ctx.slide_id),
-        ctx.production_dir / production_heatmap_name(ctx.slide_id, ctx.cfg.block("heatmap_arguments"), overlap),
+        ctx.production_dir
+        / production_heatmap_name(ctx.slide_id, ctx.cfg.block("heatmap_arguments"), overlap),
     ]
     if hm.save_orig:
         level = hm.vis_level if hm.vis_level >= 0 else _vis_level(ctx, -1)
@@ -380,6 +570,9 @@ def _heatmap_fingerprint(ctx: RowContext) -> dict[str, Any]:
         },
         slide=file_identity(ctx.slide_path),
         blockmap=file_identity(ctx.raw("_blockmap.h5")),
+        overlap_scores=(
+            file_identity(_overlap_path(ctx)) if ctx.cfg.heatmap_arguments.calc_heatmap else None
+        ),
         tissue=file_identity(ctx.raw("_segmentation.geojson")),
     )
 
@@ -397,12 +590,20 @@ def _heatmap_run(ctx: RowContext) -> StageRun:
     blockmap_png, production = outs[0], outs[1]
 
     coarse = HeatmapSpec(
-        vis_level=_vis_level(ctx, -1), alpha=hm.alpha, cmap=hm.cmap, use_percentiles=True,
+        vis_level=_vis_level(ctx, -1),
+        alpha=hm.alpha,
+        cmap=hm.cmap,
+        use_percentiles=True,
         segment=runner.segment_heatmap,
     )
     render_heatmap(slide, coords, scores, patch_l0, coarse, tissue=tissue, out_path=blockmap_png)
 
     level = _vis_level(ctx, hm.vis_level)
+    # production scores: CLAM's overlapping pass when calc_heatmap, else the bag's own scores
+    use_percentiles = True
+    if hm.calc_heatmap:
+        scores, coords, patch_l0 = _read_blockmap(_overlap_path(ctx))
+        use_percentiles = not hm.use_ref_scores
     pyramid = ctx.production_dir / f"{ctx.slide_id}_heatmap_pyramid.tiff"
     spec = HeatmapSpec(
         vis_level=level,
@@ -413,13 +614,19 @@ def _heatmap_run(ctx: RowContext) -> StageRun:
         overlap=ctx.cfg.patching_arguments.overlap,
         binarize=hm.binarize,
         binary_thresh=hm.binary_thresh,
-        use_percentiles=True,
+        use_percentiles=use_percentiles,
         custom_downsample=hm.custom_downsample,
         segment=runner.segment_heatmap,
         roi=ctx.roi(),
     )
     render_heatmap(
-        slide, coords, scores, patch_l0, spec, tissue=tissue, out_path=production,
+        slide,
+        coords,
+        scores,
+        patch_l0,
+        spec,
+        tissue=tissue,
+        out_path=production,
         pyramid_tiff_path=pyramid if runner.write_pyramid_tiff else None,
     )
     written = [blockmap_png, production]
@@ -466,8 +673,14 @@ def _sample_run(ctx: RowContext) -> StageRun:
             ctx.production_root / "sampled_patches" / f"label_{ctx.label}_pred_{pred}" / spec.name
         )
         paths, warning = sample_patches(
-            ctx.slide(), coords, scores, folder=folder, slide_id=ctx.slide_id,
-            patch_level=level, patch_size_level0=patch_l0, spec=spec,
+            ctx.slide(),
+            coords,
+            scores,
+            folder=folder,
+            slide_id=ctx.slide_id,
+            patch_level=level,
+            patch_size_level0=patch_l0,
+            spec=spec,
         )
         written.extend(paths)
         if warning:
@@ -478,9 +691,19 @@ def _sample_run(ctx: RowContext) -> StageRun:
 STAGE_TABLE: dict[str, Stage] = {
     "segment": Stage("segment", _segment_fingerprint, _segment_outputs, _segment_run),
     "infer": Stage("infer", _infer_fingerprint, _infer_outputs, _infer_run),
+    "overlap": Stage(
+        "overlap", _overlap_fingerprint, lambda ctx: [_overlap_path(ctx)], _overlap_run
+    ),
     "heatmap": Stage("heatmap", _heatmap_fingerprint, _heatmap_outputs, _heatmap_run),
     "sample": Stage("sample", _sample_fingerprint, lambda ctx: [], _sample_run),
 }
+
+
+def stages_for(cfg: HeatmapConfig, requested: Sequence[str] = STAGES) -> tuple[str, ...]:
+    """The stages a config runs: ``overlap`` only with ``heatmap_arguments.calc_heatmap``."""
+    return tuple(
+        name for name in requested if name != "overlap" or cfg.heatmap_arguments.calc_heatmap
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,21 +734,32 @@ def _one_line(err: BaseException, ctx: RowContext) -> str:
     return " ".join(text.split())
 
 
+#: Which earlier stages' outputs each stage reads (for --dry-run's "upstream reruns").
+DEPENDS_ON: dict[str, tuple[str, ...]] = {
+    "segment": (),
+    "infer": ("segment",),  # only when it extracts features itself; harmless otherwise
+    "overlap": ("segment", "infer"),
+    "heatmap": ("segment", "infer", "overlap"),
+    "sample": ("infer",),
+}
+
+
 def plan_row(ctx: RowContext, stages: Sequence[str] = STAGES) -> dict[str, Reason | None]:
-    """Why each stage would run now (None = up to date); downstream of a rerun also reruns."""
+    """Why each stage would run now (None = up to date); a stage whose inputs rerun also reruns."""
     ledger = Ledger.load(ctx.ledger_path)
     plan: dict[str, Reason | None] = {}
-    upstream: str | None = None
     for name in stages:
         stage = STAGE_TABLE[name]
         try:
             reason = ledger.reason(name, stage.fingerprint(ctx), stage.expected_outputs(ctx))
         except ClamHeatError as err:
             reason = Reason("changed", f"cannot fingerprint ({err})")
-        if reason is None and upstream is not None:
-            reason = Reason("upstream", upstream)
-        if reason is not None and upstream is None:
-            upstream = name
+        if reason is None:
+            rerun = [dep for dep in DEPENDS_ON.get(name, ()) if plan.get(dep) is not None]
+            if name == "infer" and not ctx.cfg.runner_arguments.extract_features:
+                rerun = []
+            if rerun:
+                reason = Reason("upstream", ", ".join(rerun))
         plan[name] = reason
     return plan
 
@@ -549,11 +783,16 @@ def process_row(ctx: RowContext, stages: Sequence[str] = STAGES) -> RowOutcome:
                     Path(stale).unlink(missing_ok=True)
                 # fingerprint again: the stage may have created inputs of its own fingerprint
                 ledger.mark_done(
-                    name, stage.fingerprint(ctx), run.outputs,
-                    seconds=stage_timer.seconds, result=run.result,
+                    name,
+                    stage.fingerprint(ctx),
+                    run.outputs,
+                    seconds=stage_timer.seconds,
+                    result=run.result,
                 )
                 outcome.ran[name] = stage_timer.seconds
-                log.info("%s: %s done in %.2fs (%s)", ctx.slide_id, name, stage_timer.seconds, reason)
+                log.info(
+                    "%s: %s done in %.2fs (%s)", ctx.slide_id, name, stage_timer.seconds, reason
+                )
             rec = ledger.record(name) or {}
             outcome.stage = name
             outcome.warnings.extend(rec.get("result", {}).get("warnings", []))
@@ -685,6 +924,7 @@ def run_pipeline(
     from .process_list import build_process_list, write_csv_atomic
 
     start = time.perf_counter()
+    stages = stages_for(cfg, stages)
     summary = RunSummary()
     df, list_path = build_process_list(cfg, write=not dry_run)
     summary.process_list = list_path
@@ -692,7 +932,8 @@ def run_pipeline(
     status = dict(zip(df["slide_id"].astype(str), df["status"].astype(str), strict=False))
     missing = (
         dict(zip(df["slide_id"].astype(str), df["missing"].astype(bool), strict=False))
-        if "missing" in df.columns else {}
+        if "missing" in df.columns
+        else {}
     )
     pending = []
     for ctx in contexts:
@@ -716,7 +957,8 @@ def run_pipeline(
     check_writable(Path(cfg.exp_arguments.production_save_dir))
     exp = cfg.exp_arguments
     swept = sweep_temp_files(
-        Path(exp.raw_save_dir) / exp.save_exp_code, Path(exp.production_save_dir) / exp.save_exp_code
+        Path(exp.raw_save_dir) / exp.save_exp_code,
+        Path(exp.production_save_dir) / exp.save_exp_code,
     )
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)

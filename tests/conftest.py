@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny demo project generated once per session, copied per test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+#: ``../shared`` beside the checkout (CI clones main with shared/ beside it).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """OpenSlide's own small good and broken test files."""
+    path = SHARED / "data" / "openslide-fixtures"
+    assert path.is_dir(), f"missing {path}: shared/ must sit beside the checkout"
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> Path:
+    """A real Aperio H&E crop (2220x2967, one level, MPP 0.499)."""
+    path = SHARED / "data" / "real" / "cmu_small_region.svs"
+    assert path.is_file(), f"missing {path}: shared/ must sit beside the checkout"
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated 5-slide tiny demo project (slides, features, checkpoint, config, list)."""
+    from clam_heat.demo import make_demo_project
+
+    folder = tmp_path_factory.mktemp("demo_source") / "demo"
+    make_demo_project(folder, n_slides=5, size="tiny")
+    return folder
+
+
+@pytest.fixture()
+def demo_project(demo_source: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the demo project with no outputs yet; returns its config path."""
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_source, folder)
+    return folder / "config.yaml"

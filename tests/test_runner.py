@@ -1,0 +1,214 @@
+"""End-to-end runner behaviour on generated demo slides: resume, reruns, failures, kill -9."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from clam_heat.config import load_config
+from clam_heat.runner import run_pipeline
+
+
+
+def _ledgers(cfg) -> dict[str, dict]:
+    root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
+    return {p.name.split(".")[0]: json.loads(p.read_text()) for p in root.rglob("*.ledger.json")}
+
+
+def _finished(cfg) -> dict[tuple[str, str], str]:
+    return {
+        (slide, stage): rec["finished_at"] + str(rec["seconds"])
+        for slide, data in _ledgers(cfg).items()
+        for stage, rec in data["stages"].items()
+        if rec.get("state") == "done"
+    }
+
+
+def _list(cfg) -> pd.DataFrame:
+    return pd.read_csv(cfg.process_list_path, dtype={"slide_id": str}, keep_default_na=False)
+
+
+def test_full_run_then_nothing_to_redo(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    summary = run_pipeline(cfg)
+    assert summary.ok, summary.failed
+    assert summary.counts == {"done": 5}
+    df = _list(cfg)
+    assert set(df["status"]) == {"done"} and set(df["stage"]) == {"sample"}
+    for col in ("bag_size", "Pred_0", "p_0", "Pred_1", "p_1", "attention_mean", "attention_std"):
+        assert col in df.columns
+    assert (pd.to_numeric(df["p_0"]) >= pd.to_numeric(df["p_1"])).all()  # CLAM's rank order
+    results = pd.read_csv(cfg.results_csv_path)
+    assert len(results) == 5 and "Pred_0" in results.columns
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo"
+    blockmaps = sorted(raw.rglob("*_blockmap.h5"))
+    assert len(blockmaps) == 5
+    with h5py.File(blockmaps[0]) as h5:
+        assert h5["attention_scores"].dtype == np.float32 and h5["attention_scores"].shape[1] == 1
+        assert h5["coords"].dtype == np.int64 and h5["coords"].shape[1] == 2
+    assert (raw / "config.yaml").exists()
+    assert len(list(raw.rglob("*_segmentation.geojson"))) == 5
+    before = _finished(cfg)
+    again = run_pipeline(cfg)
+    assert again.ok and again.stage_seconds == {}
+    assert _finished(cfg) == before
+
+
+def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg).ok
+    before = _finished(cfg)
+    alpha = load_config(demo_project, overrides=["heatmap_arguments.alpha=0.7"])
+    plan = run_pipeline(alpha, dry_run=True).plans
+    first = next(iter(plan.values()))
+    assert first["segment"] is None and first["infer"] is None and first["sample"] is None
+    assert "heatmap_arguments.alpha 0.4 -> 0.7" in first["heatmap"]
+    summary = run_pipeline(alpha)
+    assert set(summary.stage_seconds) == {"heatmap"}
+    after = _finished(cfg)
+    for key, stamp in before.items():
+        assert (stamp == after[key]) == (key[1] != "heatmap"), key
+
+    k_cfg = load_config(
+        demo_project,
+        overrides=[
+            "heatmap_arguments.alpha=0.7",
+            "sample_arguments.samples=[{name: topk_high_attention, sample: true, seed: 1, k: 3, mode: topk}]",
+        ],
+    )
+    summary = run_pipeline(k_cfg)
+    assert set(summary.stage_seconds) == {"sample"}
+    folder = Path(k_cfg.exp_arguments.production_save_dir) / "demo" / "sampled_patches"
+    pngs = list(folder.rglob("*.png"))
+    assert len(pngs) == 5 * 3  # old k=15 files of each slide were removed
+
+
+def test_new_checkpoint_reruns_inference_and_downstream(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg).ok
+    ckpt = Path(cfg.model_arguments.ckpt_path)
+    state = torch.load(ckpt, weights_only=True)
+    state["classifiers.bias"] = state["classifiers.bias"] + 0.5
+    torch.save(state, ckpt)
+    plan = run_pipeline(cfg, dry_run=True).plans
+    first = next(iter(plan.values()))
+    assert first["segment"] is None
+    assert first["infer"] == "changed: checkpoint changed"
+    summary = run_pipeline(cfg)
+    assert "segment" not in summary.stage_seconds and "infer" in summary.stage_seconds
+
+
+def test_bad_rows_fail_with_reasons_and_do_not_stop_the_run(
+    demo_project: Path, openslide_fixtures: Path
+) -> None:
+    cfg = load_config(demo_project)
+    folder = demo_project.parent
+    slides = folder / "slides"
+    features = folder / "features"
+    # unopenable slide (OpenSlide's own broken fixture) with features present
+    shutil.copy(openslide_fixtures / "unopenable.tiff", slides / "bad_open.tiff")
+    shutil.copy(features / "demo_000.h5", features / "bad_open.h5")
+    # slide present but its H5 missing
+    shutil.copy(slides / "demo_001.tiff", slides / "no_h5.tiff")
+    # wrong feature width
+    shutil.copy(slides / "demo_002.tiff", slides / "wide.tiff")
+    with h5py.File(features / "demo_002.h5") as src, h5py.File(features / "wide.h5", "w") as dst:
+        n = src["features"].shape[0]
+        dst["features"] = np.zeros((n, 7), np.float32)
+        dst["coords"] = src["coords"][:]
+        for k, v in src["coords"].attrs.items():
+            dst["coords"].attrs[k] = v
+    pd.DataFrame(
+        {"slide_id": ["demo_003", "bad_open", "no_h5", "wide"], "label": ["tumour"] * 4}
+    ).to_csv(cfg.process_list_path, index=False)
+    summary = run_pipeline(cfg)
+    assert summary.counts == {"done": 1, "failed": 3}
+    errors = dict(summary.failed)
+    assert "bad_open.tiff" in errors["bad_open"] and "OpenSlide cannot open" in errors["bad_open"]
+    assert "no_h5" in errors["no_h5"] and "features_dir" in errors["no_h5"]
+    assert "7" in errors["wide"] and str(cfg.model_arguments.embed_dim) in errors["wide"]
+    df = _list(cfg).set_index("slide_id")
+    assert df.loc["demo_003", "status"] == "done"
+    for bad in ("bad_open", "no_h5", "wide"):
+        assert df.loc[bad, "status"] == "failed" and df.loc[bad, "error"] == errors[bad]
+    # failed rows are left alone unless asked
+    assert run_pipeline(cfg).counts == {"done": 1, "failed": 3}
+    retried = run_pipeline(cfg, retry_failed=True)
+    assert retried.counts == {"done": 1, "failed": 3}
+
+
+def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
+    from clam_heat.errors import OutputError
+
+    blocker = demo_project.parent / "blocker"
+    blocker.write_text("a file, not a folder")
+    cfg = load_config(demo_project, overrides=[f"exp_arguments.raw_save_dir={blocker / 'raw'}"])
+    with pytest.raises(OutputError, match="output folder is not writable"):
+        run_pipeline(cfg)
+
+
+def _valid(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".h5":
+            with h5py.File(path) as h5:
+                list(h5.keys())
+        elif suffix in {".jpg", ".png", ".tiff"}:
+            with Image.open(path) as im:
+                im.load()
+        elif suffix in {".json", ".geojson"}:
+            json.loads(path.read_text())
+        elif suffix == ".csv":
+            pd.read_csv(path)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    cmd = [sys.executable, "-c", "from clam_heat.cli import main; main()", "run", str(demo_project),
+           "--quiet"]
+    completed_before: dict[tuple[str, str], str] = {}
+    for target in (1, 4, 9, 14):  # kill once this many stages have been recorded done
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if len(_finished(cfg)) >= target:
+                    break
+            except (json.JSONDecodeError, OSError):
+                pass
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_now = _finished(cfg)
+        # nothing recorded done before this kill was redone by this run
+        for key, stamp in completed_before.items():
+            assert done_now.get(key) == stamp, key
+        completed_before = done_now
+        out_root = demo_project.parent / "heatmaps"
+        for path in out_root.rglob("*"):
+            if path.is_file() and not (path.name.startswith(".") and ".tmp" in path.name):
+                assert _valid(path), f"truncated or corrupt: {path}"
+    final = run_pipeline(cfg)
+    assert final.ok and final.counts == {"done": 5}
+    for key, stamp in completed_before.items():
+        assert _finished(cfg)[key] == stamp, key
+    leftovers = [p for p in (demo_project.parent / "heatmaps").rglob(".*") if ".tmp" in p.name]
+    assert leftovers == []
+    assert set(_list(cfg)["status"]) == {"done"}
