@@ -27,7 +27,9 @@ ConfigArg = Annotated[
 ]
 SaveExpOpt = Annotated[
     str | None,
-    typer.Option("--save_exp_code", "--save-exp-code", help="Override exp_arguments.save_exp_code."),
+    typer.Option(
+        "--save_exp_code", "--save-exp-code", help="Override exp_arguments.save_exp_code."
+    ),
 ]
 OverlapOpt = Annotated[
     float | None,
@@ -45,7 +47,9 @@ def _fail(err: ClamHeatError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-def _load(config: str, save_exp_code: str | None, overlap: float | None, sets: list[str] | None) -> Any:
+def _load(
+    config: str, save_exp_code: str | None, overlap: float | None, sets: list[str] | None
+) -> Any:
     from .config import find_config, load_config
 
     return load_config(
@@ -101,8 +105,10 @@ def list_(
         _fail(err)
     counts = status_summary(df)
     missing = int(df["missing"].astype(bool).sum()) if "missing" in df.columns else 0
-    typer.echo(f"{path}: {len(df)} slides ({_counts_text(counts)})"
-               + (f"; {missing} missing on disk" if missing else ""))
+    typer.echo(
+        f"{path}: {len(df)} slides ({_counts_text(counts)})"
+        + (f"; {missing} missing on disk" if missing else "")
+    )
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -134,8 +140,12 @@ def run(
     save_exp_code: SaveExpOpt = None,
     overlap: OverlapOpt = None,
     set_: SetOpt = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would run and why.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run segment -> infer -> heatmap -> sample for every pending row (resumable)."""
@@ -145,23 +155,34 @@ def run(
         cfg = _load(config, save_exp_code, overlap, set_)
     except ClamHeatError as err:
         _fail(err)
-    summary = _run_with_progress(cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet,
-                                 runner=run_pipeline)
+    summary = _run_with_progress(
+        cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=run_pipeline
+    )
     if not summary.ok:
         raise typer.Exit(1)
 
 
-def _run_with_progress(cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bool, runner: Any) -> Any:
+def _run_with_progress(
+    cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bool, runner: Any
+) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err_console = Console(stderr=True)
     show = not quiet and err_console.is_terminal
-    log_file = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
+    log_file = (
+        Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
+    )
     _setup_logging(None if dry_run else log_file, quiet)
     progress = Progress(
-        TextColumn("[bold]clam-heat"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err_console, disable=not show, transient=False,
+        TextColumn("[bold]clam-heat"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        disable=not show,
+        transient=False,
     )
     task: dict[str, Any] = {}
 
@@ -170,20 +191,26 @@ def _run_with_progress(cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bo
 
     def on_row(outcome: Any) -> None:
         if "id" in task:
-            progress.update(task["id"], advance=1, description=f"{outcome.slide_id} {outcome.status}")
+            progress.update(
+                task["id"], advance=1, description=f"{outcome.slide_id} {outcome.status}"
+            )
         if outcome.status == "failed":
-            err_console.print(f"failed {outcome.slide_id}: {outcome.error}", markup=False,
-                              highlight=False)
+            err_console.print(
+                f"failed {outcome.slide_id}: {outcome.error}", markup=False, highlight=False
+            )
 
     try:
         with progress:
-            summary = runner(cfg, retry_failed=retry_failed, dry_run=dry_run,
-                             on_row=on_row, on_start=on_start)
+            summary = runner(
+                cfg, retry_failed=retry_failed, dry_run=dry_run, on_row=on_row, on_start=on_start
+            )
     except ClamHeatError as err:
         _fail(err)
     if dry_run:
         for slide_id, plan in summary.plans.items():
-            parts = [f"{stage}: {why}" if why else f"{stage}: up to date" for stage, why in plan.items()]
+            parts = [
+                f"{stage}: {why}" if why else f"{stage}: up to date" for stage, why in plan.items()
+            ]
             typer.echo(f"{slide_id}: " + "; ".join(parts))
         if not summary.plans:
             typer.echo("nothing to run")
@@ -195,8 +222,10 @@ def _run_with_progress(cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bo
 def _summary_text(summary: Any) -> str:
     lines = [f"rows: {_counts_text(summary.counts)} in {summary.seconds:.1f}s"]
     if summary.stage_seconds:
-        lines.append("time per stage: " + ", ".join(
-            f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items()))
+        lines.append(
+            "time per stage: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+        )
     if summary.slowest:
         lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
     for slide_id, error in summary.failed:
@@ -209,9 +238,9 @@ def _summary_text(summary: Any) -> str:
 
 @app.command()
 def demo(
-    folder: Annotated[Path, typer.Option("--folder", help="Where to write the demo project.")] = Path(
-        "clam_heat_demo"
-    ),
+    folder: Annotated[
+        Path, typer.Option("--folder", help="Where to write the demo project.")
+    ] = Path("clam_heat_demo"),
     n_slides: Annotated[int, typer.Option("--slides", min=1, help="Number of demo slides.")] = 5,
     size: Annotated[str, typer.Option("--size", help="tiny, small or large.")] = "tiny",
     quiet: QuietOpt = False,
@@ -227,9 +256,12 @@ def demo(
         cfg = load_config(project.config_path)
     except ClamHeatError as err:
         _fail(err)
-    summary = _run_with_progress(cfg, retry_failed=False, dry_run=False, quiet=quiet,
-                                 runner=run_pipeline)
-    typer.echo(f"heatmaps: {Path(cfg.exp_arguments.production_save_dir) / cfg.exp_arguments.save_exp_code}")
+    summary = _run_with_progress(
+        cfg, retry_failed=False, dry_run=False, quiet=quiet, runner=run_pipeline
+    )
+    typer.echo(
+        f"heatmaps: {Path(cfg.exp_arguments.production_save_dir) / cfg.exp_arguments.save_exp_code}"
+    )
     if not summary.ok:
         raise typer.Exit(1)
 
