@@ -212,3 +212,60 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
     leftovers = [p for p in (demo_project.parent / "heatmaps").rglob(".*") if ".tmp" in p.name]
     assert leftovers == []
     assert set(_list(cfg)["status"]) == {"done"}
+
+
+ENCODER_PATH = [
+    "heatmap_arguments.calc_heatmap=true",
+    "patching_arguments.overlap=0.5",
+    "encoder_arguments.model_name=tiny_cnn",
+    "encoder_arguments.target_img_size=64",
+    "exp_arguments.batch_size=64",
+]
+
+
+def test_calc_heatmap_overlap_pass_is_cached_and_width_checked(demo_project: Path) -> None:
+    cfg = load_config(demo_project, overrides=ENCODER_PATH)
+    first = run_pipeline(cfg)
+    assert first.ok, first.failed
+    assert "overlap" in first.stage_seconds
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo"
+    overlap_files = sorted(raw.rglob("*_0.5_roi_False.h5"))
+    assert len(overlap_files) == 5
+    with h5py.File(overlap_files[0]) as h5:
+        scores = h5["attention_scores"][:]
+        coords = h5["coords"][:]
+    assert scores.shape == (len(coords), 1) and scores.min() >= 0 and scores.max() <= 100
+    steps = np.diff(np.unique(coords[:, 0]))
+    assert steps.min() == 128  # step = int(256 * (1 - 0.5))
+    prod = Path(cfg.exp_arguments.production_save_dir) / "demo"
+    assert list(prod.rglob("demo_000_0.5_roi_0_blur_0_rs_1_bc_0_a_0.4_l_-1_bi_0_-1.0.jpg"))
+    again = run_pipeline(cfg)
+    assert again.ok and again.stage_seconds == {}  # nothing is re-encoded
+
+    wide = load_config(
+        demo_project, overrides=[*ENCODER_PATH[:-3], "encoder_arguments.model_name=resnet50_trunc"]
+    )
+    summary = run_pipeline(wide)
+    assert summary.counts == {"failed": 5}
+    error = summary.failed[0][1]
+    assert "1024" in error and str(wide.model_arguments.embed_dim) in error
+
+
+def test_bag_features_extracted_from_the_slide_when_no_h5(demo_project: Path) -> None:
+    cfg = load_config(
+        demo_project,
+        overrides=[
+            *ENCODER_PATH[2:],
+            "runner_arguments.features_dir=null",
+            "runner_arguments.extract_features=true",
+        ],
+    )
+    summary = run_pipeline(cfg)
+    assert summary.ok, summary.failed
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo"
+    cached = sorted(raw.rglob("demo_00?.h5"))
+    assert len(cached) == 5
+    with h5py.File(cached[0]) as h5:
+        assert h5["features"].shape[1] == cfg.model_arguments.embed_dim
+        assert h5["coords"].attrs["patch_size_level0"] == 256
+    assert run_pipeline(cfg).stage_seconds == {}
