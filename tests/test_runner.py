@@ -269,3 +269,26 @@ def test_bag_features_extracted_from_the_slide_when_no_h5(demo_project: Path) ->
         assert h5["features"].shape[1] == cfg.model_arguments.embed_dim
         assert h5["coords"].attrs["patch_size_level0"] == 256
     assert run_pipeline(cfg).stage_seconds == {}
+
+
+def test_demo_heatmaps_are_hot_on_the_generated_tumour(demo_project: Path) -> None:
+    """Issue 4: in the production heatmaps, tumour tissue is hotter (jet: red) than other tissue."""
+    from clam_heat.demo import make_demo_project
+
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg).ok
+    project = make_demo_project(demo_project.parent, n_slides=5, size="tiny")  # reuses the files
+    prod = Path(cfg.exp_arguments.production_save_dir) / "demo"
+    checked = 0
+    for demo in project.slides:
+        if not demo.has_tumour:
+            continue
+        image = next(prod.rglob(f"{demo.name}_0.0_roi_0_*_a_0.4_l_-1_*.jpg"))
+        rgb = np.asarray(Image.open(image).convert("RGB")).astype(np.float32)
+        downsample = (demo.width / rgb.shape[1], demo.height / rgb.shape[0])
+        tumour = demo.tumour_mask(downsample)
+        tissue = demo.tissue_mask(downsample) & ~tumour
+        heat = rgb[..., 0] - rgb[..., 2]  # jet: red = high attention, blue = low
+        assert heat[tumour].mean() > heat[tissue].mean() + 20, demo.name
+        checked += 1
+    assert checked >= 2
