@@ -95,7 +95,15 @@ PROCESS_LIST_DIRS: tuple[str, ...] = ("process_lists", "heatmaps/process_lists")
 """Sub-folders searched for a bare process-list name (CLAM keeps lists in the second)."""
 
 MODEL_TYPES_CLAM: tuple[str, ...] = ("clam_sb", "clam_mb", "mil")
-MODEL_TYPES_BARE: tuple[str, ...] = ("abmil", "transmil", "dsmil", "ilra", "rrt")
+MODEL_TYPES_BARE: tuple[str, ...] = (
+    "abmil",
+    "transmil",
+    "dsmil",
+    "ilra",
+    "rrt",
+    "clam",
+    "transformer",
+)
 _MIL_LAB_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_\-]+){3}")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

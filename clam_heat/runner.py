@@ -426,7 +426,7 @@ def _infer_run(ctx: RowContext) -> StageRun:
     model, device = _model_for(ctx.cfg)
     try:
         out = run_attention(model, bag.features, device=device)
-    except FeatureError as err:
+    except FeatureError as err:  # run_attention's messages do not name the file; add it
         raise FeatureError(f"{path}: {err}") from None
     names = ctx.cfg.data_arguments.label_names()
     result = {

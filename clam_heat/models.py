@@ -1,0 +1,1435 @@
+"""Attention-MIL models, checkpoint loading and one-pass bag inference.
+
+Two families, chosen by ``model_arguments.model_type`` (see :func:`parse_model_type`):
+
+**CLAM** (``clam_sb``, ``clam_mb``). Written from the layout in the spec (clam-heatmaps §5), not
+from CLAM's code, so a CLAM ``s_<fold>_checkpoint.pt`` loads strictly: ``attention_net.0``
+(Linear E->512), ``attention_net.3`` (gated attention: ``attention_a.0``, ``attention_b.0``,
+``attention_c``; plain: ``module.0`` and ``module.2``, or ``module.3`` when trained with dropout),
+``classifiers`` and ``instance_classifiers.<k>``. Dropout layers occupy the same positions as in
+CLAM so indices match, and are inactive in ``eval()``. MIL-Lab's ``clam`` checkpoints
+(``model.patch_embed.0`` ...) are renamed to this layout by the mapping of formats §3.3.
+
+**MIL-Lab-style attention models** (``abmil``, ``transmil``, ``dsmil``, ``ilra``, ``rrt``,
+``transformer``, or full MIL-Lab names such as ``abmil.base.uni_v2.none``). Each is an outer
+module holding the network in ``.model``, so every state-dict key starts with ``model.`` as in
+MIL-Lab; ``module.`` prefixes and a missing ``model.`` prefix are normalised on load. Hidden sizes
+are read from the checkpoint's tensor shapes, so a checkpoint loads strictly whatever width it
+was trained with, while the input width and class count are checked against the config.
+
+Key-layout compatibility, honestly stated:
+
+* ``abmil``: MIL-Lab's layout as given in formats §2.2 (``model.patch_embed.0``,
+  ``model.global_attn.attention_{a,b}.0``, ``model.global_attn.attention_c``,
+  ``model.classifier``; 10 tensors) with MIL-Lab's forward (Linear-ReLU embedding, gated
+  attention, softmax pooling, linear head).
+* ``clam`` (MIL-Lab name): the CLAM mapping of formats §3.3.
+* ``transmil``, ``dsmil``, ``ilra``, ``rrt``, ``transformer``: **clam-heat's own layouts**,
+  faithful in spirit to the published architectures and documented on each class. DSMIL's bag head
+  is a Conv1d with weight (C, C, D') as in MIL-Lab; other keys are ours. Real MIL-Lab checkpoints
+  of these models are not expected to load; the strict loader says which keys differ.
+
+Any other network can join through :func:`register_model`; it must follow
+:class:`AttentionModel`: ``forward(h (N, D)) -> (logits (C,), attention (N,))``.
+Models whose attention is not a per-patch score (WiKG's graph, DFTD's shuffled pseudo-bags,
+CLAM's attention-free ``mil``) are refused with a message.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, FeatureError
+
+__all__ = [
+    "ABMIL",
+    "DSMIL",
+    "ENCODER_DIM_MAPPING",
+    "ILRA",
+    "RRT",
+    "AttentionModel",
+    "AttentionOutput",
+    "ClamMB",
+    "ClamSB",
+    "MilLabModel",
+    "ModelChoice",
+    "ModelSpec",
+    "TransMIL",
+    "TransformerMIL",
+    "build_model",
+    "clam_state_dict_from_mil_lab",
+    "clean_clam_state_dict",
+    "load_checkpoint_state",
+    "load_model",
+    "normalise_mil_lab_state_dict",
+    "parse_model_type",
+    "register_model",
+    "registered_models",
+    "resolve_device",
+    "run_attention",
+]
+
+SIZES = {"small": (512, 256), "big": (512, 384)}
+
+#: MIL-Lab's encoder -> feature width table (formats §2.1), plus TRIDENT's spellings of the two
+#: encoders MIL-Lab names differently (``uni_v1`` = ``uni``, ``hoptimus0`` = ``hoptimus``).
+ENCODER_DIM_MAPPING: dict[str, int] = {
+    "uni": 1024,
+    "uni_v2": 1536,
+    "ctranspath": 768,
+    "conch_v1": 512,
+    "conch_v15": 768,
+    "gigapath": 1536,
+    "resnet50": 1024,
+    "virchow": 2560,
+    "virchow2": 2560,
+    "phikon": 768,
+    "phikon_v2": 1024,
+    "hoptimus": 1536,
+    "hoptimus1": 1536,
+    "musk": 1024,
+    "uni_v1": 1024,
+    "hoptimus0": 1536,
+}
+
+#: Model names that exist but cannot give a per-patch heatmap, with the reason.
+REFUSED: dict[str, str] = {
+    "mil": "CLAM's MIL_fc has no attention map (it scores patches independently)",
+    "mil_fc": "CLAM's MIL_fc has no attention map (it scores patches independently)",
+    "mil_fc_mc": "CLAM's MIL_fc_mc has no attention map (it scores patches independently)",
+    "wikg": "WiKG's attention is a patch-to-patch graph, not a per-patch score",
+    "dftd": "DFTD attends over shuffled pseudo-bag instances that do not map to patches",
+}
+
+#: Default bag-size limit for models whose cost grows with N² (override per call).
+QUADRATIC_BAG_LIMIT = 20_000
+
+
+# =============================================================================================
+# CLAM
+
+
+class GatedAttention(nn.Module):
+    """Gated attention (tanh branch x sigmoid branch -> K logits per patch)."""
+
+    def __init__(self, in_dim: int, hidden: int, dropout: bool, n_out: int) -> None:
+        super().__init__()
+        a: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.Tanh()]
+        b: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.Sigmoid()]
+        if dropout:
+            a.append(nn.Dropout(0.25))
+            b.append(nn.Dropout(0.25))
+        self.attention_a = nn.Sequential(*a)
+        self.attention_b = nn.Sequential(*b)
+        self.attention_c = nn.Linear(hidden, n_out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attention_c(self.attention_a(h) * self.attention_b(h))
+
+
+class PlainAttention(nn.Module):
+    """Un-gated attention: Linear, tanh, (dropout), Linear -> K logits per patch."""
+
+    def __init__(self, in_dim: int, hidden: int, dropout: bool, n_out: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.Tanh()]
+        if dropout:
+            layers.append(nn.Dropout(0.25))
+        layers.append(nn.Linear(hidden, n_out))
+        self.module = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+
+class _ClamBase(nn.Module):
+    def __init__(
+        self,
+        *,
+        gate: bool = True,
+        size_arg: str = "small",
+        dropout: float = 0.0,
+        n_classes: int = 2,
+        embed_dim: int = 1024,
+        attention_dropout: bool = False,
+        width: int | None = None,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        if size_arg not in SIZES:
+            raise ValueError(f"size_arg must be one of {sorted(SIZES)}, got {size_arg!r}")
+        self.width = width or SIZES[size_arg][0]
+        self.hidden = hidden or SIZES[size_arg][1]
+        attn_cls = GatedAttention if gate else PlainAttention
+        self.n_classes = n_classes
+        self.embed_dim = embed_dim
+        self.attention_net = nn.Sequential(
+            nn.Linear(embed_dim, self.width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            attn_cls(
+                self.width, self.hidden, attention_dropout, self._attention_outputs(n_classes)
+            ),
+        )
+        self.instance_classifiers = nn.ModuleList(
+            nn.Linear(self.width, 2) for _ in range(n_classes)
+        )
+
+    @property
+    def in_dim(self) -> int:
+        """Feature width the model expects (CLAM calls it ``embed_dim``)."""
+        return self.embed_dim
+
+    @staticmethod
+    def _attention_outputs(n_classes: int) -> int:
+        raise NotImplementedError
+
+    def _bag_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, h: torch.Tensor, attention_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict] | torch.Tensor:
+        """``h`` (N, E) -> (logits (1, C), Y_prob (1, C), Y_hat (1, 1), A_raw (K, N), {}).
+
+        ``A_raw`` is the pre-softmax attention, as CLAM returns it; ``attention_only`` returns it
+        alone.
+        """
+        if h.dim() != 2:
+            raise ValueError(f"expected features of shape (N, E), got {tuple(h.shape)}")
+        embedded = self.attention_net[:3](h)
+        a_raw = self.attention_net[3](embedded).transpose(0, 1)
+        if attention_only:
+            return a_raw
+        weights = torch.softmax(a_raw, dim=1)
+        pooled = weights @ embedded
+        logits = self._bag_logits(pooled)
+        y_hat = torch.topk(logits, 1, dim=1).indices
+        y_prob = torch.softmax(logits, dim=1)
+        return logits, y_prob, y_hat, a_raw, {}
+
+
+class ClamSB(_ClamBase):
+    """CLAM single-branch: one attention map, ``classifiers`` = Linear(512, C)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.classifiers = nn.Linear(self.width, self.n_classes)
+
+    @staticmethod
+    def _attention_outputs(n_classes: int) -> int:
+        return 1
+
+    def _bag_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifiers(pooled)
+
+
+class ClamMB(_ClamBase):
+    """CLAM multi-branch: one attention map and one Linear(512, 1) classifier per class."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.classifiers = nn.ModuleList(nn.Linear(self.width, 1) for _ in range(self.n_classes))
+
+    @staticmethod
+    def _attention_outputs(n_classes: int) -> int:
+        return n_classes
+
+    def _bag_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        columns = [clf(pooled[c]) for c, clf in enumerate(self.classifiers)]
+        return torch.cat(columns).reshape(1, self.n_classes)
+
+
+CLAM_TYPES = {"clam_sb": ClamSB, "clam_mb": ClamMB}
+
+
+# =============================================================================================
+# protocol, registry and model-type names
+
+
+@runtime_checkable
+class AttentionModel(Protocol):
+    """What :func:`run_attention` needs from a non-CLAM model.
+
+    ``forward(h)``: ``h`` (N, D) float32 -> ``(logits (C,), attention (N,))`` where attention is
+    one score per patch (higher = more important), for the class the model predicts when its
+    attention is per class. ``in_dim`` is D, checked against the features before the forward.
+    """
+
+    in_dim: int
+    n_classes: int
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build it and how to read hidden sizes from a checkpoint.
+
+    ``builder(in_dim=, n_classes=, **hparams)`` returns an :class:`AttentionModel` module.
+    ``infer_hparams(state)`` reads ``hparams`` from a normalised state dict (keys as the built
+    module names them). ``key_prefix`` is ensured on every key when loading (``"model."`` for the
+    MIL-Lab layout). ``max_bag_size`` guards models whose cost grows with N².
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    infer_hparams: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
+    key_prefix: str = "model."
+    max_bag_size: int | None = None
+    layout: str = "clam-heat"
+    signature: tuple[str, ...] = field(default=())
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    infer_hparams: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None,
+    key_prefix: str = "model.",
+    max_bag_size: int | None = None,
+    layout: str = "clam-heat",
+    signature: tuple[str, ...] = (),
+) -> ModelSpec:
+    """Make ``name`` usable as ``model_type`` (bare or as the first part of a MIL-Lab name).
+
+    ``signature``: key fragments that identify a checkpoint of this model, used to say "this
+    checkpoint looks like X" when a load fails. Re-registering a name replaces it.
+    """
+    if not _NAME.fullmatch(name) or name in CLAM_TYPES or name == "clam":
+        raise ValueError(f"cannot register model name {name!r}")
+    spec = ModelSpec(name, builder, infer_hparams, key_prefix, max_bag_size, layout, signature)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def registered_models() -> tuple[str, ...]:
+    """Names accepted as bare ``model_type`` besides clam_sb / clam_mb."""
+    return tuple(sorted(_REGISTRY))
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A parsed ``model_type``: ``family`` is ``clam`` (CLAM_SB/MB), ``mil_lab_clam`` (MIL-Lab
+    CLAM renamed to CLAM's layout) or ``registry``; ``in_dim`` is the feature width."""
+
+    family: str
+    name: str
+    in_dim: int
+    encoder: str | None = None
+
+
+def parse_model_type(model_type: str, *, embed_dim: int | None) -> ModelChoice:
+    """Resolve CLAM names, bare names and MIL-Lab ``<model>.<config>.<encoder>.<task>`` names.
+
+    The encoder part fixes the feature width (``ENCODER_DIM_MAPPING``) and must agree with
+    ``embed_dim`` from the config. The config and task parts are accepted as is: sizes come from
+    the checkpoint, and the checkpoint file given is always loaded (unlike MIL-Lab, which ignores
+    it for task ``none``).
+
+    >>> parse_model_type("abmil.base.uni_v2.none", embed_dim=1536)
+    ModelChoice(family='registry', name='abmil', in_dim=1536, encoder='uni_v2')
+    >>> parse_model_type("clam_sb", embed_dim=1024).family
+    'clam'
+    """
+    text = model_type.strip().lower()
+    where = f"model_arguments.model_type {model_type!r}"
+    if text in CLAM_TYPES:
+        return ModelChoice("clam", text, _need_dim(embed_dim, where))
+    parts = text.split(".")
+    name = parts[0]
+    if len(parts) > 4 or any(not p for p in parts):
+        raise ConfigError(
+            f"{where}: a MIL-Lab name has at most four non-empty parts "
+            "<model>.<config>.<encoder>.<task>, e.g. abmil.base.uni_v2.none"
+        )
+    if name in _REGISTRY:
+        family = "registry"
+    elif name == "clam":
+        family = "mil_lab_clam"
+    elif name in REFUSED:
+        raise ConfigError(
+            f"{where}: {REFUSED[name]}, so no attention heatmap can be drawn (use clam_sb, "
+            f"clam_mb or one of {', '.join(registered_models())})"
+        )
+    else:
+        known = ", ".join(["clam_sb", "clam_mb", "clam", *registered_models()])
+        raise ConfigError(f"{where}: unknown model (use one of {known})")
+    encoder = parts[2] if len(parts) >= 3 else None
+    if encoder is None:
+        return ModelChoice(family, name, _need_dim(embed_dim, where))
+    if encoder not in ENCODER_DIM_MAPPING:
+        raise ConfigError(
+            f"{where}: unknown encoder {encoder!r} (known: {', '.join(ENCODER_DIM_MAPPING)}); "
+            f"use the bare name {name!r} and set model_arguments.embed_dim to the feature width"
+        )
+    in_dim = ENCODER_DIM_MAPPING[encoder]
+    if embed_dim is not None and embed_dim != in_dim:
+        raise ConfigError(
+            f"{where}: encoder {encoder!r} gives {in_dim}-d features but "
+            f"model_arguments.embed_dim is {embed_dim}; set embed_dim: {in_dim} or fix the name"
+        )
+    return ModelChoice(family, name, in_dim, encoder)
+
+
+def _need_dim(embed_dim: int | None, where: str) -> int:
+    if embed_dim is None or embed_dim <= 0:
+        raise ConfigError(f"{where}: model_arguments.embed_dim (feature width) must be set")
+    return int(embed_dim)
+
+
+# =============================================================================================
+# MIL-Lab-style networks
+
+
+class MilLabModel(nn.Module):
+    """Outer module: the network sits in ``.model`` so every key starts with ``model.``.
+
+    ``forward(h (N, D)) -> (logits (C,), attention (N,))`` (the :class:`AttentionModel`
+    protocol). ``max_bag_size`` is the default bag-size guard used by :func:`run_attention`.
+    """
+
+    def __init__(
+        self, net: nn.Module, *, name: str, in_dim: int, n_classes: int, max_bag_size: int | None
+    ) -> None:
+        super().__init__()
+        self.model = net
+        self.name = name
+        self.in_dim = in_dim
+        self.n_classes = n_classes
+        self.max_bag_size = max_bag_size
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if h.dim() == 3 and h.shape[0] == 1:
+            h = h[0]
+        if h.dim() != 2:
+            raise ValueError(f"expected features of shape (N, D), got {tuple(h.shape)}")
+        return self.model(h)
+
+
+def _embed(in_dim: int, embed_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    """``patch_embed``: Linear, ReLU (, Dropout) -- parameters at index 0."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, embed_dim), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, dim: int) -> int | None:
+    tensor = state.get(key)
+    return int(tensor.shape[dim]) if tensor is not None and tensor.dim() > dim else None
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m[1] for k in state if (m := regex.fullmatch(k))})
+
+
+def _drop_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class ABMIL(nn.Module):
+    """Gated-attention MIL (Ilse et al.) in MIL-Lab's layout and forward (formats §2.2).
+
+    Keys: ``patch_embed.{0,3,..}`` (Linear in->E, ReLU, Dropout per layer),
+    ``global_attn.attention_a.0`` / ``attention_b.0`` (E->A), ``global_attn.attention_c``
+    (A->K heads), ``classifier`` (K*E -> C); un-gated: ``global_attn.module.{0,3}``.
+    Attention returned: pre-softmax logits (N,), averaged over heads when K > 1.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 512,
+        attn_dim: int = 384,
+        gate: bool = True,
+        num_heads: int = 1,
+        num_fc_layers: int = 1,
+        dropout: float = 0.25,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(num_fc_layers):
+            layers += [nn.Linear(width, hidden_dim), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden_dim
+        self.patch_embed = nn.Sequential(*layers)
+        attn_cls = GatedAttention if gate else PlainAttention
+        self.global_attn = attn_cls(hidden_dim, attn_dim, True, num_heads)
+        self.classifier = nn.Linear(hidden_dim * num_heads, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = self.patch_embed(h)
+        raw = self.global_attn(embedded).transpose(0, 1)  # (K, N) pre-softmax
+        pooled = (torch.softmax(raw, dim=1) @ embedded).reshape(-1)
+        return self.classifier(pooled), raw.mean(dim=0)
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        gate = "model.global_attn.attention_a.0.weight" in state
+        first = "attention_a.0" if gate else "module.0"
+        last = (
+            "attention_c"
+            if gate
+            else ("module.3" if "model.global_attn.module.3.weight" in state else "module.2")
+        )
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            attn_dim=_shape(state, f"model.global_attn.{first}.weight", 0),
+            num_heads=_shape(state, f"model.global_attn.{last}.weight", 0),
+            num_fc_layers=_count(state, r"model\.patch_embed\.(\d+)\.weight") or None,
+            gate=gate,
+        )
+
+
+def _iterative_pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of a batch of square matrices by Newton-Schulz iterations
+    (Nystromformer's choice: matmuls only, stable on row-stochastic matrices).
+
+    >>> a = torch.softmax(torch.randn(2, 5, 5), dim=-1)
+    >>> bool(torch.allclose(_iterative_pinv(a, 20) @ a, torch.eye(5).expand(2, 5, 5), atol=1e-3))
+    True
+    """
+    abs_x = x.abs()
+    scale = abs_x.sum(dim=-1).amax(dim=-1) * abs_x.sum(dim=-2).amax(dim=-1)
+    z = x.transpose(-1, -2) / scale[..., None, None]
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    for _ in range(iters):
+        xz = x @ z
+        z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
+    return z
+
+
+class _NystromAttention(nn.Module):
+    """Nyström self-attention (Xiong et al. 2021): softmax attention approximated through
+    ``landmarks`` segment-mean tokens, O(n * landmarks) memory, plus a depthwise residual
+    convolution over the values along the sequence.
+
+    Keys: ``to_qkv`` (D -> 3D, no bias), ``to_out`` (D -> D), ``res_conv`` (heads, 1, 33, 1).
+    ``forward`` also returns the head-averaged attention row of token 0 (the class token).
+    """
+
+    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iters: int = 6) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.landmarks = max(1, landmarks)
+        self.pinv_iters = pinv_iters
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.res_conv = nn.Conv2d(heads, heads, (33, 1), padding=(16, 0), groups=heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, dim = x.shape
+        q, k, v = self.to_qkv(x).reshape(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
+        q = q * (dim // self.heads) ** -0.5  # (h, n, d)
+        m = self.landmarks
+        if n <= m:
+            attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            out, row0 = attn @ v, attn[:, 0, :]
+        else:
+            segment = torch.div(torch.arange(n, device=x.device) * m, n, rounding_mode="floor")
+            counts = torch.bincount(segment, minlength=m).to(q.dtype)[None, :, None]
+            q_l = q.new_zeros(self.heads, m, q.shape[-1]).index_add_(1, segment, q) / counts
+            k_l = k.new_zeros(self.heads, m, k.shape[-1]).index_add_(1, segment, k) / counts
+            kernel_1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (h, n, m)
+            kernel_2 = _iterative_pinv(
+                torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1), self.pinv_iters
+            )
+            kernel_3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (h, m, n)
+            left = kernel_1 @ kernel_2
+            out = left @ (kernel_3 @ v)
+            row0 = (left[:, :1, :] @ kernel_3)[:, 0, :]
+        out = out + self.res_conv(v[None])[0]
+        out = out.permute(1, 0, 2).reshape(n, dim)
+        return self.to_out(out), row0.mean(dim=0)
+
+
+class _NystromLayer(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = _NystromAttention(dim, heads, landmarks=dim // 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        update, row0 = self.attn(self.norm(x))
+        return x + update, row0
+
+
+class _PPEG(nn.Module):
+    """TransMIL's pyramid position encoding: depthwise 7/5/3 convolutions on the square grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        cls, tokens = x[:1], x[1:]
+        grid = tokens.transpose(0, 1).reshape(1, -1, side, side)
+        grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
+        return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)])
+
+
+class TransMIL(nn.Module):
+    """TransMIL (Shao et al. 2021), clam-heat's layout (not claimed MIL-Lab compatible).
+
+    The bag is embedded, padded to ceil(sqrt(N))² tokens by repeating its first patches, a class
+    token is prepended, then Nyström layer, PPEG, Nyström layer, LayerNorm, head on the class
+    token. Keys: ``patch_embed.0``, ``cls_token`` (1, E), ``layer{1,2}.norm``,
+    ``layer{1,2}.attn.{to_qkv,to_out,res_conv}``, ``pos_layer.proj{,1,2}``, ``norm``,
+    ``classifier``; landmarks = E // 2, heads from ``res_conv``.
+    Attention returned: the class token's head-averaged (Nyström-approximated) attention row in
+    the first layer, where tokens are still one patch each (the second layer's tokens are mixed
+    by PPEG), sliced to the first N tokens (padding copies dropped). MIL-Lab instead returns the
+    dot product of each token with the class token after layer 1, whose sign is arbitrary.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, heads: int = 8):
+        super().__init__()
+        self.patch_embed = _embed(in_dim, hidden_dim)
+        self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
+        self.layer1 = _NystromLayer(hidden_dim, heads)
+        self.pos_layer = _PPEG(hidden_dim)
+        self.layer2 = _NystromLayer(hidden_dim, heads)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = h.shape[0]
+        tokens = self.patch_embed(h)
+        side = math.isqrt(n - 1) + 1 if n > 1 else 1
+        extra = side * side - n
+        if extra:
+            tokens = torch.cat([tokens, tokens[torch.arange(extra, device=h.device) % n]])
+        x = torch.cat([self.cls_token, tokens])
+        x, row0 = self.layer1(x)
+        x = self.pos_layer(x, side)
+        x, _ = self.layer2(x)
+        logits = self.classifier(self.norm(x[0]))
+        return logits, row0[1 : n + 1]
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            heads=_shape(state, "model.layer1.attn.res_conv.weight", 0),
+        )
+
+
+class DSMIL(nn.Module):
+    """Dual-stream MIL (Li et al. 2021), clam-heat's layout except the MIL-Lab-shaped bag head.
+
+    Stream 1: ``i_classifier`` scores every patch per class; the top patch per class is the
+    critical instance. Stream 2: queries ``q`` (E->Q, ReLU, Q->Q, tanh) compare every patch with
+    each critical patch, softmax over patches gives A (N, C); values ``v`` (E->E, ReLU) pooled by
+    A feed ``classifier`` = Conv1d(C, C, kernel E), weight (C, C, E). Logits are the mean of the
+    bag and the max-instance scores. Attention returned: A's column of the predicted class.
+    Keys: ``patch_embed.0``, ``i_classifier``, ``q.{0,2}``, ``v.0``, ``classifier``.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, q_dim: int = 128):
+        super().__init__()
+        self.patch_embed = _embed(in_dim, hidden_dim)
+        self.i_classifier = nn.Linear(hidden_dim, n_classes)
+        self.q = nn.Sequential(
+            nn.Linear(hidden_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh()
+        )
+        self.v = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = self.patch_embed(h)
+        instance = self.i_classifier(embedded)  # (N, C)
+        queries = self.q(embedded)  # (N, Q)
+        critical = queries[instance.argmax(dim=0)]  # (C, Q)
+        scores = queries @ critical.T / math.sqrt(queries.shape[1])
+        attention = torch.softmax(scores, dim=0)  # (N, C), each column sums to 1
+        pooled = attention.T @ self.v(embedded)  # (C, E)
+        bag = self.classifier(pooled[None])[0, :, 0]  # (C,)
+        logits = 0.5 * (bag + instance.max(dim=0).values)
+        return logits, attention[:, int(logits.argmax())]
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            q_dim=_shape(state, "model.q.0.weight", 0),
+        )
+
+
+class _MAB(nn.Module):
+    """Multihead attention block: LN(q + MHA(q, kv)), then LN(x + ReLU(Linear(x)))."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(query[None], context[None], context[None], need_weights=False)
+        x = self.norm1(query + out[0])
+        return self.norm2(x + self.ff(x))
+
+
+class _GAB(nn.Module):
+    """ILRA's low-rank global attention: ``rank`` learned latents read the bag, the bag reads
+    them back (cost O(N * rank))."""
+
+    def __init__(self, dim: int, heads: int, rank: int) -> None:
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.project_forward = _MAB(dim, heads)
+        self.project_backward = _MAB(dim, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        summary = self.project_forward(self.latent, x)
+        return self.project_backward(x, summary)
+
+
+class ILRA(nn.Module):
+    """ILRA-MIL (Xiang & Zhang 2023), clam-heat's layout (not claimed MIL-Lab compatible).
+
+    ``patch_embed.0``, ``gab_blocks.<i>`` (``latent`` (rank, E), ``project_{forward,backward}``
+    each ``attn`` (nn.MultiheadAttention) + ``norm1``/``ff.0``/``norm2``), ``pooling_query``
+    (1, E), ``pooling`` (nn.MultiheadAttention), ``classifier``. Heads fixed at 8.
+    Attention returned: the pooling query's head-averaged softmax attention (N,), sums to 1.
+    """
+
+    heads = 8
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 256,
+        n_layers: int = 2,
+        rank: int = 64,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = _embed(in_dim, hidden_dim)
+        self.gab_blocks = nn.ModuleList(_GAB(hidden_dim, self.heads, rank) for _ in range(n_layers))
+        self.pooling_query = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
+        self.pooling = nn.MultiheadAttention(hidden_dim, self.heads, batch_first=True)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(h)
+        for block in self.gab_blocks:
+            x = block(x)
+        pooled, weights = self.pooling(
+            self.pooling_query[None],
+            x[None],
+            x[None],
+            need_weights=True,
+            average_attn_weights=True,
+        )
+        return self.classifier(pooled[0, 0]), weights[0, 0]
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            n_layers=_count(state, r"model\.gab_blocks\.(\d+)\.latent") or None,
+            rank=_shape(state, "model.gab_blocks.0.latent", 0),
+        )
+
+
+def _sdpa(
+    x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Multi-head self-attention over (B, L, D) with a fused kernel; ``mask`` (B, L) True=keep."""
+    b, length, dim = x.shape
+    q, k, v = qkv(x).reshape(b, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return out.transpose(1, 2).reshape(b, length, dim)
+
+
+class _RegionAttention(nn.Module):
+    """RRT's R-MSA: the bag is laid on a ceil(sqrt(N)) square in stored order, cut into
+    ``regions`` x ``regions`` windows, and self-attention runs inside each window."""
+
+    def __init__(self, dim: int, heads: int, regions: int) -> None:
+        super().__init__()
+        self.heads, self.regions = heads, regions
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def windows(self, n: int, device: torch.device) -> torch.Tensor:
+        """Window id (N,) int64 of each token, ids made contiguous from 0."""
+        side = math.isqrt(max(n - 1, 0)) + 1
+        window = -(-side // self.regions)
+        per_row = -(-side // window)
+        index = torch.arange(n, device=device)
+        ids = (index // side // window) * per_row + (index % side) // window
+        return torch.unique(ids, return_inverse=True)[1]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        n, dim = x.shape
+        n_win = int(ids.max()) + 1
+        counts = torch.bincount(ids, minlength=n_win)
+        order = torch.argsort(ids, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(n, device=x.device) - starts[ids[order]]
+        length = int(counts.max())
+        padded = x.new_zeros(n_win, length, dim)
+        keep = torch.zeros(n_win, length, dtype=torch.bool, device=x.device)
+        padded[ids[order], slot] = self.norm(x[order])
+        keep[ids[order], slot] = True
+        out = torch.empty_like(padded)
+        chunk = max(1, (1 << 26) // max(1, self.heads * length * length))
+        for start in range(0, n_win, chunk):  # bounds memory; loops over windows, not patches
+            stop = start + chunk
+            out[start:stop] = _sdpa(padded[start:stop], self.qkv, self.heads, keep[start:stop])
+        update = torch.empty_like(x)
+        update[order] = out[ids[order], slot]
+        return x + self.proj(update)
+
+
+class _CrossRegion(nn.Module):
+    """RRT's CR-MSA in miniature: window means attend to each other; each token receives its
+    window's update."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        n_win = int(ids.max()) + 1
+        normed = self.norm(x)
+        sums = normed.new_zeros(n_win, x.shape[1]).index_add_(0, ids, normed)
+        means = sums / torch.bincount(ids, minlength=n_win).to(x.dtype)[:, None]
+        mixed, _ = self.attn(means[None], means[None], means[None], need_weights=False)
+        return x + mixed[0][ids]
+
+
+class RRT(nn.Module):
+    """RRT-MIL (Tang et al. 2023), clam-heat's layout (not claimed MIL-Lab compatible).
+
+    ``patch_embed.0``, ``rmsa.{norm,qkv,proj}`` (regional self-attention, 8x8 windows, 8 heads),
+    ``crmsa.{norm,attn}`` (cross-window attention), ``global_attn.attention_{a,b}.0`` /
+    ``attention_c`` (gated attention pooling), ``classifier``. Cost ~N²/64 (windows grow with N).
+    Attention returned: the softmax pooling weights (N,), sum to 1.
+    """
+
+    heads = 8
+    regions = 8
+
+    def __init__(
+        self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, attn_dim: int = 128
+    ) -> None:
+        super().__init__()
+        self.patch_embed = _embed(in_dim, hidden_dim)
+        self.rmsa = _RegionAttention(hidden_dim, self.heads, self.regions)
+        self.crmsa = _CrossRegion(hidden_dim, self.heads)
+        self.global_attn = GatedAttention(hidden_dim, attn_dim, False, 1)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(h)
+        ids = self.rmsa.windows(x.shape[0], x.device)
+        x = self.crmsa(self.rmsa(x, ids), ids)
+        weights = torch.softmax(self.global_attn(x)[:, 0], dim=0)
+        return self.classifier(weights @ x), weights
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            attn_dim=_shape(state, "model.global_attn.attention_a.0.weight", 0),
+        )
+
+
+class _EncoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + MSA(LN(x)), x + FF(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, ff_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
+
+    def class_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Head-averaged softmax attention of token 0 over all tokens (L,), O(L) memory."""
+        length, dim = x.shape
+        q, k, _ = self.qkv(self.norm1(x)).reshape(length, 3, self.heads, -1).permute(1, 2, 0, 3)
+        scores = (q[:, :1] @ k.transpose(-1, -2))[:, 0] / math.sqrt(dim // self.heads)
+        return torch.softmax(scores, dim=-1).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(_sdpa(self.norm1(x)[None], self.qkv, self.heads)[0])
+        return x + self.ff(self.norm2(x))
+
+
+class TransformerMIL(nn.Module):
+    """Plain transformer MIL (MIL-Lab's ``transformer`` in spirit), clam-heat's layout.
+
+    ``patch_embed.0``, ``cls_token`` (1, E), ``layers.<i>.{norm1,qkv,proj,norm2,ff.0,ff.2}``,
+    ``norm``, ``classifier``; 8 heads. Full self-attention costs O(N²), hence the default
+    bag-size guard. Attention returned: the class token's head-averaged softmax attention in the
+    first layer over the N patches.
+    """
+
+    heads = 8
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 512,
+        n_layers: int = 2,
+        ff_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = _embed(in_dim, hidden_dim)
+        self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
+        self.layers = nn.ModuleList(
+            _EncoderLayer(hidden_dim, self.heads, ff_dim or 2 * hidden_dim) for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.cls_token, self.patch_embed(h)])
+        attention = self.layers[0].class_row(x)[1:]
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(self.norm(x[0])), attention
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
+            n_layers=_count(state, r"model\.layers\.(\d+)\.qkv\.weight") or None,
+            ff_dim=_shape(state, "model.layers.0.ff.0.weight", 0),
+        )
+
+
+def _builder(
+    net_cls: type[nn.Module], name: str, max_bag_size: int | None
+) -> Callable[..., nn.Module]:
+    def build(*, in_dim: int, n_classes: int, **hparams: Any) -> nn.Module:
+        net = net_cls(in_dim, n_classes, **hparams)
+        return MilLabModel(
+            net, name=name, in_dim=in_dim, n_classes=n_classes, max_bag_size=max_bag_size
+        )
+
+    build.__doc__ = f"Build {name} wrapped so its keys start with 'model.'."
+    return build
+
+
+for _name, _cls, _limit, _layout, _signature in (
+    ("abmil", ABMIL, None, "mil-lab", ("model.global_attn.",)),
+    ("transmil", TransMIL, None, "clam-heat", ("model.layer1.", "model.pos_layer.")),
+    ("dsmil", DSMIL, None, "clam-heat", ("model.i_classifier.",)),
+    ("ilra", ILRA, None, "clam-heat", ("model.gab_blocks.",)),
+    ("rrt", RRT, 200_000, "clam-heat", ("model.rmsa.",)),
+    ("transformer", TransformerMIL, QUADRATIC_BAG_LIMIT, "clam-heat", ("model.layers.",)),
+):
+    register_model(
+        _name,
+        _builder(_cls, _name, _limit),
+        infer_hparams=_cls.infer_hparams,  # type: ignore[attr-defined]
+        max_bag_size=_limit,
+        layout=_layout,
+        signature=_signature,
+    )
+
+
+# =============================================================================================
+# checkpoints
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` on a CPU-only host is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(
+            f"runner_arguments.device is {device!r} but no CUDA device is available "
+            "(use device: auto or cpu)"
+        )
+    return torch.device(device)
+
+
+def clean_clam_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply CLAM's loader clean-up: drop ``instance_loss_fn`` keys, remove ``.module``.
+
+    Only the DataParallel-style ``attention_net.module.`` prefix is rewritten, so a non-gated
+    net's own ``attention_net.3.module.0`` keys survive (CLAM's blanket rename breaks them).
+
+    >>> sorted(clean_clam_state_dict({"attention_net.module.0.weight": 1,
+    ...     "instance_loss_fn.labels": 2, "attention_net.3.module.0.bias": 3}))
+    ['attention_net.0.weight', 'attention_net.3.module.0.bias']
+    """
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if "instance_loss_fn" in key:
+            continue
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        key = key.replace("attention_net.module.", "attention_net.")
+        cleaned[key] = value
+    return cleaned
+
+
+def normalise_mil_lab_state_dict(
+    state: Mapping[str, torch.Tensor], prefix: str = "model."
+) -> dict[str, torch.Tensor]:
+    """Strip DataParallel ``module.`` prefixes (outside or inside ``model.``), add a missing
+    ``model.`` prefix (a state dict saved from the inner network) and drop ``instance_loss_fn``.
+
+    >>> sorted(normalise_mil_lab_state_dict({"module.model.classifier.weight": 1,
+    ...     "patch_embed.0.weight": 2, "model.module.global_attn.attention_c.bias": 3}))
+    ['model.classifier.weight', 'model.global_attn.attention_c.bias', 'model.patch_embed.0.weight']
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if "instance_loss_fn" in key:
+            continue
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        if prefix:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+            while key.startswith("module."):
+                key = key[len("module.") :]
+            key = prefix + key
+        out[key] = value
+    return out
+
+
+_MIL_LAB_CLAM_RENAMES = (
+    ("model.patch_embed.", "attention_net."),
+    ("model.global_attn.", "attention_net.3."),
+    ("model.classifier.", "classifiers."),
+    ("model.instance_classifiers.", "instance_classifiers."),
+)
+
+
+def clam_state_dict_from_mil_lab(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a (normalised) MIL-Lab ``clam`` state dict to CLAM_SB's layout (formats §3.3).
+
+    >>> sorted(clam_state_dict_from_mil_lab({"model.patch_embed.0.weight": 1,
+    ...     "model.global_attn.attention_c.bias": 2, "model.classifier.weight": 3}))
+    ['attention_net.0.weight', 'attention_net.3.attention_c.bias', 'classifiers.weight']
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for old, new in _MIL_LAB_CLAM_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_checkpoint_state(
+    path: Path, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read a state dict with ``weights_only=True`` (never executes pickled code).
+
+    Unwraps a top-level ``state_dict`` / ``model_state_dict`` / ``model`` / ``state_dict_ema`` /
+    ``model_ema`` entry, as MIL-Lab's loader does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found (set model_arguments.ckpt_path to your "
+            "s_<fold>_checkpoint.pt)"
+        )
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from None
+    for wrapper in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (save model.state_dict())")
+    if not obj:
+        raise CheckpointError(f"{path}: the state dict is empty (save model.state_dict())")
+    return dict(obj)
+
+
+def _detect_layout(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which model a checkpoint's keys look like, if recognisable."""
+    norm = normalise_mil_lab_state_dict(state)
+    if any(k.startswith("model.attention_net.") for k in norm):
+        return "clam_mb" if "model.classifiers.0.weight" in norm else "clam_sb"
+    if any(k.startswith("model.instance_classifiers.") for k in norm):
+        return "clam"
+    for spec in _REGISTRY.values():
+        if spec.signature and any(k.startswith(spec.signature) for k in norm):
+            return spec.name
+    return None
+
+
+def _guess_cause(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """Compare a CLAM checkpoint with a CLAM model and name the config key that most likely
+    differs (model_type, embed_dim, model_size, n_classes)."""
+    keys = set(state)
+    if any(k.startswith("model.") for k in keys):
+        kind = _detect_layout(state)
+        hint = f" (it looks like {kind})" if kind else ""
+        return (
+            f"keys start with 'model.': this is a MIL-Lab checkpoint{hint}; set model_type to "
+            "its MIL-Lab name, e.g. <model>.base.<encoder>.none"
+        )
+    if "classifiers.weight" in keys and isinstance(model, ClamMB):
+        return "checkpoint is CLAM_SB; set model_type: clam_sb"
+    if "classifiers.0.weight" in keys and isinstance(model, ClamSB):
+        return "checkpoint is CLAM_MB; set model_type: clam_mb"
+    if not isinstance(model, _ClamBase):
+        return "check model_type, model_size, embed_dim and n_classes"
+    first = state.get("attention_net.0.weight")
+    if first is not None and first.dim() == 2 and first.shape[1] != model.embed_dim:
+        return (
+            f"checkpoint expects embed_dim {first.shape[1]}, config says {model.embed_dim} "
+            "(set model_arguments.embed_dim to the encoder's feature width)"
+        )
+    hidden_key = next(
+        (
+            k
+            for k in ("attention_net.3.attention_a.0.weight", "attention_net.3.module.0.weight")
+            if k in state
+        ),
+        None,
+    )
+    if hidden_key is not None:
+        hidden = int(state[hidden_key].shape[0])
+        if hidden != model.hidden:
+            size = next((name for name, (_, d) in SIZES.items() if d == hidden), None)
+            if size is not None:
+                return f"checkpoint is model_size {size!r}; set model_arguments.model_size: {size}"
+            return f"checkpoint's attention width is {hidden}, not a CLAM model_size"
+    n_ckpt = _checkpoint_classes(state)
+    if n_ckpt is not None and n_ckpt != model.n_classes:
+        return (
+            f"checkpoint has {n_ckpt} classes, config n_classes is {model.n_classes} "
+            "(set exp_arguments.n_classes and label_dict to match)"
+        )
+    return "check model_type, model_size, embed_dim and n_classes"
+
+
+def _checkpoint_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Class count of a CLAM checkpoint from its heads (SB classifier rows, MB branches)."""
+    if "classifiers.weight" in state:
+        return int(state["classifiers.weight"].shape[0])
+    n_mb = _count(state, r"classifiers\.(\d+)\.weight")
+    if n_mb:
+        return n_mb
+    n_inst = _count(state, r"instance_classifiers\.(\d+)\.weight")
+    return n_inst or None
+
+
+def _guess_cause_registry(
+    state: Mapping[str, torch.Tensor], model: nn.Module, choice: ModelChoice
+) -> str:
+    """Likely cause of a failed strict load of a registry model (wrong model, width, classes)."""
+    kind = _detect_layout(state)
+    if kind in CLAM_TYPES:
+        return f"this is a CLAM checkpoint; set model_type: {kind}"
+    if kind is not None and kind != choice.name:
+        return f"checkpoint looks like {kind}, not {choice.name}; set model_type: {kind}"
+    first = state.get("model.patch_embed.0.weight")
+    if first is not None and first.dim() == 2 and first.shape[1] != choice.in_dim:
+        source = f"encoder {choice.encoder!r}" if choice.encoder else "model_arguments.embed_dim"
+        return f"checkpoint expects {first.shape[1]}-d features, {source} gives {choice.in_dim}"
+    head = state.get("model.classifier.weight")
+    n_classes = getattr(model, "n_classes", None)
+    if head is None and not any(k.startswith("model.classifier") for k in state):
+        return (
+            "checkpoint has no classifier head (e.g. FEATHER pc108-24k pretrained weights); "
+            "fine-tune a head and save model.state_dict()"
+        )
+    if head is not None and n_classes is not None and head.shape[0] != n_classes:
+        return (
+            f"checkpoint has {head.shape[0]} classes, config n_classes is {n_classes} "
+            "(set exp_arguments.n_classes to match)"
+        )
+    spec = _REGISTRY.get(choice.name)
+    if spec is not None and spec.layout != "mil-lab":
+        return (
+            f"{choice.name} uses clam-heat's own key layout (see clam_heat.models."
+            f"{type(getattr(model, 'model', model)).__name__}); checkpoints from other "
+            "implementations need converting"
+        )
+    return "check model_type, embed_dim and n_classes"
+
+
+def _short(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _strict_load(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    ckpt_path: Path,
+    model_type: str,
+    guess: Callable[[], str],
+) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error listing what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_short(unexpected)}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(
+                f"shape mismatch {k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            )
+        raise CheckpointError(
+            f"{ckpt_path}: does not fit {model_type} ({'; '.join(parts)}); likely cause: {guess()}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(
+    model_type: str,
+    *,
+    n_classes: int,
+    embed_dim: int,
+    model_size: str | None = "small",
+    gate: bool = True,
+    **hparams: Any,
+) -> nn.Module:
+    """Instantiate a model without weights (CLAM's ``initiate_model`` minus the checkpoint).
+
+    CLAM types take ``model_size``/``gate`` (and ``attention_dropout``); MIL-Lab ``clam`` takes
+    ``width``/``hidden`` (MIL-Lab defaults 512/384); registry models take their class's keyword
+    arguments as ``hparams`` (e.g. ``hidden_dim``, MIL-Lab's ``embed_dim``, for ABMIL).
+    """
+    choice = parse_model_type(model_type, embed_dim=embed_dim)
+    if choice.family == "clam":
+        return CLAM_TYPES[choice.name](
+            gate=gate,
+            size_arg=model_size or "small",
+            n_classes=n_classes,
+            embed_dim=choice.in_dim,
+            **hparams,
+        )
+    if choice.family == "mil_lab_clam":
+        hparams.setdefault("width", 512)
+        hparams.setdefault("hidden", 384)
+        return ClamSB(gate=gate, n_classes=n_classes, embed_dim=choice.in_dim, **hparams)
+    return _REGISTRY[choice.name].builder(in_dim=choice.in_dim, n_classes=n_classes, **hparams)
+
+
+def load_model(
+    ckpt_path: Path,
+    model_type: str,
+    *,
+    n_classes: int,
+    embed_dim: int,
+    model_size: str | None = "small",
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Build the configured model, load the checkpoint strictly, move it to ``device``, eval().
+
+    A mismatch raises :class:`CheckpointError` listing missing/unexpected keys and the likely
+    cause (wrong model_type, model_size, embed_dim or n_classes).
+    """
+    ckpt_path = Path(ckpt_path)
+    if isinstance(device, str):
+        device = resolve_device(device)
+    choice = parse_model_type(model_type, embed_dim=embed_dim)
+    raw = load_checkpoint_state(ckpt_path, device)
+    model: nn.Module
+    if choice.family in ("clam", "mil_lab_clam"):
+        if choice.family == "clam" or any(k.startswith("attention_net.") for k in raw):
+            state = clean_clam_state_dict(raw)  # CLAM layout, also accepted for MIL-Lab clam
+        else:
+            state = clam_state_dict_from_mil_lab(normalise_mil_lab_state_dict(raw))
+        gated = not any(k.startswith("attention_net.3.module.") for k in state)
+        extra: dict[str, Any] = {}
+        if not gated and "attention_net.3.module.3.weight" in state:
+            extra["attention_dropout"] = True
+        if choice.family == "mil_lab_clam":
+            hidden_key = "attention_net.3.attention_a.0.weight"
+            if not gated:
+                hidden_key = "attention_net.3.module.0.weight"
+            extra["width"] = _shape(state, "attention_net.0.weight", 0) or 512
+            extra["hidden"] = _shape(state, hidden_key, 0) or 384
+            model = ClamSB(gate=gated, n_classes=n_classes, embed_dim=choice.in_dim, **extra)
+        else:
+            model = CLAM_TYPES[choice.name](
+                gate=gated,
+                size_arg=model_size or "small",
+                n_classes=n_classes,
+                embed_dim=choice.in_dim,
+                **extra,
+            )
+        clam_model = model
+        _strict_load(
+            model,
+            state,
+            ckpt_path=ckpt_path,
+            model_type=model_type,
+            guess=lambda: _guess_cause(state, clam_model),
+        )
+    else:
+        spec = _REGISTRY[choice.name]
+        state = normalise_mil_lab_state_dict(raw, spec.key_prefix)
+        hparams = spec.infer_hparams(state) if spec.infer_hparams is not None else {}
+        try:
+            model = spec.builder(in_dim=choice.in_dim, n_classes=n_classes, **hparams)
+        except (ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{ckpt_path}: cannot build {model_type} with sizes read from the checkpoint "
+                f"{hparams} ({err}); likely cause: "
+                f"{_guess_cause_registry(state, nn.Module(), choice)}"
+            ) from None
+        built = model
+        _strict_load(
+            model,
+            state,
+            ckpt_path=ckpt_path,
+            model_type=model_type,
+            guess=lambda: _guess_cause_registry(state, built, choice),
+        )
+    return model.to(device).eval()
+
+
+# =============================================================================================
+# inference
+
+
+@dataclass(frozen=True)
+class AttentionOutput:
+    """One bag's inference result.
+
+    ``attention``: (N,) float32 per-patch score of the branch used for heatmaps (CLAM: raw
+    pre-softmax; CLAM_MB: the predicted class's branch; other models: as their class documents).
+    ``probs``: (C,) float32 class probabilities. ``top_ids``: (C,) int64 class indices sorted by
+    probability, descending (CLAM's ``Pred_c`` order). ``logits``: (C,) float32.
+    ``pred``: ``top_ids[0]``.
+    """
+
+    attention: np.ndarray
+    probs: np.ndarray
+    top_ids: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def pred(self) -> int:
+        return int(self.top_ids[0])
+
+
+def _input_width(model: nn.Module) -> int | None:
+    for name in ("in_dim", "embed_dim"):
+        value = getattr(model, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def run_attention(
+    model: nn.Module,
+    features: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    max_bag_size: int | None = None,
+) -> AttentionOutput:
+    """One forward pass over a bag (CLAM runs it twice) under ``inference_mode``.
+
+    ``features``: (N, D) float32 with D equal to the model's input width, else
+    :class:`FeatureError` naming both. ``max_bag_size`` overrides the model's own guard (set
+    for models whose cost grows with N²); a larger bag is a :class:`FeatureError`.
+    """
+    if features.ndim != 2:
+        raise FeatureError(f"features must be 2-D (N, D), got shape {features.shape}")
+    n = int(features.shape[0])
+    if n == 0:
+        raise FeatureError("empty bag (0 patches): nothing to score")
+    width = _input_width(model)
+    if width is not None and features.shape[1] != width:
+        raise FeatureError(
+            f"feature width {features.shape[1]} does not match model_arguments.embed_dim "
+            f"{width} (features come from a different encoder than the checkpoint)"
+        )
+    limit = max_bag_size if max_bag_size is not None else getattr(model, "max_bag_size", None)
+    if limit is not None and n > limit:
+        name = getattr(model, "name", type(model).__name__)
+        raise FeatureError(
+            f"bag has {n} patches, above the {limit}-patch limit for {name} (its attention "
+            "cost grows with N^2); patch at a lower magnification or with larger patches"
+        )
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        target, dtype = param.device, param.dtype
+    else:
+        target = resolve_device(device) if isinstance(device, str) else device
+        dtype = torch.float32
+    with torch.inference_mode():
+        h = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        h = h.to(device=target, dtype=dtype)
+        if isinstance(model, _ClamBase):
+            logits, y_prob, y_hat, a_raw, _ = model(h)
+            pred = int(y_hat.item())
+            attention = a_raw[pred] if a_raw.shape[0] > 1 else a_raw[0]
+            logits, probs = logits[0], y_prob[0]
+        else:
+            logits, attention = model(h)
+            logits, attention = logits.reshape(-1), attention.reshape(-1)
+            probs = torch.softmax(logits.float(), dim=0)
+        if attention.numel() != n:
+            raise CheckpointError(
+                f"{type(model).__name__} returned {attention.numel()} attention scores for a bag "
+                f"of {n} patches (a registered model must return attention of shape (N,))"
+            )
+        top_ids = torch.argsort(probs, descending=True, stable=True)
+        attention_np = attention.float().cpu().numpy().astype(np.float32)
+        if not np.isfinite(attention_np).all():
+            raise CheckpointError(
+                "the model produced NaN/Inf attention (corrupt checkpoint weights or features "
+                "far outside the training range)"
+            )
+        return AttentionOutput(
+            attention=attention_np,
+            probs=probs.float().cpu().numpy().astype(np.float32),
+            top_ids=top_ids.cpu().numpy().astype(np.int64),
+            logits=logits.float().cpu().numpy().astype(np.float32),
+        )
