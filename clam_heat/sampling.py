@@ -1,0 +1,225 @@
+"""Top-patch sampling (CLAM's ``sample_rois``, spec §7): pick patches by attention, save them.
+
+Selection is pure (:func:`sample_indices`); saving reads each chosen patch from the slide and
+writes it as a PNG with CLAM's file name (:func:`save_sampled_patches`).
+
+Scores are first turned into CLAM's rank percentiles (0-100], so ``range_sample`` bounds are on
+that 0-100 scale, exactly as CLAM compares them: ``score_start: 0, score_end: 1`` (CLAM's
+fallbacks) keeps the bottom ~1 % of patches, and the top half is ``score_start: 50,
+score_end: 100``. A range that matches nothing is a warning for the row, not a crash (CLAM
+returns a -1 sentinel and then fails).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .errors import OutputError
+from .heatmap import to_percentiles
+
+if TYPE_CHECKING:
+    from .slide import Slide
+
+__all__ = [
+    "SampleMode",
+    "sample_indices",
+    "sample_patches",
+    "sampled_patch_name",
+    "save_sampled_patches",
+]
+
+SampleMode = Literal["topk", "reverse_topk", "range_sample"]
+MODES: tuple[str, ...] = ("topk", "reverse_topk", "range_sample")
+
+
+def sample_indices(
+    scores: np.ndarray,
+    *,
+    mode: str,
+    k: int,
+    seed: int = 1,
+    score_start: float = 0.0,
+    score_end: float = 1.0,
+) -> tuple[np.ndarray, str | None]:
+    """Indices of the patches a CLAM sampler picks, and a warning when it picks none.
+
+    - ``topk``: the k highest percentiles, highest first.
+    - ``reverse_topk``: the k lowest, lowest first.
+    - ``range_sample``: ``min(k, n)`` patches drawn without replacement from those with
+      ``score_start <= percentile <= score_end`` (0-100 scale, inclusive), using
+      ``np.random.RandomState(seed).choice`` -- the same draw as CLAM's ``np.random.seed(seed)``
+      then ``np.random.choice``, but without touching NumPy's global random state.
+
+    Ties are ordered by patch index (lower first) in both top-k modes; CLAM leaves tie order
+    to an unstable sort.
+
+    Parameters
+    ----------
+    scores : (N,) or (N, 1) ndarray of float
+        Raw attention scores (converted to rank percentiles here, as CLAM does).
+    mode : "topk", "reverse_topk" or "range_sample"
+    k : int, >= 1
+
+    Returns
+    -------
+    indices : (m,) int64 ndarray, m <= k
+        Into ``scores``, in CLAM's rank order.
+    warning : str or None
+        Set when nothing matched (empty ``indices``).
+
+    Examples
+    --------
+    >>> s = np.array([0.1, 0.9, 0.5, 0.7])
+    >>> sample_indices(s, mode="topk", k=2)
+    (array([1, 3]), None)
+    >>> sample_indices(s, mode="reverse_topk", k=3)
+    (array([0, 2, 3]), None)
+    >>> sample_indices(s, mode="range_sample", k=5, score_start=50, score_end=75)
+    (array([2, 3]), None)
+    >>> sample_indices(s, mode="range_sample", k=5, score_start=0, score_end=1)[1]
+    'range_sample: no patch has a percentile in [0, 1] (0-100 scale; top half: 50-100)'
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if k < 1:
+        raise ValueError(f"k = {k}: must be >= 1")
+    flat = np.asarray(scores).reshape(-1)
+    if len(flat) == 0:
+        return np.zeros(0, dtype=np.int64), f"{mode}: no patches to sample from"
+    pct = to_percentiles(flat)
+    if mode == "topk":
+        return np.argsort(-pct, kind="stable")[:k].astype(np.int64), None
+    if mode == "reverse_topk":
+        return np.argsort(pct, kind="stable")[:k].astype(np.int64), None
+    candidates = np.flatnonzero((pct >= score_start) & (pct <= score_end))
+    if len(candidates) == 0:
+        return np.zeros(0, dtype=np.int64), (
+            f"range_sample: no patch has a percentile in [{_num(score_start)}, "
+            f"{_num(score_end)}] (0-100 scale; top half: 50-100)"
+        )
+    rng = np.random.RandomState(seed)
+    picked = rng.choice(candidates, min(k, len(candidates)), replace=False)
+    return np.asarray(picked, dtype=np.int64), None
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def sampled_patch_name(rank: int, slide_id: str, l0_xy: Sequence[int], score: float) -> str:
+    """CLAM's sampled-patch file name ``<rank>_<slide_id>_x_<x>_y_<y>_a_<score:.3f>.png``.
+
+    >>> sampled_patch_name(0, "s1", (512, 256), 99.5)
+    '0_s1_x_512_y_256_a_99.500.png'
+    """
+    return f"{rank}_{slide_id}_x_{int(l0_xy[0])}_y_{int(l0_xy[1])}_a_{score:.3f}.png"
+
+
+def save_sampled_patches(
+    slide: Slide,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    folder: str | os.PathLike[str],
+    slide_id: str,
+    patch_level: int,
+    patch_size: int,
+) -> list[Path]:
+    """Read each sampled patch and save it as a PNG named by :func:`sampled_patch_name`.
+
+    Parameters
+    ----------
+    coords : (m, 2) int ndarray
+        Level-0 top-left (x, y) of the sampled patches, in rank order.
+    scores : (m,) float ndarray
+        The score printed in each name (CLAM prints the percentile).
+    folder : path
+        Created if missing (``.../sampled_patches/label_<l>_pred_<p>/<sampler name>``).
+    patch_level, patch_size : int
+        Patches are ``patch_size`` x ``patch_size`` pixels read at ``patch_level`` (CLAM ignores
+        ``custom_downsample`` here).
+
+    Returns
+    -------
+    list of Path
+        The files written (atomically: temp file beside each, then ``os.replace``).
+    """
+    import imagecodecs
+
+    xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(values) != len(xy):
+        raise ValueError(f"{len(values)} scores for {len(xy)} coords; they must pair up")
+    out_dir = Path(folder)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot create folder ({err.strerror or err})") from None
+    size = (int(patch_size), int(patch_size))
+    written = []
+    for rank, (l0_xy, score) in enumerate(zip(xy.tolist(), values.tolist(), strict=True)):
+        rgb = slide.read_region((l0_xy[0], l0_xy[1]), patch_level, size)
+        path = out_dir / sampled_patch_name(rank, slide_id, l0_xy, score)
+        _write_atomic(path, bytes(imagecodecs.png_encode(rgb, level=6)))
+        written.append(path)
+    return written
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=".png")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OutputError(f"{path}: writing failed ({err.strerror or err})") from None
+
+
+def sample_patches(
+    slide: Slide,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    *,
+    folder: str | os.PathLike[str],
+    slide_id: str,
+    patch_level: int,
+    patch_size_level0: int,
+    spec: Any,
+) -> tuple[list[Path], str | None]:
+    """Run one configured sampler (a ``sample_arguments.samples`` entry) and save its patches.
+
+    ``spec`` has CLAM's sampler keys (``mode``, ``k``, ``seed``, ``score_start``,
+    ``score_end``). The patch side at ``patch_level`` is ``patch_size_level0`` divided by that
+    level's downsample (rounded). Names carry the percentile score, as CLAM's do.
+
+    Returns
+    -------
+    (paths written, warning or None)
+    """
+    flat = np.asarray(scores).reshape(-1)
+    xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if len(flat) != len(xy):
+        raise ValueError(f"{len(flat)} scores for {len(xy)} coords; they must pair up")
+    idx, warning = sample_indices(
+        flat,
+        mode=spec.mode,
+        k=int(spec.k),
+        seed=int(spec.seed),
+        score_start=float(getattr(spec, "score_start", 0.0)),
+        score_end=float(getattr(spec, "score_end", 1.0)),
+    )
+    if len(idx) == 0:
+        return [], warning
+    slide.check_level(patch_level)
+    downsample = slide.level_downsamples[patch_level][0]
+    patch_size = max(1, int(round(patch_size_level0 / downsample)))
+    pct = to_percentiles(flat)
+    paths = save_sampled_patches(
+        slide, xy[idx], pct[idx], folder, slide_id, patch_level, patch_size
+    )
+    return paths, warning
