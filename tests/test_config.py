@@ -359,7 +359,7 @@ def test_data_dir_list_is_rejected(cwd: Path) -> None:
             "model_arguments",
             "model_type",
             "clam_ss",
-            "must be one of clam_sb, clam_mb, mil, abmil, transmil, dsmil, ilra, rrt or a "
+            "must be one of clam_sb, clam_mb, mil, abmil, transmil, dsmil, ilra, rrt, clam, transformer or a "
             "MIL-Lab name <model>.<config>.<encoder>.<task> (did you mean 'clam_sb'?)",
         ),
         ("data_arguments", "slide_ext", "tif", "must start with '.' (e.g. '.tif')"),
@@ -413,7 +413,18 @@ def test_conch_v1_5_needs_448(cwd: Path) -> None:
 
 @pytest.mark.parametrize(
     "model_type",
-    ["clam_sb", "clam_mb", "mil", "abmil", "transmil", "dsmil", "ilra", "rrt"]
+    [
+        "clam_sb",
+        "clam_mb",
+        "mil",
+        "abmil",
+        "transmil",
+        "dsmil",
+        "ilra",
+        "rrt",
+        "clam",
+        "transformer",
+    ]
     + ["abmil.base.uni_v2.pc108-24k", "transmil.base.conch_v15.none"],
 )
 def test_model_types_accepted(cwd: Path, model_type: str) -> None:
