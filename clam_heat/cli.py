@@ -250,8 +250,11 @@ def demo(
     from .demo import make_demo_project
     from .runner import run_pipeline
 
+    if size not in ("tiny", "small", "large"):
+        typer.echo(f"error: --size {size!r}: must be tiny, small or large", err=True)
+        raise typer.Exit(2)
     try:
-        project = make_demo_project(folder, n_slides=n_slides, size=size)
+        project = make_demo_project(folder, n_slides=n_slides, size=size)  # type: ignore[arg-type]
         typer.echo(f"demo project: {project.folder} (config {project.config_path})")
         cfg = load_config(project.config_path)
     except ClamHeatError as err:
