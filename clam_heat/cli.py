@@ -147,16 +147,56 @@ def run(
         bool, typer.Option("--dry-run", help="Print what would run and why.")
     ] = False,
     quiet: QuietOpt = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Local worker processes (default: runner_arguments.workers)."
+        ),
+    ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option("--executor", help="local (default), dask or serial."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (implies dask)."
+        ),
+    ] = None,
+    scheduler_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--scheduler-file", help="Dask scheduler JSON file on shared storage (implies dask)."
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="Run shard i of n (i/n, from 0) into <list>.shard-i-of-n.csv; see `merge`.",
+        ),
+    ] = None,
 ) -> None:
     """Run segment -> infer -> heatmap -> sample for every pending row (resumable)."""
+    import functools
+
+    from .executors import make_executor, parse_shard
     from .runner import run_pipeline
 
     try:
         cfg = _load(config, save_exp_code, overlap, set_)
+        pool = make_executor(
+            executor,  # type: ignore[arg-type]
+            workers=workers or cfg.runner_arguments.workers,
+            scheduler=scheduler,
+            scheduler_file=scheduler_file,
+        )
+        shard_ids = parse_shard(shard) if shard else None
     except ClamHeatError as err:
         _fail(err)
+    runner = functools.partial(run_pipeline, executor=pool, shard=shard_ids)
     summary = _run_with_progress(
-        cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=run_pipeline
+        cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
     )
     if not summary.ok:
         raise typer.Exit(1)
@@ -234,6 +274,39 @@ def _summary_text(summary: Any) -> str:
     if summary.results_csv:
         lines.append(f"results: {summary.results_csv}")
     return "\n".join(lines)
+
+
+@app.command()
+def merge(
+    target: Annotated[str, typer.Argument(help="The process-list CSV, or a YAML config.")],
+    shard_files: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--shard-file", help="Shard CSVs to merge (default: all <list>.shard-*-of-*.csv)."
+        ),
+    ] = None,
+    remove: Annotated[
+        bool, typer.Option("--remove-shards", help="Delete the shard files once merged.")
+    ] = False,
+) -> None:
+    """Fold `run --shard i/n` results back into the process list (and, given a config, the
+    results CSV); status columns of newer shard rows win, user columns are never touched."""
+    from .executors import merge_process_list
+
+    try:
+        path, results = Path(target), None
+        if path.suffix.lower() in {".yaml", ".yml"}:
+            cfg = _load(target, None, None, None)
+            path, results = cfg.process_list_path, cfg.results_csv_path
+        report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
+    except ClamHeatError as err:
+        _fail(err)
+    typer.echo(
+        f"{path}: merged {len(report.shards)} shard file(s), {report.rows_taken} rows updated"
+        + (f"; {len(report.unknown)} shard rows not in the list, ignored" if report.unknown else "")
+    )
+    if report.results_csv:
+        typer.echo(f"results: {report.results_csv}")
 
 
 @app.command()

@@ -160,8 +160,11 @@ class Ledger:
         try:
             data = json.loads(path.read_text("utf-8"))
             if data.get("record_format_version") != RECORD_FORMAT_VERSION:
-                log.warning("%s: ledger format %s not trusted; stages rerun", path,
-                            data.get("record_format_version"))
+                log.warning(
+                    "%s: ledger format %s not trusted; stages rerun",
+                    path,
+                    data.get("record_format_version"),
+                )
                 return cls(path)
             return cls(path, dict(data.get("stages", {})))
         except (OSError, ValueError, AttributeError) as err:

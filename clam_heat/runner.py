@@ -853,6 +853,9 @@ def _set_row(df: pd.DataFrame, slide_id: str, values: dict[str, Any]) -> pd.Data
             df[key] = pd.Series([None] * len(df), dtype=object if isinstance(value, str) else None)
         if isinstance(value, str) and df[key].dtype != object:
             df[key] = df[key].astype(object)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            # nullable ints, so a count is written as 59 (not 59.0) next to empty cells
+            df[key] = pd.to_numeric(df[key], errors="coerce").astype("Int64")
         df.loc[mask, key] = value
     return df
 
@@ -919,14 +922,28 @@ def run_pipeline(
     executor: Any = None,
     on_row: Callable[[RowOutcome], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> RunSummary:
-    """Run (or, with ``dry_run``, plan) every pending row; the library call behind ``run``."""
+    """Run (or, with ``dry_run``, plan) every pending row; the library call behind ``run``.
+
+    ``executor`` (see :mod:`clam_heat.executors`) runs rows elsewhere; None runs them here, or
+    in ``runner_arguments.workers`` local processes when that is > 1. ``shard=(i, n)`` runs only
+    shard i of n and records into ``<list>.shard-i-of-n.csv`` (``clam-heat merge`` folds it back).
+    """
+    from .executors import LocalExecutor, shard_frame, shard_path
     from .process_list import build_process_list, write_csv_atomic
 
     start = time.perf_counter()
     stages = stages_for(cfg, stages)
     summary = RunSummary()
     df, list_path = build_process_list(cfg, write=not dry_run)
+    results_csv = cfg.results_csv_path
+    if shard is not None:
+        df = shard_frame(df, list_path, *shard)
+        list_path = shard_path(list_path, *shard)
+        results_csv = shard_path(results_csv, *shard)
+    if executor is None and cfg.runner_arguments.workers > 1:
+        executor = LocalExecutor(cfg.runner_arguments.workers)
     summary.process_list = list_path
     contexts = build_contexts(cfg, df)
     status = dict(zip(df["slide_id"].astype(str), df["status"].astype(str), strict=False))
@@ -956,14 +973,15 @@ def run_pipeline(
     check_writable(Path(cfg.exp_arguments.raw_save_dir))
     check_writable(Path(cfg.exp_arguments.production_save_dir))
     exp = cfg.exp_arguments
-    swept = sweep_temp_files(
-        Path(exp.raw_save_dir) / exp.save_exp_code,
-        Path(exp.production_save_dir) / exp.save_exp_code,
-    )
+    swept = 0
+    if shard is None:  # array tasks share the output roots: never sweep a live shard's temp files
+        swept = sweep_temp_files(
+            Path(exp.raw_save_dir) / exp.save_exp_code,
+            Path(exp.production_save_dir) / exp.save_exp_code,
+        )
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)
     _save_resolved_config(cfg)
-    results_csv = cfg.results_csv_path
     summary.results_csv = results_csv
     n_classes = cfg.exp_arguments.n_classes
 

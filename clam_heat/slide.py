@@ -96,9 +96,7 @@ class Slide(ABC):
             )
 
     @abstractmethod
-    def read_region(
-        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> np.ndarray:
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read ``size`` = (w, h) level pixels whose top-left is ``l0_xy`` (level 0).
 
         Returns an (h, w, 3) uint8 RGB array; areas outside the slide are black (alpha dropped,
@@ -178,9 +176,7 @@ class OpenSlideSlide(Slide):
         self.mpp = _float_property(props, "openslide.mpp-x", "aperio.MPP")
         self.magnification = _float_property(props, "openslide.objective-power")
 
-    def read_region(
-        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> np.ndarray:
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 
         self.check_level(level)
@@ -234,9 +230,7 @@ class ArraySlide(Slide):
         self._levels = levels
         self.level_dimensions = tuple((lv.shape[1], lv.shape[0]) for lv in levels)
 
-    def read_region(
-        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> np.ndarray:
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         self.check_level(level)
         dx, dy = self.level_downsamples[level]
         w, h = int(size[0]), int(size[1])

@@ -56,9 +56,28 @@ def test_list_twice_changes_nothing_and_keeps_edited_status(demo_project: Path) 
     assert first.exit_code == 0, first.output
     csv = demo_project.parent / "process_lists" / "demo.csv"
     df = pd.read_csv(csv, dtype={"slide_id": str}, keep_default_na=False)
-    for col in ("slide_id", "process", "status", "seg_level", "sthresh", "mthresh", "close",
-                "use_otsu", "keep_ids", "exclude_ids", "a_t", "a_h", "max_n_holes", "vis_level",
-                "line_thickness", "use_padding", "contour_fn", "stage", "error", "updated_at"):
+    for col in (
+        "slide_id",
+        "process",
+        "status",
+        "seg_level",
+        "sthresh",
+        "mthresh",
+        "close",
+        "use_otsu",
+        "keep_ids",
+        "exclude_ids",
+        "a_t",
+        "a_h",
+        "max_n_holes",
+        "vis_level",
+        "line_thickness",
+        "use_padding",
+        "contour_fn",
+        "stage",
+        "error",
+        "updated_at",
+    ):
         assert col in df.columns, col
     before = csv.read_bytes()
     second = runner.invoke(app, ["list", str(demo_project)])
@@ -77,7 +96,9 @@ def test_run_dry_run_status_and_failure_exit_code(demo_project: Path) -> None:
     done = runner.invoke(app, ["run", str(demo_project), "--quiet"])
     assert done.exit_code == 0, done.output
     assert "rows: 5 done" in done.output
-    up = runner.invoke(app, ["run", str(demo_project), "--dry-run", "--set", "heatmap_arguments.alpha=0.5"])
+    up = runner.invoke(
+        app, ["run", str(demo_project), "--dry-run", "--set", "heatmap_arguments.alpha=0.5"]
+    )
     assert "heatmap: changed: heatmap_arguments.alpha 0.4 -> 0.5" in up.output
     assert "segment: up to date" in up.output
     csv = demo_project.parent / "process_lists" / "demo.csv"

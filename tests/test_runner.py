@@ -21,7 +21,6 @@ from clam_heat.config import load_config
 from clam_heat.runner import run_pipeline
 
 
-
 def _ledgers(cfg) -> dict[str, dict]:
     root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
     return {p.name.split(".")[0]: json.loads(p.read_text()) for p in root.rglob("*.ledger.json")}
@@ -85,7 +84,8 @@ def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> No
         demo_project,
         overrides=[
             "heatmap_arguments.alpha=0.7",
-            "sample_arguments.samples=[{name: topk_high_attention, sample: true, seed: 1, k: 3, mode: topk}]",
+            "sample_arguments.samples=[{name: topk_high_attention, sample: true, seed: 1, k: 3,"
+            " mode: topk}]",
         ],
     )
     summary = run_pipeline(k_cfg)
@@ -180,8 +180,14 @@ def _valid(path: Path) -> bool:
 @pytest.mark.slow
 def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> None:
     cfg = load_config(demo_project)
-    cmd = [sys.executable, "-c", "from clam_heat.cli import main; main()", "run", str(demo_project),
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from clam_heat.cli import main; main()",
+        "run",
+        str(demo_project),
+        "--quiet",
+    ]
     completed_before: dict[tuple[str, str], str] = {}
     for target in (1, 4, 9, 14):  # kill once this many stages have been recorded done
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
