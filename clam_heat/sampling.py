@@ -13,13 +13,13 @@ returns a -1 sentinel and then fails).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .errors import OutputError
 from .heatmap import to_percentiles
 
@@ -165,19 +165,9 @@ def save_sampled_patches(
     for rank, (l0_xy, score) in enumerate(zip(xy.tolist(), values.tolist(), strict=True)):
         rgb = slide.read_region((l0_xy[0], l0_xy[1]), patch_level, size)
         path = out_dir / sampled_patch_name(rank, slide_id, l0_xy, score)
-        _write_atomic(path, bytes(imagecodecs.png_encode(rgb, level=6)))
+        write_bytes_atomic(path, bytes(imagecodecs.png_encode(rgb, level=6)))
         written.append(path)
     return written
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=".png")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OutputError(f"{path}: writing failed ({err.strerror or err})") from None
 
 
 def sample_patches(

@@ -20,13 +20,11 @@ OpenCV's ``findContours`` produced them (after filtering and id selection), like
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import cv2
 import numpy as np
 
-from .errors import ConfigError, OutputError, SegmentationError
+from .atomic import write_bytes_atomic
+from .errors import ConfigError, SegmentationError
 
 if TYPE_CHECKING:
     from .slide import Slide
@@ -939,35 +938,10 @@ def contours_to_geojson(tc: TissueContours) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": features}
 
 
-def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write via a unique temp file in the same folder + ``os.replace`` (never half-written)."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-        )
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-    except OSError as err:
-        raise OutputError(
-            f"{target}: cannot write ({err.strerror or err}); check that the folder is writable"
-        ) from None
-    return target
-
-
 def save_geojson(tc: TissueContours, path: str | os.PathLike[str]) -> Path:
     """Save contours as GeoJSON (see :func:`contours_to_geojson`), atomically."""
     text = json.dumps(contours_to_geojson(tc), separators=(",", ":"))
-    return _atomic_write_bytes(path, text.encode("utf-8"))
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _ring_array(ring: Any, where: str) -> np.ndarray:
@@ -1082,4 +1056,4 @@ def save_overview_jpg(rgb: np.ndarray, path: str | os.PathLike[str]) -> Path:
 
     buffer = io.BytesIO()
     Image.fromarray(_check_rgb(rgb)).save(buffer, format="JPEG", quality=75)
-    return _atomic_write_bytes(path, buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clam_heat import ledger as ledger_mod
+from clam_heat.errors import OutputError
 from clam_heat.ledger import Ledger, Reason, file_identity, fingerprint_diff, write_text_atomic
 
 
@@ -82,7 +83,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="x.json: cannot write"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
