@@ -448,26 +448,17 @@ def _infer_run(ctx: RowContext) -> StageRun:
 
 
 def _write_blockmap(path: Path, scores: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
-    """CLAM's ``_blockmap.h5``: attention_scores (N, 1) float32 + coords (N, 2) int64, atomic."""
-    import json
-    import os
-    import tempfile
+    """CLAM's ``_blockmap.h5`` (attention_scores (N, 1) float32, coords (N, 2) int64), atomic,
+    with the prediction stored beside the scores as provenance."""
+    from .encoders import write_scores_h5
 
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("attention_scores", data=scores.reshape(-1, 1).astype(np.float32))
-            ds = h5.create_dataset("coords", data=coords.astype(np.int64))
-            ds.attrs["patch_size_level0"] = int(attrs["patch_size_level0"])
-            h5.attrs["prediction"] = json.dumps(attrs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_scores_h5(
+        path,
+        scores,
+        coords,
+        attrs={"prediction": json.dumps(attrs)},
+        coords_attrs={"patch_size_level0": int(attrs["patch_size_level0"])},
+    )
 
 
 def _read_blockmap(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
