@@ -57,9 +57,9 @@ def _load(
     )
 
 
-def _setup_logging(log_file: Path | None, quiet: bool) -> None:
+def _setup_logging(log_file: Path | None, quiet: bool, level: str = "INFO") -> None:
     root = logging.getLogger("clam_heat")
-    root.setLevel(logging.INFO)
+    root.setLevel(getattr(logging, level, logging.INFO))
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
@@ -213,7 +213,7 @@ def _run_with_progress(
     log_file = (
         Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
     )
-    _setup_logging(None if dry_run else log_file, quiet)
+    _setup_logging(None if dry_run else log_file, quiet, cfg.runner_arguments.log_level)
     progress = Progress(
         TextColumn("[bold]clam-heat"),
         BarColumn(),
