@@ -944,12 +944,14 @@ def run_pipeline(
         else {}
     )
     pending = []
+    vanished: list[RowContext] = []
     for ctx in contexts:
         if status.get(ctx.slide_id) == "failed" and not retry_failed:
             summary.counts["failed"] = summary.counts.get("failed", 0) + 1
             continue
         if missing.get(ctx.slide_id):
             summary.counts["skipped"] = summary.counts.get("skipped", 0) + 1
+            vanished.append(ctx)
             continue
         pending.append(ctx)
 
@@ -975,6 +977,20 @@ def run_pipeline(
     _save_resolved_config(cfg)
     summary.results_csv = results_csv
     n_classes = cfg.exp_arguments.n_classes
+
+    if vanished:  # say why on the row; the next `list`/`run` picks it up once the file is back
+        for ctx in vanished:
+            df = _set_row(
+                df,
+                ctx.slide_id,
+                {
+                    "status": "skipped",
+                    "error": f"slide file not found: {ctx.slide_path} "
+                    "(restore it, or set process to 0 for this row)",
+                    "updated_at": now_iso(),
+                },
+            )
+        write_csv_atomic(df, list_path)
 
     if on_start:
         on_start(len(pending))

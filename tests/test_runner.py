@@ -332,3 +332,23 @@ def test_every_attention_model_runs_in_the_demo_pipeline(demo_project: Path) -> 
                 scores = h5["attention_scores"][:]
                 assert scores.shape == (h5["coords"].shape[0], 1)
                 assert np.isfinite(scores).all(), model_type
+
+
+def test_vanished_slide_is_skipped_with_a_reason_then_resumes(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    slide = demo_project.parent / "slides" / "demo_004.tiff"
+    hidden = slide.with_suffix(".bak")
+    slide.rename(hidden)
+    summary = run_pipeline(cfg)
+    assert summary.ok and summary.counts == {"done": 4, "skipped": 1}
+    row = _list(cfg).set_index("slide_id").loc["demo_004"]
+    assert row["status"] == "skipped" and bool(row["missing"])
+    assert row["error"].startswith(f"slide file not found: {slide}")
+    before = _finished(cfg)
+    hidden.rename(slide)
+    again = run_pipeline(cfg)
+    assert again.counts == {"done": 5} and set(_list(cfg)["status"]) == {"done"}
+    after = _finished(cfg)
+    assert {key for key in after if before.get(key) != after[key]} == {
+        ("demo_004", stage) for stage in ("segment", "infer", "heatmap", "sample")
+    }
