@@ -525,32 +525,16 @@ def _adapt_state(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v for k, v in state.items() if not k.startswith(drop)}
 
 
-def _short(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _load_strict(
     module: nn.Module, state: Mapping[str, torch.Tensor], name: str, path: Path
 ) -> None:
     """``load_state_dict(strict=True)`` with a one-line message on any key or shape mismatch."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_short(unexpected)}")
-        if wrong:
-            parts.append(
-                f"shape mismatch {wrong[0]} {tuple(state[wrong[0]].shape)} vs "
-                f"{tuple(own[wrong[0]].shape)}"
-            )
+    from .models import state_dict_mismatch
+
+    problem = state_dict_mismatch(module.state_dict(), state, own_label="")
+    if problem:
         raise EncoderError(
-            f"{path}: weights do not fit encoder {name!r} ({'; '.join(parts)}); "
+            f"{path}: weights do not fit encoder {name!r} ({problem}); "
             f"check encoder_arguments.model_name and {_WEIGHTS_KEY}"
         )
     floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1197,6 +1197,35 @@ def _short(keys: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def state_dict_mismatch(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, own_label: str = "model "
+) -> str | None:
+    """What stops a strict load of ``state`` into a module whose state dict is ``own``, or None.
+
+    One short clause list (missing keys, unexpected keys, the first shape mismatch), shared by
+    checkpoint and encoder-weight loading so both report mismatches the same way.
+
+    >>> a = {"w": torch.zeros(2), "x": torch.zeros(1)}
+    >>> b = {"w": torch.zeros(3), "y": torch.zeros(1)}
+    >>> state_dict_mismatch(a, b)
+    'missing x; unexpected y; shape mismatch w (3,) vs model (2,)'
+    """
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing {_short(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_short(unexpected)}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        parts.append(
+            f"shape mismatch {k} {tuple(state[k].shape)} vs {own_label}{tuple(own[k].shape)}"
+        )
+    return "; ".join(parts) or None
+
+
 def _strict_load(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -1206,23 +1235,10 @@ def _strict_load(
     guess: Callable[[], str],
 ) -> None:
     """``load_state_dict(strict=True)`` with a one-line error listing what differs."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_short(unexpected)}")
-        if wrong_shape:
-            k = wrong_shape[0]
-            parts.append(
-                f"shape mismatch {k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            )
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
         raise CheckpointError(
-            f"{ckpt_path}: does not fit {model_type} ({'; '.join(parts)}); likely cause: {guess()}"
+            f"{ckpt_path}: does not fit {model_type} ({problem}); likely cause: {guess()}"
         )
     model.load_state_dict(state, strict=True)
 
