@@ -838,17 +838,14 @@ def _result_columns(outcome_result: dict[str, Any], n_classes: int) -> dict[str,
 
 
 def _set_row(df: pd.DataFrame, slide_id: str, values: dict[str, Any]) -> pd.DataFrame:
-    mask = df["slide_id"].astype(str) == slide_id
+    """The process list's own :func:`~clam_heat.process_list.update_row`, with integer result
+    columns kept as nullable ints so a count is written as 59 (not 59.0) next to empty cells."""
+    from .process_list import update_row
+
     for key, value in values.items():
-        if key not in df.columns:
-            df[key] = pd.Series([None] * len(df), dtype=object if isinstance(value, str) else None)
-        if isinstance(value, str) and df[key].dtype != object:
-            df[key] = df[key].astype(object)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            # nullable ints, so a count is written as 59 (not 59.0) next to empty cells
+        if key in df.columns and isinstance(value, int) and not isinstance(value, bool):
             df[key] = pd.to_numeric(df[key], errors="coerce").astype("Int64")
-        df.loc[mask, key] = value
-    return df
+    return update_row(df, slide_id, **values)
 
 
 def build_contexts(cfg: HeatmapConfig, df: pd.DataFrame) -> list[RowContext]:
