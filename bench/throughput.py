@@ -86,6 +86,10 @@ from clam_heat.runner import run_pipeline
 
 cfg = load_config(sys.argv[1], overrides=sys.argv[3:])
 summary = run_pipeline(cfg, executor=make_executor(workers=int(sys.argv[2])))
+# stop the fork server (and so reap it) so its CPU time and the workers' count as ours
+from multiprocessing import forkserver
+if getattr(forkserver._forkserver, "_forkserver_pid", None):
+    forkserver._forkserver._stop()
 sys.exit(0 if summary.ok else 1)
 """
 

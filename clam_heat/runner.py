@@ -918,7 +918,36 @@ def run_pipeline(
     in ``runner_arguments.workers`` local processes when that is > 1. ``shard=(i, n)`` runs only
     shard i of n and records into ``<list>.shard-i-of-n.csv`` (``clam-heat merge`` folds it back).
     """
-    from .executors import LocalExecutor, shard_frame, shard_path
+    from .executors import LocalExecutor
+
+    if executor is None and cfg.runner_arguments.workers > 1:
+        executor = LocalExecutor(cfg.runner_arguments.workers)
+    args = (cfg, retry_failed, dry_run, stages, executor, on_row, on_start, shard)
+    if dry_run or not isinstance(executor, LocalExecutor) or executor.pids:
+        return _run_pipeline(*args)
+    graceful = False
+    try:
+        # start the workers now: they load their libraries while this process builds the list
+        executor.start()
+        summary = _run_pipeline(*args)
+        graceful = True
+        return summary
+    finally:
+        executor.shutdown(graceful=graceful)
+
+
+def _run_pipeline(
+    cfg: HeatmapConfig,
+    retry_failed: bool,
+    dry_run: bool,
+    stages: Sequence[str],
+    executor: Any,
+    on_row: Callable[[RowOutcome], None] | None,
+    on_start: Callable[[int], None] | None,
+    shard: tuple[int, int] | None,
+) -> RunSummary:
+    """:func:`run_pipeline` once the executor is settled."""
+    from .executors import shard_frame, shard_path
     from .process_list import build_process_list, write_csv_atomic
 
     start = time.perf_counter()
@@ -930,8 +959,6 @@ def run_pipeline(
         df = shard_frame(df, list_path, *shard)
         list_path = shard_path(list_path, *shard)
         results_csv = shard_path(results_csv, *shard)
-    if executor is None and cfg.runner_arguments.workers > 1:
-        executor = LocalExecutor(cfg.runner_arguments.workers)
     summary.process_list = list_path
     contexts = build_contexts(cfg, df)
     status = dict(zip(df["slide_id"].astype(str), df["status"].astype(str), strict=False))

@@ -323,10 +323,12 @@ def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
     pids = local_pool.pids
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert local_pool.threads == max(1, ex.available_cores() // 2)
-    for pid in pids:  # thread limits are in the worker's environment from its start
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    settings = local_pool.worker_settings  # what each worker process really runs with
+    assert len(settings) == 2
+    for reported in settings:
+        assert reported["torch"] == reported["opencv"] == local_pool.threads
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            assert f"{name}={local_pool.threads}".encode() in environ
+            assert reported[name] == str(local_pool.threads)
     outcomes = list(local_pool.map_rows(rows, ()))
     assert sorted(o.slide_id for o in outcomes) == [f"s{k}" for k in range(6)]
     assert {o.status for o in outcomes} == {"done"}
@@ -337,6 +339,29 @@ def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
     assert sorted(o.status for o in again) == ["done"] * 6
     assert pids[0] not in local_pool.pids and len(local_pool.pids) == 2
     assert list(local_pool.map_rows([], ())) == []
+
+
+def test_workers_that_die_before_starting_fail_fast(tmp_path: Path) -> None:
+    """A worker that cannot start (here: the run log's folder vanished) is a clear error at once,
+    not a wait for the start-up timeout, and no worker is left behind."""
+    import logging
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    handler = logging.FileHandler(folder / "clam_heat.log")
+    logger = logging.getLogger("clam_heat")
+    logger.addHandler(handler)
+    pool = LocalExecutor(1)
+    try:
+        shutil.rmtree(folder)  # each worker opens the driver's log file by path
+        started = time.monotonic()
+        with pytest.raises(ExecutorError, match="keep dying before they start"), pool:
+            pass
+        assert time.monotonic() - started < 120
+        assert pool.pids == []
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def test_shipped_contexts_carry_no_open_slide() -> None:
@@ -504,6 +529,14 @@ def test_local_and_dask_runs_match_a_serial_run_byte_for_byte(
     # resumable whatever the executor: nothing is redone
     again = _run(fresh, DaskExecutor(dask_cluster.scheduler_address))
     assert again.counts == {"done": N_SLIDES} and again.stage_seconds == {}
+
+
+def test_run_starts_an_idle_pool_early_and_stops_it_after(fresh, reference) -> None:
+    pool = LocalExecutor(2)
+    summary = _run(fresh, pool)
+    assert summary.counts == {"done": N_SLIDES}, summary.failed
+    assert _snapshot(fresh) == reference
+    assert pool.pids == []  # run_pipeline started these workers, so it stopped them too
 
 
 def test_local_worker_killed_mid_row_reruns_the_row(fresh, reference, arm, tmp_path: Path) -> None:
