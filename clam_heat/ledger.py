@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,14 +61,35 @@ def file_identity(path: Path) -> dict[str, Any]:
         return {"path": str(path), "missing": True}
     ident: dict[str, Any] = {"path": str(path), "size": stat.st_size}
     if stat.st_size <= HASH_LIMIT_BYTES:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        ident["sha256"] = digest.hexdigest()
+        ident["sha256"] = _sha256(path, stat)
     else:
         ident["mtime_ns"] = stat.st_mtime_ns
     return ident
+
+
+#: sha256 by (path, inode, size, mtime): every stage of a row fingerprints the same slide and H5,
+#: and hashing them again each time was a visible part of a small slide's run.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _sha256(path: Path, stat: os.stat_result) -> str:
+    """Content hash of ``path``, computed once per version of the file in this process.
+
+    A rewrite, in place or through a temp file and rename, changes the inode, mtime or ctime, so
+    a stale digest is not returned.
+    """
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+        if len(_DIGESTS) >= 4096:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

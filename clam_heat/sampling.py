@@ -121,6 +121,12 @@ def sampled_patch_name(rank: int, slide_id: str, l0_xy: Sequence[int], score: fl
     return f"{rank}_{slide_id}_x_{int(l0_xy[0])}_y_{int(l0_xy[1])}_a_{score:.3f}.png"
 
 
+#: zlib level of the sampled-patch PNGs. Lossless either way; on H&E texture level 1 encodes a
+#: 256 px patch ~6x faster than level 6 (3.5 vs 23 ms) for files ~13% larger, and encoding was
+#: most of the sampling stage.
+PNG_LEVEL = 1
+
+
 def save_sampled_patches(
     slide: Slide,
     coords: np.ndarray,
@@ -165,7 +171,7 @@ def save_sampled_patches(
     for rank, (l0_xy, score) in enumerate(zip(xy.tolist(), values.tolist(), strict=True)):
         rgb = slide.read_region((l0_xy[0], l0_xy[1]), patch_level, size)
         path = out_dir / sampled_patch_name(rank, slide_id, l0_xy, score)
-        write_bytes_atomic(path, bytes(imagecodecs.png_encode(rgb, level=6)))
+        write_bytes_atomic(path, bytes(imagecodecs.png_encode(rgb, level=PNG_LEVEL)))
         written.append(path)
     return written
 
