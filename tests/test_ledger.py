@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,24 @@ def test_file_identity_hashes_small_files_and_stats_large(tmp_path: Path, monkey
     big = file_identity(small)
     assert "sha256" not in big and big["mtime_ns"] == small.stat().st_mtime_ns
     assert file_identity(tmp_path / "nope")["missing"] is True
+
+
+def test_file_identity_sees_rewrites_of_a_hashed_file(tmp_path: Path) -> None:
+    """Digests are memoised per file version: same-size rewrites, in place or by rename, and a
+    file with the same bytes elsewhere are all told apart correctly."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"weights-1")
+    first = file_identity(path)
+    assert file_identity(path) == first
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    with path.open("r+b") as handle:  # same size, same inode
+        handle.write(b"WEIGHTS-2")
+    in_place = file_identity(path)
+    assert in_place["sha256"] != first["sha256"]
+    other = tmp_path / "tmp.pt"
+    other.write_bytes(b"weights-1")
+    os.replace(other, path)  # atomic replace with the original bytes
+    assert file_identity(path)["sha256"] == first["sha256"]
 
 
 def test_fingerprint_diff_reports_file_changes_compactly() -> None:
