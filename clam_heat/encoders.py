@@ -5,11 +5,15 @@ the non-overlapping grid gives the bag (``<id>.h5``), the overlapping grid gives
 attention for the fine heatmap (``<id>_<overlap>_roi_<use_roi>.h5``). This module holds both
 halves:
 
-* :func:`build_encoder` builds CLAM's encoders in plain torch. ``timm`` is not needed (it drags in
-  torchvision, which has no CPU wheel here); instead the networks use **timm's state-dict key
-  names**, so the weights a user already has (timm's ``resnet50.tv_in1k``, UNI's
-  ``pytorch_model.bin``) load strictly. Weights are never downloaded: they come from
-  ``runner_arguments.encoder_weights``, CLAM's environment variables or the Hugging Face cache.
+* :func:`build_encoder` builds CLAM's encoders. ``resnet50_trunc`` and ``uni_v1`` come from
+  ``timm.create_model`` exactly as CLAM calls it when ``timm`` imports (a user with a working
+  torchvision), otherwise from the built-in plain-torch networks below, which use **timm's
+  state-dict key names** and are verified against timm's own outputs (``tests/data/timm``).
+  timm is not a hard dependency because it needs torchvision, whose wheels are tied to one torch
+  build (a CPU torch cannot import the CUDA torchvision wheel). Either way the weights a user
+  already has (timm's ``resnet50.tv_in1k``, UNI's ``pytorch_model.bin``) load strictly, and they
+  are never downloaded: they come from ``runner_arguments.encoder_weights``, CLAM's environment
+  variables or the Hugging Face cache.
 * :class:`PatchDataset` reads patches (each DataLoader worker opens its own slide handle) and
   :func:`encode_patches` turns level-0 coordinates into an (N, D) feature matrix.
 * :func:`attention_logits` and :func:`overlap_scores` give CLAM's raw per-patch attention
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import os
@@ -32,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +51,7 @@ from .slide import Slide, open_slide
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ENCODER_BACKENDS",
     "ENCODER_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -59,6 +65,7 @@ __all__ = [
     "VisionTransformer",
     "attention_logits",
     "build_encoder",
+    "encoder_backend",
     "encode_patches",
     "find_encoder_weights",
     "hf_cache_root",
@@ -120,39 +127,62 @@ class _Bottleneck(nn.Module):
 
 
 class ResNet50Trunk(nn.Module):
-    """ResNet-50 up to ``layer3`` (1024 channels, stride 16) + global average pool.
+    """ResNet v1.5 cut after its third stage + global average pool: CLAM's ``resnet50_trunc``.
 
-    CLAM's ``resnet50_trunc``: timm ``resnet50`` with ``features_only=True, out_indices=(3,)``
-    followed by ``AdaptiveAvgPool2d(1)``. Keys: ``conv1``, ``bn1``,
-    ``layer1..3.<i>.{conv,bn}{1,2,3}`` and ``layer<k>.0.downsample.{0,1}``.
-    Input (B, 3, H, W) float32 normalised; output (B, 1024).
+    CLAM builds timm ``resnet50.tv_in1k`` with ``features_only=True, out_indices=(3,)`` (the
+    ``layer3`` map, 1024 channels at stride 16) and applies ``AdaptiveAvgPool2d(1)``. The defaults
+    are that network; ``layers``/``channels`` (blocks and bottleneck widths per kept stage) give
+    smaller ones of the same design, which is how it is checked against timm cheaply. The stem is
+    timm's plain one (7x7 conv, 64 channels, 3x3 max-pool). Keys: ``conv1``, ``bn1``,
+    ``layer<s>.<i>.{conv,bn}{1,2,3}`` and ``layer<s>.0.downsample.{0,1}``. Random init follows
+    timm (Kaiming fan-out convs, last BN of each block zeroed). Input (B, 3, H, W) float32
+    normalised; output (B, ``4 * channels[-1]``).
     """
 
-    dim = 1024
     #: Convolutions run ~1.7x faster on CPU in NHWC layout (state-dict keys are unaffected).
     prefers_channels_last = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        layers: tuple[int, ...] = (3, 4, 6),
+        channels: tuple[int, ...] = (64, 128, 256),
+    ) -> None:
         super().__init__()
+        if not layers or len(layers) != len(channels) or min(layers) < 1 or min(channels) < 1:
+            raise ValueError(
+                f"layers and channels must be equally long and positive, got {layers}, {channels}"
+            )
+        self.dim = channels[-1] * 4
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.stages: list[str] = []
         in_ch = 64
-        for index, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2))):
-            layer = []
+        for index, (blocks, width) in enumerate(zip(layers, channels, strict=True)):
+            stride = 1 if index == 0 else 2
+            stage = []
             for b in range(blocks):
-                layer.append(_Bottleneck(in_ch, width, stride if b == 0 else 1))
+                stage.append(_Bottleneck(in_ch, width, stride if b == 0 else 1))
                 in_ch = width * 4
-            setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
+            self.stages.append(f"layer{index + 1}")
+            setattr(self, self.stages[-1], nn.Sequential(*stage))
         self.pool = nn.AdaptiveAvgPool2d(1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, _Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last kept stage's map (B, 4 * channels[-1], H/16, W/16 for three stages)."""
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.pool(x), 1)
+        return torch.flatten(self.pool(self.forward_features(x)), 1)
 
 
 def resample_abs_pos_embed(
@@ -320,6 +350,31 @@ class _ConchImageTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x, proj_contrast=False, normalize=False)
+
+
+class _TimmTrunk(nn.Module):
+    """CLAM's wrapper around a timm ``features_only`` CNN: the single feature map, average-pooled.
+
+    ``model`` returns a one-element list (``out_indices=(3,)``); the output is (B, C). Weights
+    are loaded into ``model`` (timm's key names), so its keys here carry a ``model.`` prefix, as
+    in CLAM's module.
+    """
+
+    prefers_channels_last = True
+
+    def __init__(self, model: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.model = model
+        self.dim = dim
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, list | tuple):
+            if len(out) != 1:
+                raise EncoderError(f"timm feature model returned {len(out)} maps, expected 1")
+            out = out[0]
+        return torch.flatten(self.pool(out), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,8 +570,14 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _adapt_state(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the parts of a full timm checkpoint that CLAM's truncated/headless encoder lacks."""
+    """Drop the parts of a full timm checkpoint that CLAM's truncated/headless encoder lacks.
+
+    A ``resnet50_trunc`` state dict of CLAM's wrapper module (every key under ``model.``, as the
+    timm backend's module also has) is unwrapped to timm's names first.
+    """
     if name == "resnet50_trunc":
+        if state and all(k.startswith("model.") for k in state):
+            state = {k.removeprefix("model."): v for k, v in state.items()}
         drop = ("layer4.", "fc.")
     elif name == "uni_v1":
         drop = ("head.", "fc_norm.")
@@ -553,7 +614,8 @@ class Encoder:
     ``module`` maps (B, 3, H, W) float32 images normalised with ``mean``/``std`` to (B, ``dim``)
     features. ``target_img_size`` > 0: patches are resized to that square size first (CLAM's
     ``Resize``). ``weights`` says where the weights came from (a path, ``"random"`` or
-    ``"seeded-random"``) for fingerprints.
+    ``"seeded-random"``) and ``backend`` which implementation built it (:func:`encoder_backend`),
+    both for fingerprints.
     """
 
     module: nn.Module
@@ -563,6 +625,7 @@ class Encoder:
     target_img_size: int
     name: str
     weights: str = "random"
+    backend: str = "builtin"
 
     @property
     def device(self) -> torch.device:
@@ -580,6 +643,7 @@ class Encoder:
             "dim": self.dim,
             "target_img_size": self.target_img_size,
             "weights": self.weights,
+            "backend": self.backend,
         }
 
 
@@ -609,6 +673,79 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+#: ``build_encoder(backend=...)``: ``auto`` = timm when it imports, else ``builtin``.
+ENCODER_BACKENDS: tuple[str, ...] = ("auto", "timm", "builtin")
+
+#: Encoders that CLAM builds with timm (the others never use timm).
+_TIMM_ENCODERS = ("resnet50_trunc", "uni_v1")
+
+
+@functools.lru_cache(maxsize=1)
+def _import_timm() -> tuple[Any | None, str]:
+    """(the ``timm`` module, "") or (None, why it does not import), tried once per process.
+
+    Any exception counts, not only ImportError: a torchvision wheel built for another torch
+    fails inside ``import timm`` with a RuntimeError ("operator torchvision::nms does not exist").
+    """
+    try:
+        import timm
+    except Exception as err:  # noqa: BLE001 - any failure means "use the built-in networks"
+        first = (str(err).strip().splitlines() or [""])[0]
+        return None, f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return timm, ""
+
+
+def encoder_backend(model_name: str, backend: str = "auto") -> str:
+    """Which implementation :func:`build_encoder` uses for ``model_name``, for fingerprints.
+
+    ``"timm==<version>"`` when timm builds it, ``"builtin"`` for our timm-layout networks (and
+    ``tiny_cnn``), ``"package"`` for the CONCH encoders (their own packages). Raises
+    :class:`EncoderError` when ``backend`` is ``"timm"`` and timm does not import.
+    """
+    if backend not in ENCODER_BACKENDS:
+        raise EncoderError(
+            f"encoder backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}"
+        )
+    if model_name in ("conch_v1", "conch_v1_5"):
+        return "package"
+    if model_name not in _TIMM_ENCODERS or backend == "builtin":
+        return "builtin"
+    timm, why = _import_timm()
+    if timm is None:
+        if backend == "timm":
+            raise EncoderError(
+                f"encoder {model_name!r}: backend 'timm' requested but timm does not import "
+                f"({why}); install timm with a torchvision that matches your torch, or use "
+                "backend 'auto'"
+            )
+        return "builtin"
+    return f"timm=={timm.__version__}"
+
+
+def _timm_network(name: str) -> nn.Module:
+    """CLAM's ``timm.create_model`` call for ``name`` (never pretrained: weights load later)."""
+    timm, _ = _import_timm()
+    if name == "resnet50_trunc":
+        return timm.create_model(
+            "resnet50.tv_in1k",
+            features_only=True,
+            out_indices=(3,),
+            pretrained=False,
+            num_classes=0,
+        )
+    return timm.create_model(
+        "vit_large_patch16_224", init_values=1e-5, num_classes=0, dynamic_img_size=True
+    )
+
+
+def _builtin_network(name: str, dim: int) -> nn.Module:
+    if name == "resnet50_trunc":
+        return ResNet50Trunk()
+    if name == "uni_v1":
+        return VisionTransformer()
+    return TinyCNN(dim)
 
 
 def _build_conch(name: str, weights: Path | None, device: torch.device) -> tuple[nn.Module, str]:
@@ -659,6 +796,7 @@ def build_encoder(
     device: str | torch.device = "cpu",
     allow_random: bool = False,
     dim: int | None = None,
+    backend: Literal["auto", "timm", "builtin"] = "auto",
 ) -> Encoder:
     """Build one of CLAM's patch encoders (``encoder_arguments.model_name``) without downloading.
 
@@ -669,6 +807,11 @@ def build_encoder(
     benchmarks). ``tiny_cnn`` is a seeded random test encoder whose width is ``dim`` (default 64).
     For the other encoders ``dim``, if given, is the width the MIL model expects
     (``model_arguments.embed_dim``) and a mismatch is refused here rather than as a matmul error.
+
+    ``backend`` (``resnet50_trunc``, ``uni_v1``): ``auto`` builds with ``timm.create_model`` as
+    CLAM does when timm imports, else with the built-in timm-layout network; ``timm`` or
+    ``builtin`` force one. Weights load the same way (strictly) either way; the choice is logged
+    and recorded in ``Encoder.backend`` and its fingerprint.
     """
     if model_name not in _SPECS:
         close = difflib.get_close_matches(str(model_name), ENCODER_NAMES, n=1)
@@ -693,6 +836,15 @@ def build_encoder(
             "encoder 'conch_v1_5' needs encoder_arguments.target_img_size 448, "
             f"got {target_img_size}"
         )
+    used = encoder_backend(model_name, backend)
+    if model_name in _TIMM_ENCODERS:
+        why = _import_timm()[1] if backend == "auto" and used == "builtin" else ""
+        log.info(
+            "encoder %s: %s%s",
+            model_name,
+            "timm.create_model (" + used + ")" if used != "builtin" else "built-in network",
+            f" (timm unavailable: {why})" if why else "",
+        )
     torch_device = _resolve_device(device)
 
     if model_name in ("conch_v1", "conch_v1_5"):
@@ -714,16 +866,16 @@ def build_encoder(
         # them. Random: seeded init on the CPU, the same values whatever the target device.
         meta = state is not None or torch_device.type == "meta"
         with _seeded(RANDOM_INIT_SEED), torch.device("meta" if meta else "cpu"):
-            if model_name == "resnet50_trunc":
-                module = ResNet50Trunk()
-            elif model_name == "uni_v1":
-                module = VisionTransformer()
+            if used == "builtin":
+                module = _builtin_network(model_name, out_dim)
             else:
-                module = TinyCNN(out_dim)
+                module = _timm_network(model_name)
         source = "seeded-random" if model_name == "tiny_cnn" else "random"
         if state is not None and path is not None:
             _load_strict(module, state, model_name, path)
             source = str(path)
+        if used != "builtin" and model_name == "resnet50_trunc":
+            module = _TimmTrunk(module, out_dim)
         module = module.to(torch_device)
     module.eval().requires_grad_(False)
     if getattr(module, "prefers_channels_last", False):
@@ -736,6 +888,7 @@ def build_encoder(
         target_img_size=int(target_img_size),
         name=model_name,
         weights=source,
+        backend=used,
     )
 
 

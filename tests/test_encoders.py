@@ -3,11 +3,19 @@
 Everything runs on real components: a pyramidal TIFF written here with tifffile and read through
 OpenSlide, real torch networks (randomly initialised, no downloads), real HDF5 files and the
 project's CLAM models. Mocks only inject faults (a failing ``os.replace``, a stand-in package).
+
+The built-in networks are checked against timm itself through ``tests/data/timm/*.json``: the
+state-dict keys and shapes of the networks CLAM builds with ``timm.create_model``, and timm's
+outputs for small and full networks filled with deterministic weights (rules below, recorded in
+each file). timm cannot be installed beside a CPU torch here, so those files were generated once
+in a scratch environment; the tests that need timm itself skip without it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import pickle
 import struct
@@ -28,10 +36,12 @@ from clam_heat.encoders import (
     IMAGENET_STD,
     EncoderError,
     PatchDataset,
+    ResNet50Trunk,
     VisionTransformer,
     attention_logits,
     build_encoder,
     encode_patches,
+    encoder_backend,
     find_encoder_weights,
     load_weights_file,
     overlap_h5_name,
@@ -115,7 +125,7 @@ def test_tiny_cnn_is_seeded_and_its_width_configurable() -> None:
 
 
 def test_resnet50_trunc_has_timm_keys_and_1024_outputs(no_hf_cache: Path) -> None:
-    enc = build_encoder("resnet50_trunc", allow_random=True)
+    enc = build_encoder("resnet50_trunc", allow_random=True, backend="builtin")
     assert (enc.name, enc.dim, enc.weights) == ("resnet50_trunc", 1024, "random")
     keys = enc.module.state_dict()
     # stem 6 + 13 bottlenecks x 18 + 3 downsample branches x 6
@@ -139,7 +149,7 @@ def test_resnet50_trunc_has_timm_keys_and_1024_outputs(no_hf_cache: Path) -> Non
 
 def test_resnet50_trunc_loads_a_full_timm_checkpoint_strictly(tmp_path: Path) -> None:
     """A timm ``resnet50`` file has layer4 and fc too; the trunk takes the rest, strictly."""
-    enc = build_encoder("resnet50_trunc", allow_random=True)
+    enc = build_encoder("resnet50_trunc", allow_random=True, backend="builtin")
     gen = torch.Generator().manual_seed(3)
     state = {
         k: (torch.randn(v.shape, generator=gen) * 0.05 if v.is_floating_point() else v)
@@ -153,10 +163,16 @@ def test_resnet50_trunc_loads_a_full_timm_checkpoint_strictly(tmp_path: Path) ->
     path = tmp_path / "pytorch_model.bin"
     torch.save({"state_dict": {f"module.{k}": v for k, v in full.items()}}, path)
 
-    loaded = build_encoder("resnet50_trunc", weights=path)
+    loaded = build_encoder("resnet50_trunc", weights=path, backend="builtin")
     assert loaded.weights == str(path)
     for key, value in loaded.module.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+    # CLAM's wrapper module keeps the network under ``model.``; its state dict loads too
+    clam_file = tmp_path / "clam_encoder.pt"
+    torch.save({f"model.{k}": v for k, v in state.items()}, clam_file)
+    again = build_encoder("resnet50_trunc", weights=clam_file, backend="builtin")
+    assert all(torch.equal(v, state[k]) for k, v in again.module.state_dict().items())
 
 
 def test_weights_are_found_in_the_hugging_face_cache(no_hf_cache: Path) -> None:
@@ -251,22 +267,6 @@ def test_embed_dim_mismatch_is_refused_up_front() -> None:
     )
 
 
-def test_uni_v1_has_the_timm_vit_large_layout() -> None:
-    """Checked on the meta device: the full ViT-L is never allocated."""
-    enc = build_encoder("uni_v1", allow_random=True, device="meta")
-    assert (enc.dim, enc.mean, enc.std) == (1024, IMAGENET_MEAN, IMAGENET_STD)
-    shapes = {k: tuple(v.shape) for k, v in enc.module.state_dict().items()}
-    assert len(shapes) == 4 + 24 * 14 + 2
-    assert shapes["cls_token"] == (1, 1, 1024)
-    assert shapes["pos_embed"] == (1, 197, 1024)
-    assert shapes["patch_embed.proj.weight"] == (1024, 3, 16, 16)
-    assert shapes["blocks.23.attn.qkv.weight"] == (3072, 1024)
-    assert shapes["blocks.23.mlp.fc1.weight"] == (4096, 1024)
-    assert shapes["blocks.0.ls1.gamma"] == shapes["blocks.23.ls2.gamma"] == (1024,)
-    assert shapes["norm.weight"] == (1024,)
-    assert not any(k.startswith(("head", "fc_norm")) for k in shapes)
-
-
 def test_small_vit_runs_at_any_size_and_reloads_strictly() -> None:
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=4).eval()
@@ -291,6 +291,262 @@ def test_pos_embed_resampling_keeps_the_class_token_and_identity_grid() -> None:
     out = resample_abs_pos_embed(pe, (6, 5), (4, 4))
     assert out.shape == (1, 31, 8)
     assert torch.equal(out[:, 0], pe[:, 0])
+
+
+# ------------------------------------------------------------------- checked against timm
+
+TIMM_DATA = Path(__file__).parent / "data" / "timm"
+
+#: How the reference weights were filled; the fixture files carry the same text.
+FILL_RULE = (
+    "j = index of the key in sorted(state_dict keys); s = sin(0.731 * arange(numel) + j) in "
+    "float64, reshaped row-major, cast to float32. running_var: 0.75 + 0.25 s; other 1-D "
+    "'*weight'/'*gamma': 1 + 0.2 s; other 1-D (bias, running_mean): 0.1 s; cls_token, "
+    "pos_embed: 0.5 s; every other tensor: s * 2 / sqrt(numel / shape[0]); integer tensors "
+    "(num_batches_tracked) are left at 0."
+)
+INPUT_RULE = (
+    "x[b, c, h, w] = sin(0.05 * h * (c + 1) + 0.07 * w + 0.9 * b + c) in float64, cast to "
+    "float32 (B=2, C=3)."
+)
+
+
+def _timm_fixture(name: str) -> dict:
+    return json.loads((TIMM_DATA / f"{name}.json").read_text())
+
+
+def _fill_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``FILL_RULE`` for ``module``'s keys (also loaded into ``module``)."""
+    state = module.state_dict()
+    filled: dict[str, torch.Tensor] = {}
+    for j, key in enumerate(sorted(state)):
+        t = state[key]
+        if not t.is_floating_point():
+            filled[key] = torch.zeros_like(t, device="cpu")
+            continue
+        n = t.numel()
+        s = torch.sin(0.731 * torch.arange(n, dtype=torch.float64) + j).reshape(t.shape)
+        if key.endswith("running_var"):
+            v = 0.75 + 0.25 * s
+        elif t.ndim == 1 and key.endswith(("weight", "gamma")):
+            v = 1 + 0.2 * s
+        elif t.ndim == 1:
+            v = 0.1 * s
+        elif key in ("cls_token", "pos_embed"):
+            v = 0.5 * s
+        else:
+            v = s * 2 / math.sqrt(n / t.shape[0])
+        filled[key] = v.to(torch.float32)
+    module.load_state_dict(filled, strict=True, assign=True)
+    return filled
+
+
+@pytest.fixture(scope="module")
+def resnet50_reference() -> dict[str, torch.Tensor]:
+    """``FILL_RULE`` weights of the full ``resnet50_trunc`` (8.5M values, made once)."""
+    with torch.device("meta"):
+        module = ResNet50Trunk()
+    return _fill_weights(module)
+
+
+def _fixture_input(h: int, w: int) -> torch.Tensor:
+    b = torch.arange(2, dtype=torch.float64).view(2, 1, 1, 1)
+    c = torch.arange(3, dtype=torch.float64).view(1, 3, 1, 1)
+    y = torch.arange(h, dtype=torch.float64).view(1, 1, h, 1)
+    x = torch.arange(w, dtype=torch.float64).view(1, 1, 1, w)
+    return torch.sin(0.05 * y * (c + 1) + 0.07 * x + 0.9 * b + c).to(torch.float32)
+
+
+def _layout(module: torch.nn.Module) -> dict[str, tuple[list[int], str]]:
+    return {
+        k: (list(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in module.state_dict().items()
+    }
+
+
+def _builtin(name: str) -> torch.nn.Module:
+    """The built-in network that mirrors each reference file's timm network."""
+    if name in ("resnet50_trunc", "uni_v1"):
+        return build_encoder(name, allow_random=True, backend="builtin", device="meta").module
+    if name == "vit_tiny":
+        return VisionTransformer(embed_dim=64, depth=2, num_heads=2)
+    return ResNet50Trunk(layers=(1, 1, 1), channels=(8, 16, 32))
+
+
+def _assert_matches_outputs(name: str, module: torch.nn.Module, rel_tol: float) -> None:
+    """``module`` (already filled) gives timm's outputs; error relative to the largest value."""
+    doc = _timm_fixture(name)
+    assert (doc["fill_rule"], doc["input_rule"]) == (FILL_RULE, INPUT_RULE)
+    module.eval()
+    for case in doc["outputs"]:
+        _, _, h, w = case["input_shape"]
+        with torch.inference_mode():
+            got = module(_fixture_input(h, w))
+        want = torch.tensor(case["values"])
+        assert list(got.shape) == case["output_shape"] == list(want.shape)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < rel_tol, (name, (h, w), err)
+
+
+@pytest.mark.parametrize("name", ["resnet50_trunc", "uni_v1", "vit_tiny", "resnet_tiny_trunc"])
+def test_state_dict_layout_is_timms(name: str) -> None:
+    """Every key, shape and dtype equals what timm's ``create_model`` builds (meta device)."""
+    doc = _timm_fixture(name)
+    with torch.device("meta"):
+        module = _builtin(name)
+    want = {key: (shape, dtype) for key, shape, dtype in doc["keys"]}
+    assert _layout(module) == want
+    assert list(module.state_dict()) == list(want)  # same order as timm, too
+
+
+# Rounding the references to 6 significant digits costs ~3e-6 of the largest value; a LayerNorm
+# eps of 1e-5 instead of 1e-6 or a tanh GELU already shows as ~2e-5, no antialiasing when
+# resampling position embeddings as ~4e-3, a wrong BN eps as ~2e-3.
+@pytest.mark.parametrize(
+    ("name", "rel_tol"), [("vit_tiny", 1e-5), ("resnet_tiny_trunc", 1e-5), ("resnet50_trunc", 5e-5)]
+)
+def test_outputs_equal_timms_with_the_same_weights(
+    name: str, rel_tol: float, resnet50_reference: dict[str, torch.Tensor]
+) -> None:
+    """Same weights, same input: timm's numbers. ``vit_tiny`` also runs a 176x240 input (11x15
+    patches), so position-embedding resampling (``dynamic_img_size``) is compared too."""
+    with torch.device("meta"):
+        module = _builtin(name)
+    if name == "resnet50_trunc":
+        module.load_state_dict(resnet50_reference, strict=True, assign=True)
+    else:
+        _fill_weights(module)
+    _assert_matches_outputs(name, module, rel_tol)
+
+
+@pytest.fixture()
+def timm_fails_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``timm`` whose import fails the way it does with a torchvision built for another torch."""
+    pkg = tmp_path / "fake_site" / "timm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    for mod in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    encoders._import_timm.cache_clear()
+    yield
+    encoders._import_timm.cache_clear()
+
+
+@pytest.mark.usefixtures("timm_fails_to_import")
+def test_without_a_working_timm_the_builtin_networks_are_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="clam_heat.encoders"):
+        enc = build_encoder("resnet50_trunc", allow_random=True)
+    assert isinstance(enc.module, ResNet50Trunk)
+    assert enc.backend == "builtin" and enc.fingerprint()["backend"] == "builtin"
+    assert caplog.messages == [
+        "encoder resnet50_trunc: built-in network (timm unavailable: RuntimeError: operator "
+        "torchvision::nms does not exist)"
+    ]
+    assert encoder_backend("uni_v1") == encoder_backend("tiny_cnn") == "builtin"
+    assert encoder_backend("conch_v1") == "package"
+    with pytest.raises(EncoderError) as err:
+        build_encoder("uni_v1", allow_random=True, device="meta", backend="timm")
+    assert str(err.value) == (
+        "encoder 'uni_v1': backend 'timm' requested but timm does not import (RuntimeError: "
+        "operator torchvision::nms does not exist); install timm with a torchvision that "
+        "matches your torch, or use backend 'auto'"
+    )
+    with pytest.raises(EncoderError, match=r"one of auto, timm, builtin, got 'tim'"):
+        build_encoder("uni_v1", device="meta", backend="tim")  # type: ignore[arg-type]
+
+
+def test_timm_branch_calls_create_model_as_clam_does(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_hf_cache: Path,
+    resnet50_reference: dict[str, torch.Tensor],
+) -> None:
+    """With a stand-in ``timm`` (built-in networks behind timm's interface): CLAM's exact
+    ``create_model`` arguments, the single feature map pooled, strict loading of a full timm
+    checkpoint (layer4 and fc dropped), and the backend recorded in the fingerprint."""
+    calls: list[tuple[str, dict]] = []
+
+    class FeatureList(ResNet50Trunk):  # timm's FeatureListNet returns [map] for out_indices=(3,)
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+            return [self.forward_features(x)]
+
+    def create_model(name: str, **kwargs: object) -> torch.nn.Module:
+        calls.append((name, kwargs))
+        return FeatureList() if name.startswith("resnet") else VisionTransformer()
+
+    fake = types.ModuleType("timm")
+    fake.__version__ = "9.9.9"  # type: ignore[attr-defined]
+    fake.create_model = create_model  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    encoders._import_timm.cache_clear()
+    monkeypatch.setattr(encoders, "_import_timm", lambda: (fake, ""))
+
+    with torch.device("meta"):
+        reference = ResNet50Trunk()
+    state = resnet50_reference
+    reference.load_state_dict(state, strict=True, assign=True)
+    full = dict(state)
+    full["layer4.0.conv1.weight"] = torch.zeros(512, 1024, 1, 1)
+    full["fc.weight"], full["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(full, path)
+
+    enc = build_encoder("resnet50_trunc", weights=path)
+    assert calls == [
+        (
+            "resnet50.tv_in1k",
+            {"features_only": True, "out_indices": (3,), "pretrained": False, "num_classes": 0},
+        )
+    ]
+    assert isinstance(enc.module, encoders._TimmTrunk) and enc.backend == "timm==9.9.9"
+    assert enc.fingerprint()["backend"] == "timm==9.9.9" and enc.weights == str(path)
+    assert {k.removeprefix("model."): v for k, v in enc.module.state_dict().items()}.keys() == (
+        state.keys()
+    )
+    x = _fixture_input(64, 64)
+    with torch.inference_mode():
+        # (the encoder runs channels-last, so equal up to float rounding)
+        torch.testing.assert_close(enc.module(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    vit = build_encoder("uni_v1", allow_random=True, device="meta")
+    assert calls == [
+        (
+            "vit_large_patch16_224",
+            {"init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        )
+    ]
+    assert vit.backend == "timm==9.9.9"
+    assert build_encoder("uni_v1", device="meta", backend="builtin", allow_random=True).backend == (
+        "builtin"
+    )
+
+
+def test_real_timm_builds_what_the_builtin_networks_mirror(
+    tmp_path: Path, no_hf_cache: Path, resnet50_reference: dict[str, torch.Tensor]
+) -> None:
+    """Only where timm imports (it needs a torchvision matching torch): both backends load the
+    same file strictly and give the same features, equal to the reference numbers."""
+    timm = pytest.importorskip("timm")
+    encoders._import_timm.cache_clear()
+    path = tmp_path / "resnet50.bin"
+    torch.save(resnet50_reference, path)
+    via_timm = build_encoder("resnet50_trunc", weights=path, backend="timm")
+    builtin = build_encoder("resnet50_trunc", weights=path, backend="builtin")
+    assert via_timm.backend == f"timm=={timm.__version__}" and builtin.backend == "builtin"
+    x = _fixture_input(96, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(via_timm.module(x), builtin.module(x), rtol=1e-5, atol=1e-5)
+    _assert_matches_outputs("resnet50_trunc", via_timm.module, 5e-5)
+
+    vit = build_encoder("uni_v1", allow_random=True, device="meta", backend="timm")
+    want = {key: (shape, dtype) for key, shape, dtype in _timm_fixture("uni_v1")["keys"]}
+    assert _layout(vit.module) == want
 
 
 def test_conch_encoders_say_what_to_install() -> None:
