@@ -27,8 +27,10 @@ def _ledgers(cfg) -> dict[str, dict]:
 
 
 def _finished(cfg) -> dict[tuple[str, str], str]:
+    """Each done stage's whole ledger record: a rerun changes it (its fingerprint, finish time or
+    duration), a skipped stage leaves it byte for byte."""
     return {
-        (slide, stage): rec["finished_at"] + str(rec["seconds"])
+        (slide, stage): json.dumps(rec, sort_keys=True)
         for slide, data in _ledgers(cfg).items()
         for stage, rec in data["stages"].items()
         if rec.get("state") == "done"
