@@ -24,10 +24,12 @@ Key-layout compatibility, honestly stated:
   ``model.classifier``; 10 tensors) with MIL-Lab's forward (Linear-ReLU embedding, gated
   attention, softmax pooling, linear head).
 * ``clam`` (MIL-Lab name): the CLAM mapping of formats §3.3.
-* ``transmil``, ``dsmil``, ``ilra``, ``rrt``, ``transformer``: **clam-heat's own layouts**,
-  faithful in spirit to the published architectures and documented on each class. DSMIL's bag head
-  is a Conv1d with weight (C, C, D') as in MIL-Lab; other keys are ours. Real MIL-Lab checkpoints
-  of these models are not expected to load; the strict loader says which keys differ.
+* ``transmil``, ``dsmil``, ``ilra``, ``rrt``, ``transformer``: MIL-Lab's exact keys, shapes and
+  forward maths (written here from MIL-Lab's network definitions; MIL-Lab is not needed), so a
+  checkpoint saved from MIL-Lab's ``create_model(...)`` loads strictly. Verified against
+  reference numbers in ``tests/data/mil_lab/`` (keys, shapes, logits, attention). Hyper-parameters
+  the shapes do not reveal (ILRA's and Transformer's head counts, RRT's pooling activation) take
+  MIL-Lab's base values. Each class documents its keys and the attention it returns.
 
 Any other network can join through :func:`register_model`; it must follow
 :class:`AttentionModel`: ``forward(h (N, D)) -> (logits (C,), attention (N,))``.
@@ -57,6 +59,7 @@ __all__ = [
     "ENCODER_DIM_MAPPING",
     "ILRA",
     "RRT",
+    "NystromAttention",
     "AttentionModel",
     "AttentionOutput",
     "ClamMB",
@@ -279,7 +282,9 @@ class ModelSpec:
     ``builder(in_dim=, n_classes=, **hparams)`` returns an :class:`AttentionModel` module.
     ``infer_hparams(state)`` reads ``hparams`` from a normalised state dict (keys as the built
     module names them). ``key_prefix`` is ensured on every key when loading (``"model."`` for the
-    MIL-Lab layout). ``max_bag_size`` guards models whose cost grows with N².
+    MIL-Lab layout). ``max_bag_size`` guards models whose cost grows with N². ``input_key`` is
+    the weight whose second dimension is the feature width (named when a checkpoint's width
+    differs from the config's).
     """
 
     name: str
@@ -289,6 +294,7 @@ class ModelSpec:
     max_bag_size: int | None = None
     layout: str = "clam-heat"
     signature: tuple[str, ...] = field(default=())
+    input_key: str = "model.patch_embed.0.weight"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -304,6 +310,7 @@ def register_model(
     max_bag_size: int | None = None,
     layout: str = "clam-heat",
     signature: tuple[str, ...] = (),
+    input_key: str = "model.patch_embed.0.weight",
 ) -> ModelSpec:
     """Make ``name`` usable as ``model_type`` (bare or as the first part of a MIL-Lab name).
 
@@ -312,7 +319,9 @@ def register_model(
     """
     if not _NAME.fullmatch(name) or name in CLAM_TYPES or name == "clam":
         raise ValueError(f"cannot register model name {name!r}")
-    spec = ModelSpec(name, builder, infer_hparams, key_prefix, max_bag_size, layout, signature)
+    spec = ModelSpec(
+        name, builder, infer_hparams, key_prefix, max_bag_size, layout, signature, input_key
+    )
     _REGISTRY[name] = spec
     return spec
 
@@ -421,14 +430,6 @@ class MilLabModel(nn.Module):
         return self.model(h)
 
 
-def _embed(in_dim: int, embed_dim: int, dropout: float = 0.0) -> nn.Sequential:
-    """``patch_embed``: Linear, ReLU (, Dropout) -- parameters at index 0."""
-    layers: list[nn.Module] = [nn.Linear(in_dim, embed_dim), nn.ReLU()]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
-
-
 def _shape(state: Mapping[str, torch.Tensor], key: str, dim: int) -> int | None:
     tensor = state.get(key)
     return int(tensor.shape[dim]) if tensor is not None and tensor.dim() > dim else None
@@ -499,17 +500,22 @@ class ABMIL(nn.Module):
         )
 
 
-def _iterative_pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse of a batch of square matrices by Newton-Schulz iterations
-    (Nystromformer's choice: matmuls only, stable on row-stochastic matrices).
+def _nystrom_pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Approximate Moore-Penrose pseudo-inverse of each (m, m) matrix in ``x`` (..., m, m) by
+    Newton-Schulz iterations, matmuls only (the Nystromformer recipe MIL-Lab runs).
 
-    >>> a = torch.softmax(torch.randn(2, 5, 5), dim=-1)
-    >>> bool(torch.allclose(_iterative_pinv(a, 20) @ a, torch.eye(5).expand(2, 5, 5), atol=1e-3))
+    The starting guess is ``x^T`` divided by (largest absolute row sum) x (largest absolute
+    column sum) taken over the **whole** batch of matrices, not per matrix: that is what
+    MIL-Lab's attention computes, and with 6 iterations the result depends on it.
+
+    >>> a = torch.softmax(torch.randn(2, 5, 5, dtype=torch.float64), dim=-1)
+    >>> eye = torch.eye(5, dtype=torch.float64).expand(2, 5, 5)
+    >>> bool(torch.allclose(_nystrom_pinv(a, 30) @ a, eye, atol=1e-6))
     True
     """
-    abs_x = x.abs()
-    scale = abs_x.sum(dim=-1).amax(dim=-1) * abs_x.sum(dim=-2).amax(dim=-1)
-    z = x.transpose(-1, -2) / scale[..., None, None]
+    magnitude = x.abs()
+    scale = magnitude.sum(dim=-1).max() * magnitude.sum(dim=-2).max()
+    z = x.transpose(-1, -2) / scale
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     for _ in range(iters):
         xz = x @ z
@@ -517,388 +523,114 @@ def _iterative_pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
     return z
 
 
-class _NystromAttention(nn.Module):
-    """Nyström self-attention (Xiong et al. 2021): softmax attention approximated through
-    ``landmarks`` segment-mean tokens, O(n * landmarks) memory, plus a depthwise residual
-    convolution over the values along the sequence.
+class NystromAttention(nn.Module):
+    """Nystrom self-attention (Xiong et al. 2021) over one bag of tokens, as MIL-Lab's TransMIL
+    and RRT use it (the ``nystrom_attention`` package's maths, written here from the paper).
 
-    Keys: ``to_qkv`` (D -> 3D, no bias), ``to_out`` (D -> D), ``res_conv`` (heads, 1, 33, 1).
-    ``forward`` also returns the head-averaged attention row of token 0 (the class token).
+    The sequence is zero-padded **at the front** to a multiple of ``landmarks``; landmarks are
+    the means of consecutive groups of ``ceil(n / landmarks)`` tokens (queries pre-scaled by
+    ``dim_head ** -0.5``); softmax(Q K_l^T) pinv(softmax(Q_l K_l^T)) softmax(Q_l K^T) V plus a
+    depthwise (33, 1) convolution of V along the sequence; the padding rows are dropped at the
+    end. Cost O(n * landmarks).
+
+    Keys: ``to_qkv`` (3 * heads * dim_head, dim; no bias), ``to_out.0`` (dim, heads * dim_head),
+    ``res_conv`` (heads, 1, 33, 1).
     """
 
-    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iters: int = 6) -> None:
+    def __init__(
+        self, dim: int, *, heads: int, dim_head: int, landmarks: int, pinv_iters: int = 6
+    ) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
-        self.landmarks = max(1, landmarks)
-        self.pinv_iters = pinv_iters
-        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.heads, self.dim_head = heads, dim_head
+        self.landmarks, self.pinv_iters = max(1, landmarks), pinv_iters
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))
         self.res_conv = nn.Conv2d(heads, heads, (33, 1), padding=(16, 0), groups=heads, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, dim = x.shape
-        q, k, v = self.to_qkv(x).reshape(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
-        q = q * (dim // self.heads) ** -0.5  # (h, n, d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (n, dim) -> (n, dim)."""
+        n = x.shape[0]
         m = self.landmarks
-        if n <= m:
-            attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-            out, row0 = attn @ v, attn[:, 0, :]
-        else:
-            segment = torch.div(torch.arange(n, device=x.device) * m, n, rounding_mode="floor")
-            counts = torch.bincount(segment, minlength=m).to(q.dtype)[None, :, None]
-            q_l = q.new_zeros(self.heads, m, q.shape[-1]).index_add_(1, segment, q) / counts
-            k_l = k.new_zeros(self.heads, m, k.shape[-1]).index_add_(1, segment, k) / counts
-            kernel_1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (h, n, m)
-            kernel_2 = _iterative_pinv(
-                torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1), self.pinv_iters
-            )
-            kernel_3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (h, m, n)
-            left = kernel_1 @ kernel_2
-            out = left @ (kernel_3 @ v)
-            row0 = (left[:, :1, :] @ kernel_3)[:, 0, :]
+        pad = -n % m
+        if pad:
+            x = torch.cat([x.new_zeros(pad, x.shape[1]), x])
+        length = n + pad
+        q, k, v = (
+            self.to_qkv(x).reshape(length, 3, self.heads, self.dim_head).permute(1, 2, 0, 3)
+        )  # each (heads, length, dim_head)
+        q = q * self.dim_head**-0.5
+        group = length // m
+        q_marks = q.reshape(self.heads, m, group, self.dim_head).mean(dim=2)
+        k_marks = k.reshape(self.heads, m, group, self.dim_head).mean(dim=2)
+        kernel_1 = torch.softmax(q @ k_marks.transpose(-1, -2), dim=-1)  # (h, length, m)
+        kernel_2 = torch.softmax(q_marks @ k_marks.transpose(-1, -2), dim=-1)  # (h, m, m)
+        kernel_3 = torch.softmax(q_marks @ k.transpose(-1, -2), dim=-1)  # (h, m, length)
+        out = (kernel_1 @ _nystrom_pinv(kernel_2, self.pinv_iters)) @ (kernel_3 @ v)
         out = out + self.res_conv(v[None])[0]
-        out = out.permute(1, 0, 2).reshape(n, dim)
-        return self.to_out(out), row0.mean(dim=0)
+        out = out.permute(1, 0, 2).reshape(length, self.heads * self.dim_head)
+        return self.to_out(out)[pad:]
 
 
-class _NystromLayer(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = _NystromAttention(dim, heads, landmarks=dim // 2)
+def _patch_embed(in_dim: int, width: int, n_layers: int, dropout: float = 0.0) -> nn.Sequential:
+    """MIL-Lab's ``patch_embed`` (``create_mlp`` ending in an activation): (Linear, ReLU,
+    Dropout) x (n_layers - 1), then Linear, ReLU -- Linear weights at indices 0, 3, 6, ..."""
+    layers: list[nn.Module] = []
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = width
+    return nn.Sequential(*layers, nn.Linear(in_dim, width), nn.ReLU())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        update, row0 = self.attn(self.norm(x))
-        return x + update, row0
+
+def _n_linear(state: Mapping[str, torch.Tensor], prefix: str) -> int | None:
+    """How many Linear layers a ``patch_embed``-style Sequential under ``prefix`` holds."""
+    return _count(state, re.escape(prefix) + r"\.(\d+)\.weight") or None
 
 
 class _PPEG(nn.Module):
-    """TransMIL's pyramid position encoding: depthwise 7/5/3 convolutions on the square grid."""
+    """TransMIL's position encoding: the tokens laid row by row on a side x side grid, plus
+    depthwise 7x7, 5x5 and 3x3 convolutions of that grid (``proj``, ``proj1``, ``proj2``)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, kernel: int = 7, *, bias: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.proj1 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.proj2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim, bias=bias)
+        self.proj1 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim, bias=bias)
+        self.proj2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        cls, tokens = x[:1], x[1:]
-        grid = tokens.transpose(0, 1).reshape(1, -1, side, side)
+    def forward(self, tokens: torch.Tensor, side: int) -> torch.Tensor:
+        """``tokens`` (side², dim) -> (side², dim)."""
+        grid = tokens.T.reshape(1, -1, side, side)
         grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
-        return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)])
+        return grid.flatten(2)[0].T
+
+
+class _NystromBlock(nn.Module):
+    """Pre-norm residual Nystrom attention: ``x + attention(norm(x))`` (keys ``norm``,
+    ``<attention_name>.*``)."""
+
+    def __init__(self, dim: int, attention: NystromAttention, attention_name: str) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self._attention_name = attention_name
+        self.add_module(attention_name, attention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + getattr(self, self._attention_name)(self.norm(x))
 
 
 class TransMIL(nn.Module):
-    """TransMIL (Shao et al. 2021), clam-heat's layout (not claimed MIL-Lab compatible).
+    """TransMIL (Shao et al. 2021) with MIL-Lab's keys and forward (``transmil.base``).
 
-    The bag is embedded, padded to ceil(sqrt(N))² tokens by repeating its first patches, a class
-    token is prepended, then Nyström layer, PPEG, Nyström layer, LayerNorm, head on the class
-    token. Keys: ``patch_embed.0``, ``cls_token`` (1, E), ``layer{1,2}.norm``,
-    ``layer{1,2}.attn.{to_qkv,to_out,res_conv}``, ``pos_layer.proj{,1,2}``, ``norm``,
-    ``classifier``; landmarks = E // 2, heads from ``res_conv``.
-    Attention returned: the class token's head-averaged (Nyström-approximated) attention row in
-    the first layer, where tokens are still one patch each (the second layer's tokens are mixed
-    by PPEG), sliced to the first N tokens (padding copies dropped). MIL-Lab instead returns the
-    dot product of each token with the class token after layer 1, whose sign is arbitrary.
+    The embedded bag is padded to ceil(sqrt(N))² tokens by repeating its first patches, a class
+    token is prepended, then Nystrom block 0, PPEG (after block 0 only), blocks 1.., LayerNorm
+    and the head on the class token. Nystrom: ``dim_head = hidden_dim // num_heads``,
+    ``hidden_dim // 2`` landmarks.
+
+    Keys: ``cls_token`` (1, 1, E), ``patch_embed.0``, ``pos_layer.proj{,1,2}``,
+    ``blocks.<i>.norm``, ``blocks.<i>.attention.{to_qkv,to_out.0,res_conv}``, ``norm``,
+    ``classifier``. Attention returned: MIL-Lab's score, each token's dot product with the class
+    token after block 0 (unnormalised, any sign), first N entries (padding copies dropped).
     """
-
-    def __init__(self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, heads: int = 8):
-        super().__init__()
-        self.patch_embed = _embed(in_dim, hidden_dim)
-        self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
-        self.layer1 = _NystromLayer(hidden_dim, heads)
-        self.pos_layer = _PPEG(hidden_dim)
-        self.layer2 = _NystromLayer(hidden_dim, heads)
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = h.shape[0]
-        tokens = self.patch_embed(h)
-        side = math.isqrt(n - 1) + 1 if n > 1 else 1
-        extra = side * side - n
-        if extra:
-            tokens = torch.cat([tokens, tokens[torch.arange(extra, device=h.device) % n]])
-        x = torch.cat([self.cls_token, tokens])
-        x, row0 = self.layer1(x)
-        x = self.pos_layer(x, side)
-        x, _ = self.layer2(x)
-        logits = self.classifier(self.norm(x[0]))
-        return logits, row0[1 : n + 1]
-
-    @staticmethod
-    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return _drop_none(
-            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
-            heads=_shape(state, "model.layer1.attn.res_conv.weight", 0),
-        )
-
-
-class DSMIL(nn.Module):
-    """Dual-stream MIL (Li et al. 2021), clam-heat's layout except the MIL-Lab-shaped bag head.
-
-    Stream 1: ``i_classifier`` scores every patch per class; the top patch per class is the
-    critical instance. Stream 2: queries ``q`` (E->Q, ReLU, Q->Q, tanh) compare every patch with
-    each critical patch, softmax over patches gives A (N, C); values ``v`` (E->E, ReLU) pooled by
-    A feed ``classifier`` = Conv1d(C, C, kernel E), weight (C, C, E). Logits are the mean of the
-    bag and the max-instance scores. Attention returned: A's column of the predicted class.
-    Keys: ``patch_embed.0``, ``i_classifier``, ``q.{0,2}``, ``v.0``, ``classifier``.
-    """
-
-    def __init__(self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, q_dim: int = 128):
-        super().__init__()
-        self.patch_embed = _embed(in_dim, hidden_dim)
-        self.i_classifier = nn.Linear(hidden_dim, n_classes)
-        self.q = nn.Sequential(
-            nn.Linear(hidden_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh()
-        )
-        self.v = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
-        self.classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedded = self.patch_embed(h)
-        instance = self.i_classifier(embedded)  # (N, C)
-        queries = self.q(embedded)  # (N, Q)
-        critical = queries[instance.argmax(dim=0)]  # (C, Q)
-        scores = queries @ critical.T / math.sqrt(queries.shape[1])
-        attention = torch.softmax(scores, dim=0)  # (N, C), each column sums to 1
-        pooled = attention.T @ self.v(embedded)  # (C, E)
-        bag = self.classifier(pooled[None])[0, :, 0]  # (C,)
-        logits = 0.5 * (bag + instance.max(dim=0).values)
-        return logits, attention[:, int(logits.argmax())]
-
-    @staticmethod
-    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return _drop_none(
-            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
-            q_dim=_shape(state, "model.q.0.weight", 0),
-        )
-
-
-class _MAB(nn.Module):
-    """Multihead attention block: LN(q + MHA(q, kv)), then LN(x + ReLU(Linear(x)))."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out, _ = self.attn(query[None], context[None], context[None], need_weights=False)
-        x = self.norm1(query + out[0])
-        return self.norm2(x + self.ff(x))
-
-
-class _GAB(nn.Module):
-    """ILRA's low-rank global attention: ``rank`` learned latents read the bag, the bag reads
-    them back (cost O(N * rank))."""
-
-    def __init__(self, dim: int, heads: int, rank: int) -> None:
-        super().__init__()
-        self.latent = nn.Parameter(torch.randn(rank, dim) * 0.02)
-        self.project_forward = _MAB(dim, heads)
-        self.project_backward = _MAB(dim, heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        summary = self.project_forward(self.latent, x)
-        return self.project_backward(x, summary)
-
-
-class ILRA(nn.Module):
-    """ILRA-MIL (Xiang & Zhang 2023), clam-heat's layout (not claimed MIL-Lab compatible).
-
-    ``patch_embed.0``, ``gab_blocks.<i>`` (``latent`` (rank, E), ``project_{forward,backward}``
-    each ``attn`` (nn.MultiheadAttention) + ``norm1``/``ff.0``/``norm2``), ``pooling_query``
-    (1, E), ``pooling`` (nn.MultiheadAttention), ``classifier``. Heads fixed at 8.
-    Attention returned: the pooling query's head-averaged softmax attention (N,), sums to 1.
-    """
-
-    heads = 8
-
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 256,
-        n_layers: int = 2,
-        rank: int = 64,
-    ) -> None:
-        super().__init__()
-        self.patch_embed = _embed(in_dim, hidden_dim)
-        self.gab_blocks = nn.ModuleList(_GAB(hidden_dim, self.heads, rank) for _ in range(n_layers))
-        self.pooling_query = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
-        self.pooling = nn.MultiheadAttention(hidden_dim, self.heads, batch_first=True)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.patch_embed(h)
-        for block in self.gab_blocks:
-            x = block(x)
-        pooled, weights = self.pooling(
-            self.pooling_query[None],
-            x[None],
-            x[None],
-            need_weights=True,
-            average_attn_weights=True,
-        )
-        return self.classifier(pooled[0, 0]), weights[0, 0]
-
-    @staticmethod
-    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return _drop_none(
-            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
-            n_layers=_count(state, r"model\.gab_blocks\.(\d+)\.latent") or None,
-            rank=_shape(state, "model.gab_blocks.0.latent", 0),
-        )
-
-
-def _sdpa(
-    x: torch.Tensor, qkv: nn.Linear, heads: int, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Multi-head self-attention over (B, L, D) with a fused kernel; ``mask`` (B, L) True=keep."""
-    b, length, dim = x.shape
-    q, k, v = qkv(x).reshape(b, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return out.transpose(1, 2).reshape(b, length, dim)
-
-
-class _RegionAttention(nn.Module):
-    """RRT's R-MSA: the bag is laid on a ceil(sqrt(N)) square in stored order, cut into
-    ``regions`` x ``regions`` windows, and self-attention runs inside each window."""
-
-    def __init__(self, dim: int, heads: int, regions: int) -> None:
-        super().__init__()
-        self.heads, self.regions = heads, regions
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def windows(self, n: int, device: torch.device) -> torch.Tensor:
-        """Window id (N,) int64 of each token, ids made contiguous from 0."""
-        side = math.isqrt(max(n - 1, 0)) + 1
-        window = -(-side // self.regions)
-        per_row = -(-side // window)
-        index = torch.arange(n, device=device)
-        ids = (index // side // window) * per_row + (index % side) // window
-        return torch.unique(ids, return_inverse=True)[1]
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        n, dim = x.shape
-        n_win = int(ids.max()) + 1
-        counts = torch.bincount(ids, minlength=n_win)
-        order = torch.argsort(ids, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(n, device=x.device) - starts[ids[order]]
-        length = int(counts.max())
-        padded = x.new_zeros(n_win, length, dim)
-        keep = torch.zeros(n_win, length, dtype=torch.bool, device=x.device)
-        padded[ids[order], slot] = self.norm(x[order])
-        keep[ids[order], slot] = True
-        out = torch.empty_like(padded)
-        chunk = max(1, (1 << 26) // max(1, self.heads * length * length))
-        for start in range(0, n_win, chunk):  # bounds memory; loops over windows, not patches
-            stop = start + chunk
-            out[start:stop] = _sdpa(padded[start:stop], self.qkv, self.heads, keep[start:stop])
-        update = torch.empty_like(x)
-        update[order] = out[ids[order], slot]
-        return x + self.proj(update)
-
-
-class _CrossRegion(nn.Module):
-    """RRT's CR-MSA in miniature: window means attend to each other; each token receives its
-    window's update."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        n_win = int(ids.max()) + 1
-        normed = self.norm(x)
-        sums = normed.new_zeros(n_win, x.shape[1]).index_add_(0, ids, normed)
-        means = sums / torch.bincount(ids, minlength=n_win).to(x.dtype)[:, None]
-        mixed, _ = self.attn(means[None], means[None], means[None], need_weights=False)
-        return x + mixed[0][ids]
-
-
-class RRT(nn.Module):
-    """RRT-MIL (Tang et al. 2023), clam-heat's layout (not claimed MIL-Lab compatible).
-
-    ``patch_embed.0``, ``rmsa.{norm,qkv,proj}`` (regional self-attention, 8x8 windows, 8 heads),
-    ``crmsa.{norm,attn}`` (cross-window attention), ``global_attn.attention_{a,b}.0`` /
-    ``attention_c`` (gated attention pooling), ``classifier``. Cost ~N²/64 (windows grow with N).
-    Attention returned: the softmax pooling weights (N,), sum to 1.
-    """
-
-    heads = 8
-    regions = 8
-
-    def __init__(
-        self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, attn_dim: int = 128
-    ) -> None:
-        super().__init__()
-        self.patch_embed = _embed(in_dim, hidden_dim)
-        self.rmsa = _RegionAttention(hidden_dim, self.heads, self.regions)
-        self.crmsa = _CrossRegion(hidden_dim, self.heads)
-        self.global_attn = GatedAttention(hidden_dim, attn_dim, False, 1)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.patch_embed(h)
-        ids = self.rmsa.windows(x.shape[0], x.device)
-        x = self.crmsa(self.rmsa(x, ids), ids)
-        weights = torch.softmax(self.global_attn(x)[:, 0], dim=0)
-        return self.classifier(weights @ x), weights
-
-    @staticmethod
-    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return _drop_none(
-            hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
-            attn_dim=_shape(state, "model.global_attn.attention_a.0.weight", 0),
-        )
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-norm transformer layer: x + MSA(LN(x)), x + FF(LN(x))."""
-
-    def __init__(self, dim: int, heads: int, ff_dim: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
-
-    def class_row(self, x: torch.Tensor) -> torch.Tensor:
-        """Head-averaged softmax attention of token 0 over all tokens (L,), O(L) memory."""
-        length, dim = x.shape
-        q, k, _ = self.qkv(self.norm1(x)).reshape(length, 3, self.heads, -1).permute(1, 2, 0, 3)
-        scores = (q[:, :1] @ k.transpose(-1, -2))[:, 0] / math.sqrt(dim // self.heads)
-        return torch.softmax(scores, dim=-1).mean(dim=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.proj(_sdpa(self.norm1(x)[None], self.qkv, self.heads)[0])
-        return x + self.ff(self.norm2(x))
-
-
-class TransformerMIL(nn.Module):
-    """Plain transformer MIL (MIL-Lab's ``transformer`` in spirit), clam-heat's layout.
-
-    ``patch_embed.0``, ``cls_token`` (1, E), ``layers.<i>.{norm1,qkv,proj,norm2,ff.0,ff.2}``,
-    ``norm``, ``classifier``; 8 heads. Full self-attention costs O(N²), hence the default
-    bag-size guard. Attention returned: the class token's head-averaged softmax attention in the
-    first layer over the N patches.
-    """
-
-    heads = 8
 
     def __init__(
         self,
@@ -906,31 +638,533 @@ class TransformerMIL(nn.Module):
         n_classes: int,
         *,
         hidden_dim: int = 512,
-        n_layers: int = 2,
-        ff_dim: int | None = None,
+        num_heads: int = 4,
+        num_attention_layers: int = 2,
+        num_fc_layers: int = 1,
     ) -> None:
         super().__init__()
-        self.patch_embed = _embed(in_dim, hidden_dim)
-        self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
-        self.layers = nn.ModuleList(
-            _EncoderLayer(hidden_dim, self.heads, ff_dim or 2 * hidden_dim) for _ in range(n_layers)
+        self.patch_embed = _patch_embed(in_dim, hidden_dim, num_fc_layers)
+        self.pos_layer = _PPEG(hidden_dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+        self.blocks = nn.ModuleList(
+            _NystromBlock(
+                hidden_dim,
+                NystromAttention(
+                    hidden_dim,
+                    heads=num_heads,
+                    dim_head=hidden_dim // num_heads,
+                    landmarks=hidden_dim // 2,
+                ),
+                "attention",
+            )
+            for _ in range(num_attention_layers)
         )
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.cls_token, self.patch_embed(h)])
-        attention = self.layers[0].class_row(x)[1:]
-        for layer in self.layers:
-            x = layer(x)
+        n = h.shape[0]
+        tokens = self.patch_embed(h)
+        side = math.isqrt(n - 1) + 1 if n > 1 else 1
+        tokens = torch.cat([tokens, tokens[: side * side - n]])
+        x = torch.cat([self.cls_token.reshape(1, -1), tokens])
+        attention = x.new_zeros(n)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 0:
+                attention = x[1 : n + 1] @ x[0]
+                x = torch.cat([x[:1], self.pos_layer(x[1:], side)])
         return self.classifier(self.norm(x[0])), attention
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         return _drop_none(
+            hidden_dim=_shape(state, "model.norm.weight", 0),
+            num_heads=_shape(state, "model.blocks.0.attention.res_conv.weight", 0),
+            num_attention_layers=_count(state, r"model\.blocks\.(\d+)\.norm\.weight") or None,
+            num_fc_layers=_n_linear(state, "model.patch_embed"),
+        )
+
+
+class _InstanceHead(nn.Module):
+    """DSMIL's stream 1 (``i_classifier``): one score per patch and class."""
+
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.inst_classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inst_classifier(x)
+
+
+class _BagHead(nn.Module):
+    """DSMIL's stream 2 (``b_classifier``): attention of every patch to each class's critical
+    (top-scoring) patch, softmax over patches, pooled values, LayerNorm. ``fcc`` is built as in
+    MIL-Lab (always Conv1d(3, 3, E)) only so its checkpoints load; it is never used."""
+
+    def __init__(self, dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, attn_dim)
+        self.v = nn.Sequential(nn.Identity(), nn.Linear(dim, dim))  # [0] is a p=0 dropout
+        self.norm = nn.LayerNorm(dim)
+        self.fcc = nn.Conv1d(3, 3, kernel_size=dim)
+
+    def forward(self, x: torch.Tensor, instance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (N, E), ``instance`` (N, C) -> pooled (C, E), attention (N, C)."""
+        queries = self.q(x)
+        critical = queries[instance.argmax(dim=0)]  # (C, attn_dim)
+        scores = queries @ critical.T / math.sqrt(queries.shape[1])
+        attention = torch.softmax(scores, dim=0)  # each column sums to 1
+        return self.norm(attention.T @ self.v(x)), attention
+
+
+class DSMIL(nn.Module):
+    """Dual-stream MIL (Li et al. 2021) with MIL-Lab's keys and forward (``dsmil.base``).
+
+    Stream 1: ``i_classifier.inst_classifier`` scores each patch per class; each class's top
+    patch is its critical instance. Stream 2: ``b_classifier.q`` (E -> attn_dim) compares every
+    patch with each critical one, softmax over patches (scaled by sqrt(attn_dim)) gives A (N, C);
+    ``b_classifier.v.1`` values pooled by A, ``b_classifier.norm`` (LayerNorm), then
+    ``classifier`` = Conv1d(C, C, kernel E). Logits: mean of bag and max-instance scores.
+    ``b_classifier.fcc`` (Conv1d(3, 3, E)) exists in MIL-Lab's checkpoints but is never used.
+    Attention returned: A's column of the predicted class (sums to 1).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 512,
+        attn_dim: int = 384,
+        num_fc_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = _patch_embed(in_dim, hidden_dim, num_fc_layers)
+        self.i_classifier = _InstanceHead(hidden_dim, n_classes)
+        self.b_classifier = _BagHead(hidden_dim, attn_dim)
+        self.classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = self.patch_embed(h)
+        instance = self.i_classifier(embedded)  # (N, C)
+        pooled, attention = self.b_classifier(embedded, instance)
+        bag = self.classifier(pooled[None])[0, :, 0]  # (C,)
+        logits = 0.5 * (bag + instance.max(dim=0).values)
+        return logits, attention[:, int(logits.argmax())]
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.b_classifier.norm.weight", 0),
+            attn_dim=_shape(state, "model.b_classifier.q.weight", 0),
+            num_fc_layers=_n_linear(state, "model.patch_embed"),
+        )
+
+
+class _ILRAAttention(nn.Module):
+    """ILRA's attention block: ``O = fc_q(Q) + MHA(fc_q(Q), fc_k(K), fc_v(K))``, LayerNorm
+    ``ln0``, ``O + relu(fc_o(O))``, LayerNorm ``ln1``, then (gated) ``O * silu(gate.0(Q))``.
+    ``multihead_attention`` is torch's nn.MultiheadAttention (packed ``in_proj_weight``)."""
+
+    def __init__(
+        self, dim_q: int, dim_k: int, dim: int, heads: int, *, ln: bool, gated: bool
+    ) -> None:
+        super().__init__()
+        self.multihead_attention = nn.MultiheadAttention(dim, heads)
+        self.fc_q = nn.Linear(dim_q, dim)
+        self.fc_k = nn.Linear(dim_k, dim)
+        self.fc_v = nn.Linear(dim_k, dim)
+        self.ln0: nn.Module = nn.LayerNorm(dim) if ln else nn.Identity()
+        self.ln1: nn.Module = nn.LayerNorm(dim) if ln else nn.Identity()
+        self.fc_o = nn.Linear(dim, dim)
+        self.gate = nn.Sequential(nn.Linear(dim_q, dim), nn.SiLU()) if gated else None
+
+    def forward(
+        self, query: torch.Tensor, context: torch.Tensor, *, weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``query`` (S_q, dim_q), ``context`` (S_k, dim_k) -> (S_q, dim), head-averaged
+        softmax weights (S_q, S_k) when asked."""
+        q = self.fc_q(query)
+        mixed, attn = self.multihead_attention(
+            q,
+            self.fc_k(context),
+            self.fc_v(context),
+            need_weights=weights,
+            average_attn_weights=True,
+        )
+        out = self.ln0(q + mixed)
+        out = self.ln1(out + F.relu(self.fc_o(out)))
+        if self.gate is not None:
+            out = out * self.gate(query)
+        return out, attn
+
+
+class _GAB(nn.Module):
+    """ILRA's low-rank global attention: ``latent`` (1, topk, E) reads the bag
+    (``project_forward``), the bag reads it back (``project_backward``); O(N * topk)."""
+
+    def __init__(self, dim_in: int, dim: int, heads: int, topk: int, ln: bool) -> None:
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(1, topk, dim) * dim**-0.5)
+        self.project_forward = _ILRAAttention(dim, dim_in, dim, heads, ln=ln, gated=True)
+        self.project_backward = _ILRAAttention(dim_in, dim, dim, heads, ln=ln, gated=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        summary, _ = self.project_forward(self.latent[0], x)
+        return self.project_backward(x, summary)[0]
+
+
+class _NonLocalPool(nn.Module):
+    """ILRA's pooling: one learned query ``S`` (1, 1, E) attends over the bag through ``mha``."""
+
+    def __init__(self, dim: int, heads: int, ln: bool) -> None:
+        super().__init__()
+        self.S = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.mha = _ILRAAttention(dim, dim, dim, heads, ln=ln, gated=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) -> pooled (E,), head-averaged softmax weights (N,)."""
+        pooled, weights = self.mha(self.S[0], x, weights=True)
+        if weights is None:  # pragma: no cover - need_weights=True always returns them
+            raise RuntimeError("nn.MultiheadAttention returned no weights")
+        return pooled[0], weights[0]
+
+
+class ILRA(nn.Module):
+    """ILRA-MIL (Xiang & Zhang 2023) with MIL-Lab's keys and forward (``ilra.base``).
+
+    No patch embedding: ``gab_blocks.0`` reads the features directly. Then non-local pooling:
+    ``pooling.S`` (1, 1, E) attends over the bag through ``pooling.mha`` (an un-gated block),
+    ``classifier`` (E -> C). The head count is not in the checkpoint's shapes: MIL-Lab's base
+    value 8 is used. Attention returned: the pooling query's head-averaged softmax attention
+    (N,), sums to 1.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        topk: int = 64,
+        num_attention_layers: int = 2,
+        ln: bool = True,
+    ) -> None:
+        super().__init__()
+        self.gab_blocks = nn.ModuleList(
+            _GAB(in_dim if i == 0 else hidden_dim, hidden_dim, num_heads, topk, ln)
+            for i in range(num_attention_layers)
+        )
+        self.pooling = _NonLocalPool(hidden_dim, num_heads, ln)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = h
+        for block in self.gab_blocks:
+            x = block(x)
+        pooled, weights = self.pooling(x)
+        return self.classifier(pooled), weights
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.gab_blocks.0.latent", 2),
+            topk=_shape(state, "model.gab_blocks.0.latent", 1),
+            num_attention_layers=_count(state, r"model\.gab_blocks\.(\d+)\.latent") or None,
+            ln="model.pooling.mha.ln0.weight" in state,
+        )
+
+
+class _RRTPool(nn.Module):
+    """RRT's attention pooling (``pool_fn.attention``): plain ``attention.{0,2}`` (Linear,
+    ReLU, Linear) or gated ``attention_a.0`` / ``attention_b.0`` / ``attention_c``; softmax
+    over patches. Bias-free in MIL-Lab's base config."""
+
+    def __init__(self, dim: int, attn_dim: int, *, gated: bool, bias: bool) -> None:
+        super().__init__()
+        self.gated = gated
+        if gated:
+            self.attention_a = nn.Sequential(nn.Linear(dim, attn_dim, bias=bias), nn.ReLU())
+            self.attention_b = nn.Sequential(nn.Linear(dim, attn_dim, bias=bias), nn.Sigmoid())
+            self.attention_c = nn.Linear(attn_dim, 1, bias=bias)
+        else:
+            self.attention = nn.Sequential(
+                nn.Linear(dim, attn_dim, bias=bias), nn.ReLU(), nn.Linear(attn_dim, 1, bias=bias)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) -> softmax weights (N,)."""
+        if self.gated:
+            raw = self.attention_c(self.attention_a(x) * self.attention_b(x))
+        else:
+            raw = self.attention(x)
+        return torch.softmax(raw[:, 0], dim=0)
+
+
+class _FeedForward(nn.Module):
+    """``fc2(gelu(fc1(x)))`` (RRT's optional FFN)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _RRTLayer(nn.Module):
+    """``x + attn(norm(x))`` with Nystrom attention (256 landmarks), then, with ``ffn``,
+    ``x + mlp.fc2(gelu(mlp.fc1(norm2(x))))``."""
+
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, ffn_dim: int | None, landmarks: int
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads=heads, dim_head=dim_head, landmarks=landmarks)
+        self.mlp: _FeedForward | None = None
+        if ffn_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = _FeedForward(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class _PoolHolder(nn.Module):
+    """``pool_fn``: holds the pooling network as ``attention`` (MIL-Lab's DAttention)."""
+
+    def __init__(self, attention: _RRTPool) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)
+
+
+class _PEG(nn.Module):
+    """RRT's single-convolution position encoding (``proj`` only); built, never called."""
+
+    def __init__(self, dim: int, kernel: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim, bias=bias)
+
+
+def _rrt_position_module(dim: int, pos: str, kernel: int, bias: bool) -> nn.Module | None:
+    """The ``pos_embedding`` RRT's encoder builds (``ppeg``, ``peg`` or ``none``)."""
+    if pos == "ppeg":
+        return _PPEG(dim, kernel, bias=bias)
+    if pos == "peg":
+        return _PEG(dim, kernel, bias)
+    if pos == "none":
+        return None
+    raise ValueError(f"pos must be ppeg, peg or none, got {pos!r}")
+
+
+class _RRTEncoder(nn.Module):
+    """``layer1``, ``layers.<i>``, ``norm``, then attention pooling ``pool_fn``.
+    ``pos_embedding`` only carries checkpoint keys: MIL-Lab's forward never calls it."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        n_layers: int,
+        pool: _RRTPool,
+        ffn_dim: int | None,
+        pos_embedding: nn.Module | None,
+        landmarks: int,
+    ) -> None:
+        super().__init__()
+        self.pool_fn = _PoolHolder(pool)
+        self.norm = nn.LayerNorm(dim)
+        self.layer1 = _RRTLayer(dim, heads, dim_head, ffn_dim, landmarks)
+        self.layers = nn.Sequential(
+            *(_RRTLayer(dim, heads, dim_head, ffn_dim, landmarks) for _ in range(n_layers - 1))
+        )
+        self.pos_embedding = pos_embedding
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) -> pooled (E,), softmax pooling weights (N,)."""
+        x = self.norm(self.layers(self.layer1(x)))
+        weights = self.pool_fn(x)
+        return weights @ x, weights
+
+
+class RRT(nn.Module):
+    """RRT-MIL as MIL-Lab builds it (``rrt.base``), with MIL-Lab's keys and forward.
+
+    With MIL-Lab's defaults the encoder layers are **Nystrom** attention layers (its
+    ``TransLayer1`` never receives the region-attention switch): ``patch_embed.0`` (Linear,
+    ReLU), ``encoder.layer1`` and ``encoder.layers.<i>`` (``norm``, ``attn.*``; 8 heads of
+    ``dim_head`` 64, 256 landmarks), ``encoder.norm``, attention pooling
+    ``encoder.pool_fn.attention.*``, ``classifier``. ``encoder.pos_embedding.*`` (PPEG) is in
+    the checkpoint but MIL-Lab's forward never calls it, so neither does this one.
+    ``landmarks`` is fixed at 256 in MIL-Lab and is not in the checkpoint, so loading always
+    uses 256 (a smaller value only makes small test models cheap to train).
+    Attention returned: the softmax pooling weights (N,), sum to 1.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 512,
+        num_heads: int = 8,
+        dim_head: int = 64,
+        n_layers: int = 2,
+        pool_dim: int = 128,
+        pool_gated: bool = False,
+        pool_bias: bool = False,
+        ffn_dim: int | None = None,
+        pos: str = "ppeg",
+        pos_kernel: int = 7,
+        pos_bias: bool = True,
+        landmarks: int = 256,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
+        self.encoder = _RRTEncoder(
+            hidden_dim,
+            heads=num_heads,
+            dim_head=dim_head,
+            n_layers=n_layers,
+            pool=_RRTPool(hidden_dim, pool_dim, gated=pool_gated, bias=pool_bias),
+            ffn_dim=ffn_dim,
+            pos_embedding=_rrt_position_module(hidden_dim, pos, pos_kernel, pos_bias),
+            landmarks=landmarks,
+        )
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, weights = self.encoder(self.patch_embed(h))
+        return self.classifier(pooled), weights
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        heads = _shape(state, "model.encoder.layer1.attn.res_conv.weight", 0)
+        qkv = _shape(state, "model.encoder.layer1.attn.to_qkv.weight", 0)
+        pool = "model.encoder.pool_fn.attention."
+        gated = f"{pool}attention_a.0.weight" in state
+        first = f"{pool}attention_a.0" if gated else f"{pool}attention.0"
+        pos = "none"
+        if "model.encoder.pos_embedding.proj1.weight" in state:
+            pos = "ppeg"
+        elif "model.encoder.pos_embedding.proj.weight" in state:
+            pos = "peg"
+        return _drop_none(
             hidden_dim=_shape(state, "model.patch_embed.0.weight", 0),
-            n_layers=_count(state, r"model\.layers\.(\d+)\.qkv\.weight") or None,
-            ff_dim=_shape(state, "model.layers.0.ff.0.weight", 0),
+            num_heads=heads,
+            dim_head=qkv // (3 * heads) if heads and qkv else None,
+            n_layers=1 + _count(state, r"model\.encoder\.layers\.(\d+)\.norm\.weight"),
+            pool_dim=_shape(state, f"{first}.weight", 0),
+            pool_gated=gated,
+            pool_bias=f"{first}.bias" in state,
+            ffn_dim=_shape(state, "model.encoder.layer1.mlp.fc1.weight", 0),
+            pos=pos,
+            pos_kernel=_shape(state, "model.encoder.pos_embedding.proj.weight", 2),
+            pos_bias="model.encoder.pos_embedding.proj.bias" in state,
+        )
+
+
+class _TransformerBlock(nn.Module):
+    """Pre-norm layer: ``x + MHA(norm(x))`` (torch's nn.MultiheadAttention, key
+    ``attention``), then with an encoder MLP ``x + mlp(norm2(x))`` (``mlp.{0,3}``, each Linear
+    followed by ReLU)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads)
+        self.mlp: nn.Module | None = None
+        if mlp_dim > 0:
+            self.mlp = nn.Sequential(
+                nn.Linear(dim, mlp_dim),
+                nn.ReLU(),
+                nn.Dropout(0.0),
+                nn.Linear(mlp_dim, dim),
+                nn.ReLU(),
+            )
+            self.norm2 = nn.LayerNorm(dim)
+
+    def class_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Head-averaged softmax attention of token 0 over all L tokens (L,), O(L) memory."""
+        mha = self.attention
+        length, dim = x.shape
+        heads = mha.num_heads
+        normed = self.norm(x)
+        w_q, w_k, _ = mha.in_proj_weight.chunk(3)
+        b_q, b_k, _ = mha.in_proj_bias.chunk(3)
+        q = F.linear(normed[:1], w_q, b_q).reshape(heads, 1, -1)
+        k = F.linear(normed, w_k, b_k).reshape(length, heads, -1).transpose(0, 1)
+        scores = (q @ k.transpose(-1, -2))[:, 0] / math.sqrt(dim // heads)
+        return torch.softmax(scores, dim=-1).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(x)
+        x = x + self.attention(normed, normed, normed, need_weights=False)[0]
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class TransformerMIL(nn.Module):
+    """Plain transformer MIL with MIL-Lab's keys and forward (``transformer.base``).
+
+    ``patch_embed.0``, ``cls_token`` (1, 1, E), ``blocks.<i>.norm``,
+    ``blocks.<i>.attention.{in_proj_weight,in_proj_bias,out_proj}`` (optionally
+    ``blocks.<i>.mlp.{0,3}`` and ``norm2``), ``norm``, ``classifier`` on the class token. The
+    head count is not in the checkpoint's shapes: MIL-Lab's base value 8 is used. Logits follow
+    MIL-Lab's training path (its ``return_attention=True`` path adds the class token's update to
+    every token in layer 1, so its logits there differ slightly). Full self-attention costs
+    O(N²), hence the bag-size guard. Attention returned: layer 1's head-averaged softmax
+    attention of the class token over the N patches (row 0, columns 1..N).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden_dim: int = 512,
+        num_heads: int = 8,
+        num_attention_layers: int = 2,
+        num_fc_layers: int = 1,
+        encoder_mlp_dim: int = -1,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = _patch_embed(in_dim, hidden_dim, num_fc_layers)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+        self.blocks = nn.ModuleList(
+            _TransformerBlock(hidden_dim, num_heads, encoder_mlp_dim)
+            for _ in range(num_attention_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.cls_token.reshape(1, -1), self.patch_embed(h)])
+        attention = self.blocks[0].class_row(x)[1:]
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(self.norm(x[0])), attention
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return _drop_none(
+            hidden_dim=_shape(state, "model.norm.weight", 0),
+            num_attention_layers=_count(state, r"model\.blocks\.(\d+)\.norm\.weight") or None,
+            num_fc_layers=_n_linear(state, "model.patch_embed"),
+            encoder_mlp_dim=_shape(state, "model.blocks.0.mlp.0.weight", 0) or -1,
         )
 
 
@@ -947,21 +1181,34 @@ def _builder(
     return build
 
 
-for _name, _cls, _limit, _layout, _signature in (
-    ("abmil", ABMIL, None, "mil-lab", ("model.global_attn.",)),
-    ("transmil", TransMIL, None, "clam-heat", ("model.layer1.", "model.pos_layer.")),
-    ("dsmil", DSMIL, None, "clam-heat", ("model.i_classifier.",)),
-    ("ilra", ILRA, None, "clam-heat", ("model.gab_blocks.",)),
-    ("rrt", RRT, 200_000, "clam-heat", ("model.rmsa.",)),
-    ("transformer", TransformerMIL, QUADRATIC_BAG_LIMIT, "clam-heat", ("model.layers.",)),
+for _name, _cls, _limit, _signature, _input_key in (
+    ("abmil", ABMIL, None, ("model.global_attn.",), None),
+    ("transmil", TransMIL, None, ("model.pos_layer.",), None),
+    ("dsmil", DSMIL, None, ("model.i_classifier.", "model.b_classifier."), None),
+    (
+        "ilra",
+        ILRA,
+        None,
+        ("model.gab_blocks.",),
+        "model.gab_blocks.0.project_forward.fc_k.weight",
+    ),
+    ("rrt", RRT, None, ("model.encoder.layer1.", "model.encoder.pool_fn."), None),
+    (
+        "transformer",
+        TransformerMIL,
+        QUADRATIC_BAG_LIMIT,
+        ("model.blocks.0.attention.in_proj_weight",),
+        None,
+    ),
 ):
     register_model(
         _name,
         _builder(_cls, _name, _limit),
         infer_hparams=_cls.infer_hparams,  # type: ignore[attr-defined]
         max_bag_size=_limit,
-        layout=_layout,
+        layout="mil-lab",
         signature=_signature,
+        input_key=_input_key or "model.patch_embed.0.weight",
     )
 
 
@@ -1166,7 +1413,8 @@ def _guess_cause_registry(
         return f"this is a CLAM checkpoint; set model_type: {kind}"
     if kind is not None and kind != choice.name:
         return f"checkpoint looks like {kind}, not {choice.name}; set model_type: {kind}"
-    first = state.get("model.patch_embed.0.weight")
+    spec = _REGISTRY.get(choice.name)
+    first = state.get(spec.input_key if spec is not None else "model.patch_embed.0.weight")
     if first is not None and first.dim() == 2 and first.shape[1] != choice.in_dim:
         source = f"encoder {choice.encoder!r}" if choice.encoder else "model_arguments.embed_dim"
         return f"checkpoint expects {first.shape[1]}-d features, {source} gives {choice.in_dim}"
@@ -1182,7 +1430,6 @@ def _guess_cause_registry(
             f"checkpoint has {head.shape[0]} classes, config n_classes is {n_classes} "
             "(set exp_arguments.n_classes to match)"
         )
-    spec = _REGISTRY.get(choice.name)
     if spec is not None and spec.layout != "mil-lab":
         return (
             f"{choice.name} uses clam-heat's own key layout (see clam_heat.models."

@@ -1,12 +1,17 @@
 """Models: CLAM and MIL-Lab-style attention networks on real torch checkpoints written to disk.
 
 Reference forwards are written here independently (numpy, float64) from the state dict, so a
-layout or maths slip in ``clam_heat.models`` cannot hide behind itself.
+layout or maths slip in ``clam_heat.models`` cannot hide behind itself. For TransMIL, DSMIL,
+ILRA, RRT and Transformer the reference is MIL-Lab itself: ``tests/data/mil_lab/<model>.json``
+holds the state-dict keys and shapes of MIL-Lab's base config and the logits and attention its
+networks give for deterministic weights and bag (each file says how it was produced).
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from clam_heat.models import (
     ClamMB,
     ClamSB,
     MilLabModel,
+    NystromAttention,
     build_model,
     load_checkpoint_state,
     load_model,
@@ -34,10 +40,10 @@ from clam_heat.models import (
 
 SMALL = {
     "abmil": {"hidden_dim": 24, "attn_dim": 12},
-    "transmil": {"hidden_dim": 32, "heads": 4},
-    "dsmil": {"hidden_dim": 24, "q_dim": 8},
-    "ilra": {"hidden_dim": 32, "rank": 6},
-    "rrt": {"hidden_dim": 32, "attn_dim": 12},
+    "transmil": {"hidden_dim": 32, "num_heads": 4},
+    "dsmil": {"hidden_dim": 24, "attn_dim": 8},
+    "ilra": {"hidden_dim": 32, "topk": 6},
+    "rrt": {"hidden_dim": 32, "dim_head": 8, "pool_dim": 12},
     "transformer": {"hidden_dim": 32},
 }
 D = 16  # feature width of the small test bags
@@ -350,35 +356,45 @@ def test_transformer_attention_is_the_class_row_without_itself() -> None:
 def test_transmil_pads_to_a_square_and_slices_back() -> None:
     model = randomise(build_model("transmil", n_classes=2, embed_dim=D, **SMALL["transmil"]))
     seen: list[int] = []
-    model.model.layer1.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    model.model.blocks[0].register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
     for n, tokens in ((50, 65), (49, 50), (1, 2), (300, 325)):  # cls + ceil(sqrt(n))^2
         assert run_attention(model, bag(n)).attention.shape == (n,)
         assert seen[-1] == tokens
-    # Above the landmark count (hidden_dim // 2 = 16) the Nyström path runs. When every segment
-    # of tokens is constant, landmarks equal the tokens and Nyström is exact (up to the
-    # iterative pseudo-inverse), so it must agree with plain softmax attention.
-    attn = build_model("transmil", n_classes=2, embed_dim=D, **SMALL["transmil"]).model.layer1.attn
-    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).repeat_interleave(5, 0)
+
+
+def test_nystrom_is_softmax_attention_when_landmark_groups_are_constant() -> None:
+    """When every group of tokens a landmark averages is constant, the landmarks are the
+    distinct tokens and Nystrom is exact up to the iterative pseudo-inverse: it must agree with
+    plain softmax attention plus the value convolution (written out here)."""
+    attn = NystromAttention(32, heads=4, dim_head=8, landmarks=16).double().eval()
+    randomise(attn)
+    x = torch.randn(16, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x.repeat_interleave(5, 0)  # 80 tokens, 16 landmarks of 5 equal tokens each
     with torch.no_grad():
-        out_nystrom, row_nystrom = attn(x)
-        attn.landmarks = 10_000  # exact softmax branch
-        out_exact, row_exact = attn(x)
-    torch.testing.assert_close(row_nystrom, row_exact, atol=1e-3, rtol=0.05)
-    assert (out_nystrom - out_exact).abs().max() < 0.05 * out_exact.abs().max()
+        got = attn(x)
+        q, k, v = attn.to_qkv(x).reshape(80, 3, 4, 8).permute(1, 2, 0, 3)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+        out = weights @ v + attn.res_conv(v[None])[0]
+        expected = attn.to_out(out.permute(1, 0, 2).reshape(80, 32))
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def test_dsmil_attention_is_the_predicted_class_column() -> None:
-    model = randomise(build_model("dsmil", n_classes=3, embed_dim=D, **SMALL["dsmil"]), seed=7)
+    model = randomise(build_model("dsmil", n_classes=2, embed_dim=D, **SMALL["dsmil"]), seed=7)
     net = model.model
-    assert tuple(net.classifier.weight.shape) == (3, 3, 24)  # Conv1d bag head (C, C, D')
+    assert tuple(net.classifier.weight.shape) == (2, 2, 24)  # Conv1d bag head (C, C, E)
+    assert tuple(net.b_classifier.fcc.weight.shape) == (3, 3, 24)  # MIL-Lab's, unused
     h = bag(25, seed=9)
     out = run_attention(model, h)
     with torch.no_grad():
         e = net.patch_embed(torch.from_numpy(h))
-        q = net.q(e)
-        crit = q[net.i_classifier(e).argmax(0)]
+        q = net.b_classifier.q(e)
+        crit = q[net.i_classifier.inst_classifier(e).argmax(0)]
         a = torch.softmax(q @ crit.T / np.sqrt(q.shape[1]), dim=0)
     np.testing.assert_allclose(out.attention, a[:, out.pred].numpy(), atol=1e-6)
+    with torch.no_grad():
+        net.b_classifier.fcc.weight.fill_(1e3)  # never used, as in MIL-Lab
+    np.testing.assert_array_equal(run_attention(model, h).logits, out.logits)
 
 
 def test_abmil_is_mil_labs_layout_and_forward(tmp_path: Path) -> None:
@@ -544,6 +560,195 @@ def test_nan_weights_give_a_clear_error() -> None:
 
 
 # ============================================================================================
+# MIL-Lab's own layouts and numbers (tests/data/mil_lab/*.json)
+
+MIL_LAB = Path(__file__).parent / "data" / "mil_lab"
+MIL_LAB_MODELS = ("transmil", "dsmil", "ilra", "rrt", "transformer")
+
+
+def mil_lab_fixture(name: str) -> dict:
+    return json.loads((MIL_LAB / f"{name}.json").read_text())
+
+
+def fill_like_fixture(model: nn.Module, fixture: dict) -> nn.Module:
+    """The fixture's ``weights_rule``: tensor j of its state-dict list gets quadratic-residue
+    sines, fan-in scaled for weight matrices, around 1 for LayerNorm weights, small for biases."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for j, (key, _) in enumerate(fixture["state_dict"]):
+            t = state[key]
+            i = torch.arange(t.numel(), dtype=torch.int64)
+            phase = ((7 * i * i + 3 * i + 11 * j) % 1009).double()
+            b = torch.sin(2 * math.pi * phase / 1009).reshape(t.shape)
+            if t.dim() >= 2 and key.endswith("weight"):
+                value = b / math.sqrt(t.numel() / t.shape[0])
+            elif t.dim() == 1 and key.endswith("weight"):
+                value = 1 + 0.1 * b
+            elif t.dim() == 1:
+                value = 0.1 * b
+            else:
+                value = b
+            t.copy_(value)
+    return model.eval()
+
+
+def fixture_bag(n: int = 50, d: int = 1024) -> np.ndarray:
+    """The fixture's ``bag_rule``, float64."""
+    m = np.arange(n, dtype=np.float64)[:, None]
+    k = np.arange(d, dtype=np.float64)[None, :]
+    return np.sin(0.05 * (m + 1) * (k % 97 + 1) + 0.3 * m)
+
+
+def assert_close_to(got: np.ndarray, expected: list[float], rtol: float, what: str) -> None:
+    """Equal up to ``rtol`` of the expected values' largest magnitude."""
+    want = np.asarray(expected, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64).reshape(want.shape)
+    error = float(np.abs(got - want).max() / np.abs(want).max())
+    assert error < rtol, f"{what}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", MIL_LAB_MODELS)
+def test_base_model_has_mil_labs_exact_keys_and_shapes(name: str) -> None:
+    """Built with no size arguments, each model is MIL-Lab's base config, key for key."""
+    fixture = mil_lab_fixture(name)
+    model = build_model(name, n_classes=fixture["config"]["num_classes"], embed_dim=1024)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == dict(fixture["state_dict"])
+
+
+@pytest.mark.parametrize("name", MIL_LAB_MODELS)
+def test_logits_and_attention_match_mil_lab(name: str) -> None:
+    """Same weights, same bag: MIL-Lab's logits and per-patch attention (float64, to the
+    fixture's 7 significant digits), also for a bag larger than the Nystrom landmark count."""
+    fixture = mil_lab_fixture(name)
+    model = build_model(name, n_classes=fixture["config"]["num_classes"], embed_dim=1024)
+    fill_like_fixture(model.double(), fixture)
+    for suffix, n in (("", 50), ("_m300", 300)):
+        if f"logits{suffix}" not in fixture:
+            continue
+        with torch.no_grad():
+            logits, attention = model(torch.from_numpy(fixture_bag(n)))
+        assert attention.shape == (n,)
+        assert_close_to(logits.numpy(), fixture[f"logits{suffix}"], 1e-6, f"{name} logits")
+        assert_close_to(attention.numpy(), fixture[f"attention{suffix}"], 1e-6, f"{name} attn")
+
+
+def test_mil_lab_quirks_recorded_in_the_fixtures() -> None:
+    """What the fixtures say MIL-Lab returns, and how the heatmap score is taken from it."""
+    transmil, dsmil = mil_lab_fixture("transmil"), mil_lab_fixture("dsmil")
+    assert transmil["attention_raw_shape"] == [1, 64]  # ceil(sqrt(50))^2 tokens, padding last
+    assert transmil["attention"] == transmil["attention_raw"][:50]
+    assert dsmil["attention_raw_shape"] == [1, 50, 2]
+    columns = np.asarray(dsmil["attention_raw"]).reshape(50, 2)
+    np.testing.assert_allclose(columns.sum(axis=0), 1, atol=1e-6)
+    np.testing.assert_array_equal(columns[:, dsmil["pred"]], dsmil["attention"])
+    assert dsmil["pred"] == int(np.argmax(dsmil["logits"]))
+    for name in ("ilra", "rrt"):
+        assert abs(sum(mil_lab_fixture(name)["attention"]) - 1) < 1e-5
+    transformer = mil_lab_fixture("transformer")
+    assert transformer["attention_raw_shape"] == [1, 51, 51]
+    assert transformer["logits"] != transformer["logits_with_return_attention"]
+
+
+@pytest.mark.parametrize("name", MIL_LAB_MODELS)
+@pytest.mark.parametrize("prefix", ["model.", "module.model.", "module."])
+def test_mil_lab_checkpoint_loads_strictly_and_infers_its_sizes(
+    tmp_path: Path, name: str, prefix: str
+) -> None:
+    """A MIL-Lab checkpoint (float32, as saved; DataParallel or not; or saved from the inner
+    network) loads through the public path with sizes read from its shapes, and scores the
+    fixture bag as MIL-Lab does."""
+    fixture = mil_lab_fixture(name)
+    n_classes = fixture["config"]["num_classes"]
+    reference = fill_like_fixture(
+        build_model(name, n_classes=n_classes, embed_dim=1024).double(), fixture
+    )
+    state = {
+        prefix + key[len("model.") :]: value.float()
+        for key, value in reference.state_dict().items()
+    }
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = load_model(
+        tmp_path / "ckpt.pt", f"{name}.base.uni.none", n_classes=n_classes, embed_dim=1024
+    )
+    out = run_attention(loaded, fixture_bag().astype(np.float32))
+    assert out.attention.shape == (50,) and out.attention.dtype == np.float32
+    assert_close_to(out.logits, fixture["logits"], 1e-4, f"{name} logits")
+    assert_close_to(out.attention, fixture["attention"], 1e-4, f"{name} attention")
+    assert out.pred == int(np.argmax(fixture["logits"]))
+
+
+NON_BASE = {
+    "transmil": {"hidden_dim": 32, "num_heads": 8, "num_attention_layers": 3, "num_fc_layers": 2},
+    "dsmil": {"hidden_dim": 24, "attn_dim": 8, "num_fc_layers": 2},
+    "ilra": {"hidden_dim": 32, "topk": 5, "num_attention_layers": 3, "ln": False},
+    "rrt": {
+        "hidden_dim": 32,
+        "num_heads": 4,
+        "dim_head": 8,
+        "n_layers": 3,
+        "pool_dim": 12,
+        "pool_gated": True,
+        "pool_bias": True,
+        "ffn_dim": 64,
+        "pos": "peg",
+        "pos_kernel": 5,
+    },
+    "transformer": {
+        "hidden_dim": 32,
+        "num_attention_layers": 3,
+        "num_fc_layers": 2,
+        "encoder_mlp_dim": 20,
+    },
+}
+
+
+@pytest.mark.parametrize("name", MIL_LAB_MODELS)
+def test_non_base_sizes_are_read_back_from_the_shapes(tmp_path: Path, name: str) -> None:
+    """Depth, heads, widths and optional parts are recovered from a checkpoint's shapes."""
+    model = randomise(build_model(name, n_classes=2, embed_dim=D, **NON_BASE[name]), seed=3)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", name, n_classes=2, embed_dim=D)
+    assert repr(loaded) == repr(model)
+    h = bag(30, seed=5)
+    np.testing.assert_array_equal(
+        run_attention(loaded, h).attention, run_attention(model, h).attention
+    )
+
+
+def test_another_architectures_key_gives_a_one_line_error(tmp_path: Path) -> None:
+    ilra = build_model("ilra", n_classes=2, embed_dim=D, **SMALL["ilra"])
+    torch.save(ilra.state_dict(), tmp_path / "ilra.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "ilra.pt", "rrt", n_classes=2, embed_dim=D)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'ilra.pt'}: does not fit rrt (")
+    assert message.endswith(
+        "likely cause: checkpoint looks like ilra, not rrt; set model_type: ilra"
+    )
+
+    transmil = build_model("transmil", n_classes=2, embed_dim=D, **SMALL["transmil"]).state_dict()
+    transmil["model.layer1.norm.weight"] = torch.ones(32)  # clam-heat's old TransMIL layout
+    torch.save(transmil, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "t.pt", "transmil", n_classes=2, embed_dim=D)
+    assert str(err.value) == (
+        f"{tmp_path / 't.pt'}: does not fit transmil (unexpected model.layer1.norm.weight); "
+        "likely cause: check model_type, embed_dim and n_classes"
+    )
+
+
+def test_ilra_feature_width_mismatch_names_both_numbers(tmp_path: Path) -> None:
+    """ILRA has no patch_embed: its first block's key projection carries the feature width."""
+    ilra = build_model("ilra", n_classes=2, embed_dim=D, **SMALL["ilra"])
+    torch.save(ilra.state_dict(), tmp_path / "ilra.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "ilra.pt", "ilra", n_classes=2, embed_dim=24)
+    assert str(err.value).endswith(
+        "likely cause: checkpoint expects 16-d features, model_arguments.embed_dim gives 24"
+    )
+
+
+# ============================================================================================
 # attention ranks sensibly after a little training
 
 
@@ -571,10 +776,18 @@ def test_signal_patches_rank_top_after_training(tmp_path: Path, name: str) -> No
     The seed is fixed (one thread, so deterministic): over other seeds most models pass too, but
     CLAM_MB without CLAM's instance loss, and RRT, sometimes learn the evidence as *low*
     attention (or in the other class's branch) -- a property of the training, not of inference.
+    RRT (MIL-Lab's: Nystrom layers then attention pooling) ranks the signal high but less
+    sharply: its signal patches must average a rank in the top quarter. It trains with 16
+    Nystrom landmarks instead of MIL-Lab's fixed 256 (which the loader always uses), else this
+    test alone would take minutes, and is reloaded into the same 16-landmark network.
+    TransMIL's score is MIL-Lab's, each token's dot product with the class token: not a pooling
+    weight, its sign is not fixed by training, and here it does not single out the signal
+    patches (they drift to the lower half), so only its predictions are checked.
     """
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = build_model(name, n_classes=2, embed_dim=D, **SMALL.get(name, {}))
+    extra: dict[str, int] = {"landmarks": 16} if name == "rrt" else {}
+    model = build_model(name, n_classes=2, embed_dim=D, **SMALL.get(name, {}), **extra)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for step in range(300):
@@ -587,13 +800,22 @@ def test_signal_patches_rank_top_after_training(tmp_path: Path, name: str) -> No
         loss.backward()
         optimiser.step()
     torch.save(model.state_dict(), tmp_path / "trained.pt")
-    loaded = load_model(tmp_path / "trained.pt", name, n_classes=2, embed_dim=D)
-    hits, preds = [], []
+    if extra:
+        loaded = build_model(name, n_classes=2, embed_dim=D, **SMALL[name], **extra).eval()
+        loaded.load_state_dict(load_checkpoint_state(tmp_path / "trained.pt"), strict=True)
+    else:
+        loaded = load_model(tmp_path / "trained.pt", name, n_classes=2, embed_dim=D)
+    hits, ranks, preds = [], [], []
     for _ in range(8):
         h, idx = signal_bag(rng, True)
         out = run_attention(loaded, h)
-        hits.append(len(set(np.argsort(-out.attention)[:4]) & set(idx)))
+        order = np.argsort(-out.attention)
+        hits.append(len(set(order[:4]) & set(idx)))
+        ranks.append(float(np.mean(np.argsort(order)[idx])))  # 0 = highest attention
         preds.append(out.pred)
     negatives = [run_attention(loaded, signal_bag(rng, False)[0]).pred for _ in range(4)]
-    assert np.mean(hits) >= 3, hits  # of the 4 signal patches, on average 3+ in the top 4
+    if name == "rrt":
+        assert np.mean(ranks) < 10, ranks  # of 40 patches: top quarter on average
+    elif name != "transmil":
+        assert np.mean(hits) >= 3, hits  # of the 4 signal patches, on average 3+ in the top 4
     assert preds.count(1) >= 7 and negatives.count(0) >= 3, (preds, negatives)
