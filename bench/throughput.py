@@ -2,6 +2,7 @@
 
     python bench/throughput.py             # 8 large (40000x30000) demo slides, 1 and 2 workers
     python bench/throughput.py --slides 8 --size small --workers 1 2 4 --json out.json
+    python bench/throughput.py --set heatmap_arguments.vis_level=1   # CLAM template's heatmap level
 
 Every configuration runs the full pipeline (segment -> infer -> heatmap -> sample) from scratch in
 the same folder (outputs removed in between, so absolute paths inside outputs match), and the
@@ -154,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         "--folder", type=Path, default=Path(tempfile.gettempdir()) / "clam_heat_bench"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="BLOCK.KEY=VALUE",
+        help="config override, as `clam-heat run --set` (e.g. heatmap_arguments.vis_level=1)",
+    )
     args = parser.parse_args(argv)
 
     from clam_heat.config import load_config
@@ -168,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         f"exp_arguments.raw_save_dir={out / 'heatmap_raw_results'}",
         f"exp_arguments.production_save_dir={out / 'heatmap_production_results'}",
         f"runner_arguments.results_dir={results}",
+        *args.set,
     ]
     cfg = load_config(project.config_path, overrides=overrides)
     pristine = project.process_list_path.read_bytes()
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "slides": n,
         "size": args.size,
         "cores": available_cores(),
+        "overrides": args.set,
         "load_average_1min": round(os.getloadavg()[0], 2),
         "free_cores_before": round(_free_cores(), 2),
     }

@@ -202,6 +202,86 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def quick(
+    ckpt: Annotated[
+        Path, typer.Option("--ckpt", help="Trained model state dict (CLAM s_<fold>_checkpoint.pt).")
+    ],
+    h5_dir: Annotated[
+        Path,
+        typer.Option("--h5-dir", help="Feature files <slide_id>.h5 (TRIDENT or CLAM)."),
+    ],
+    slide_dir: Annotated[Path, typer.Option("--slide-dir", help="Folder of the slides.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (config.yaml, process list, heatmaps).")
+    ],
+    model_type: Annotated[
+        str, typer.Option("--model-type", help="clam_sb, clam_mb, abmil, a MIL-Lab name, ...")
+    ] = "clam_sb",
+    model_size: Annotated[str, typer.Option("--model-size", help="small or big.")] = "small",
+    n_classes: Annotated[
+        int | None,
+        typer.Option("--n-classes", min=2, help="Classes (default: read from the checkpoint)."),
+    ] = None,
+    embed_dim: Annotated[
+        int | None,
+        typer.Option("--embed-dim", min=1, help="Feature width (default: read from the H5s)."),
+    ] = None,
+    slide_ext: Annotated[
+        str | None,
+        typer.Option("--slide-ext", help="Slide extension (default: the one the slides share)."),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="CSV slide_id,label (default: no labels).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Local worker processes.")] = 1,
+    set_: SetOpt = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Write config.yaml and the list; print what would run."),
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run without YAML: infer the config from the files, save it as OUT/config.yaml, run it."""
+    import functools
+
+    from .executors import make_executor
+    from .quick import QuickOptions, prepare_quick
+    from .runner import run_pipeline
+
+    options = QuickOptions(
+        ckpt=ckpt,
+        h5_dir=h5_dir,
+        slide_dir=slide_dir,
+        out=out,
+        model_type=model_type,
+        model_size=model_size,
+        n_classes=n_classes,
+        embed_dim=embed_dim,
+        slide_ext=slide_ext,
+        labels=labels,
+        workers=workers,
+        sets=set_ or [],
+    )
+    try:
+        plan = prepare_quick(options)
+        pool = make_executor(workers=plan.config.runner_arguments.workers)
+    except ClamHeatError as err:
+        _fail(err)
+    for line in plan.warnings:
+        typer.echo(f"warning: {line}", err=True)
+    typer.echo(f"config: {plan.config_path} (same run: clam-heat run {plan.config_path})")
+    runner = functools.partial(run_pipeline, executor=pool)
+    summary = _run_with_progress(
+        plan.config, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
+    )
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 def _run_with_progress(
     cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bool, runner: Any
 ) -> Any:

@@ -1028,15 +1028,24 @@ def load_config(
 
 
 def config_from_dict(
-    data: dict[str, Any], *, base_dir: Path | None = None, source: str = "<dict>"
+    data: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    source: str = "<dict>",
+    overrides: Sequence[str] = (),
+    flag_values: Sequence[tuple[str, str, Any, str]] = (),
 ) -> HeatmapConfig:
     """Check a config given as a dict (as ``yaml.safe_load`` would return it).
 
     Relative paths resolve against ``base_dir`` if they exist there, else the CWD; problems are
-    named ``<source> key.path = value: rule``.
+    named ``<source> key.path = value: rule``. ``overrides`` are ``--set`` strings, as for
+    :func:`load_config`; ``flag_values`` are ``(block, key, value, flag text)`` settings made by
+    command-line flags, whose problems are reported against the flag (``--model-type x: ...``).
     """
     problems = _Problems(source)
     base = Path(base_dir).absolute() if base_dir is not None else Path.cwd()
-    return _build(
-        dict(data) if isinstance(data, Mapping) else data, problems, base_dir=base, source_path=None
-    )
+    raw = dict(data) if isinstance(data, Mapping) else data
+    if isinstance(raw, dict):
+        for order, (block, key, value, text) in enumerate(flag_values):
+            _set_override(raw, problems, (block, key), value, text, 80 + order)
+    return _build(raw, problems, base_dir=base, source_path=None, overrides=overrides)

@@ -70,6 +70,7 @@ __all__ = [
     "TransMIL",
     "TransformerMIL",
     "build_model",
+    "checkpoint_n_classes",
     "clam_state_dict_from_mil_lab",
     "clean_clam_state_dict",
     "load_checkpoint_state",
@@ -1402,6 +1403,40 @@ def _checkpoint_classes(state: Mapping[str, torch.Tensor]) -> int | None:
         return n_mb
     n_inst = _count(state, r"instance_classifiers\.(\d+)\.weight")
     return n_inst or None
+
+
+#: MIL-Lab heads whose first dimension is the class count (DSMIL's bag head is a 3-d Conv1d
+#: weight of (C, C, D); its instance head is the plain one).
+_MIL_LAB_HEADS = ("model.classifier.weight", "model.i_classifier.inst_classifier.weight")
+
+
+def checkpoint_n_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Class count of a checkpoint, read from its classifier head; None when no head is known.
+
+    Works on CLAM (single- and multi-branch, DataParallel ``module.`` or ``.module`` included)
+    and MIL-Lab layouts, so flag-only runs need no ``--n-classes``.
+
+    >>> import torch
+    >>> checkpoint_n_classes({"module.classifiers.weight": torch.zeros(3, 256)})
+    3
+    >>> checkpoint_n_classes({"model.classifier.weight": torch.zeros(4, 512)})
+    4
+    >>> checkpoint_n_classes({"attention_net.0.weight": torch.zeros(8, 8)}) is None
+    True
+    """
+    found = _checkpoint_classes(clean_clam_state_dict(_strip_module_prefix(state)))
+    if found is not None:
+        return found
+    mil_lab = normalise_mil_lab_state_dict(state)
+    for key in _MIL_LAB_HEADS:
+        head = mil_lab.get(key)
+        if head is not None and head.dim() >= 2:
+            return int(head.shape[0])
+    return None
+
+
+def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _guess_cause_registry(

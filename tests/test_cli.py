@@ -17,7 +17,7 @@ runner = CliRunner()
 def test_help_lists_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("validate", "list", "run", "status", "demo"):
+    for command in ("validate", "list", "run", "quick", "status", "merge", "demo"):
         assert command in result.output
 
 

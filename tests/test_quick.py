@@ -1,0 +1,214 @@
+"""`clam-heat quick`: flags instead of YAML, on the generated demo project (CliRunner)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clam_heat.cli import app
+from clam_heat.config import load_config
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def inputs(demo_source: Path, tmp_path: Path) -> dict[str, Path]:
+    """Two slides with features, one H5 without a slide, one slide without an H5."""
+    src = demo_source
+    ckpt = tmp_path / "ckpts" / "s_0_checkpoint.pt"
+    feats, slides = tmp_path / "features", tmp_path / "slides"
+    for folder in (ckpt.parent, feats, slides):
+        folder.mkdir()
+    shutil.copy(src / "ckpts" / "s_0_checkpoint.pt", ckpt)
+    for sid in ("demo_000", "demo_001", "demo_002"):
+        shutil.copy(src / "features" / f"{sid}.h5", feats)
+    for sid in ("demo_000", "demo_001", "demo_004"):
+        shutil.copy(src / "slides" / f"{sid}.tiff", slides)
+    (slides / "README.txt").write_text("not a slide")
+    return {"ckpt": ckpt, "h5": feats, "slides": slides, "out": tmp_path / "out"}
+
+
+def _quick(paths: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "quick",
+        "--ckpt",
+        str(paths["ckpt"]),
+        "--h5-dir",
+        str(paths["h5"]),
+        "--slide-dir",
+        str(paths["slides"]),
+        "--out",
+        str(paths["out"]),
+        "-q",
+        *extra,
+    ]
+
+
+def _ledgers(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*.ledger.json")}
+
+
+def test_quick_runs_matched_slides_and_saves_a_config_run_reuses(inputs: dict[str, Path]) -> None:
+    out = inputs["out"]
+    first = runner.invoke(app, _quick(inputs))
+    assert first.exit_code == 0, first.output
+    assert "rows: 2 done" in first.output
+    assert (
+        f"warning: 1 H5 file(s) in {inputs['h5']} have no '*.tiff' slide in {inputs['slides']}, "
+        "skipped: demo_002" in first.output
+    )
+    assert (
+        f"warning: 1 slide(s) in {inputs['slides']} have no H5 in {inputs['h5']}, skipped: "
+        "demo_004" in first.output
+    )
+    prod = out / "heatmap_production_results" / "quick" / "Unspecified"
+    for sid in ("demo_000", "demo_001"):
+        assert len(list(prod.glob(f"{sid}_0.5_roi_0_blur_0_rs_1_bc_0_a_0.4_l_1_*.jpg"))) == 1
+        assert (prod / f"{sid}_orig_1.jpg").is_file()
+        sampled = list((prod.parent / "sampled_patches").glob(f"*/topk_high_attention/*_{sid}_*"))
+        assert len(sampled) == 15
+    plist = pd.read_csv(out / "process_list.csv", dtype={"slide_id": str})
+    assert plist["slide_id"].tolist() == ["demo_000", "demo_001"]
+    assert (plist["status"] == "done").all()
+    assert (out / "results" / "process_list.csv").is_file()
+
+    # the saved config is a normal config: inferred values, validates, and `run` has nothing to do
+    cfg = load_config(out / "config.yaml")
+    assert cfg.model_arguments.embed_dim == 64 and cfg.exp_arguments.n_classes == 2
+    assert cfg.data_arguments.slide_ext == ".tiff"
+    assert cfg.runner_arguments.features_dir == inputs["h5"]
+    assert cfg.data_arguments.data_dir == inputs["slides"]
+    assert cfg.exp_arguments.raw_save_dir == out / "heatmap_raw_results"
+    assert runner.invoke(app, ["validate", str(out / "config.yaml")]).exit_code == 0
+    before = _ledgers(out)
+    assert len(before) == 2
+    again = runner.invoke(app, ["run", str(out / "config.yaml"), "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "rows: 2 done" in again.output and "time per stage" not in again.output
+
+    # the same quick command resumes: no stage reruns, config untouched
+    text = (out / "config.yaml").read_text()
+    rerun = runner.invoke(app, _quick(inputs))
+    assert rerun.exit_code == 0, rerun.output
+    assert "time per stage" not in rerun.output
+    assert _ledgers(out) == before and (out / "config.yaml").read_text() == text
+
+    # a flag that matters reruns only the stage it affects, and lands in config.yaml
+    dry = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.5", "--dry-run"))
+    assert "demo_000: segment: up to date; infer: up to date; heatmap: changed: " in dry.output
+    alpha = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.5"))
+    assert alpha.exit_code == 0, alpha.output
+    stage_line = next(t for t in alpha.output.splitlines() if t.startswith("time per stage"))
+    assert re.fullmatch(r"time per stage: heatmap \d+\.\ds", stage_line), stage_line
+    assert load_config(out / "config.yaml").heatmap_arguments.alpha == 0.5
+
+
+def test_quick_labels_and_replaced_config(inputs: dict[str, Path], demo_source: Path) -> None:
+    labels = inputs["out"].parent / "labels.csv"
+    labels.write_text("slide_id,label\ndemo_000.tiff,tumour\ndemo_001,normal\n")
+    result = runner.invoke(app, _quick(inputs, "--labels", str(labels)))
+    assert result.exit_code == 0, result.output
+    assert (
+        f"warning: label_dict guessed from {labels} in sorted order {{normal: 0, tumour: 1}}"
+        in result.output
+    )
+    prod = inputs["out"] / "heatmap_production_results" / "quick"
+    assert (prod / "tumour" / "demo_000_orig_1.jpg").is_file()
+    assert (prod / "normal" / "demo_001_orig_1.jpg").is_file()
+    cfg = load_config(inputs["out"] / "config.yaml")
+    assert cfg.data_arguments.label_dict == {"normal": 0, "tumour": 1}
+
+    # changed labels win over the ones already in the list (the slides move to new folders)
+    labels.write_text("slide_id,label\ndemo_000,normal\ndemo_001,tumour\n")
+    swapped = runner.invoke(app, _quick(inputs, "--labels", str(labels), "--dry-run"))
+    assert swapped.exit_code == 0, swapped.output
+    plist = pd.read_csv(inputs["out"] / "process_list.csv", dtype={"slide_id": str})
+    assert plist.set_index("slide_id")["label"].to_dict() == {
+        "demo_000": "normal",
+        "demo_001": "tumour",
+    }
+    assert "demo_000: segment: no previous run" in swapped.output
+
+    # other inputs into the same OUT: the config is replaced, with one line saying so
+    other = inputs["h5"].parent / "features_copy"
+    shutil.copytree(inputs["h5"], other)
+    moved = runner.invoke(app, _quick({**inputs, "h5": other}, "--dry-run"))
+    assert moved.exit_code == 0, moved.output
+    assert (
+        f"warning: {inputs['out'] / 'config.yaml'}: replacing a config for other inputs "
+        f"(runner_arguments.features_dir {inputs['h5']} -> {other})" in moved.output
+    )
+    assert load_config(inputs["out"] / "config.yaml").runner_arguments.features_dir == other
+
+
+def _headless_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "headless.pt"
+    torch.save({"attention_net.0.weight": torch.zeros(8, 64)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda p: {**p, "ckpt": p["ckpt"].with_name("nope.pt")},
+            "error: --ckpt {ckpt}: no such file; pass your trained model's state dict (CLAM "
+            "s_<fold>_checkpoint.pt)",
+        ),
+        (
+            lambda p: {**p, "h5": p["slides"]},
+            "error: --h5-dir {h5}: no .h5 files (nor in {h5}/h5_files); pass the folder holding "
+            "<slide_id>.h5 feature files (TRIDENT features_<encoder>/ or CLAM's feat_dir)",
+        ),
+        (
+            lambda p: {**p, "ckpt": _headless_checkpoint(p["out"].parent)},
+            "error: --ckpt {ckpt}: cannot read the number of classes (no classifier head we "
+            "know); pass --n-classes",
+        ),
+    ],
+    ids=["missing-ckpt", "no-h5", "headless-ckpt"],
+)
+def test_quick_bad_inputs_exit_2_naming_the_path(
+    inputs: dict[str, Path], change, message: str
+) -> None:
+    paths = change(inputs)
+    result = runner.invoke(app, _quick(paths))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == message.format(**paths)
+    assert not (inputs["out"] / "config.yaml").exists()
+
+
+def test_quick_wrong_embed_dim_names_the_h5_and_its_width(inputs: dict[str, Path]) -> None:
+    result = runner.invoke(app, _quick(inputs, "--embed-dim", "128"))
+    assert result.exit_code == 2
+    h5 = inputs["h5"] / "demo_000.h5"
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: --embed-dim 128 does not match {h5}: 'features' is 64 wide; drop --embed-dim "
+        "or pass --h5-dir with the model's features"
+    )
+    ok = runner.invoke(app, _quick(inputs, "--embed-dim", "64", "--n-classes", "2", "--dry-run"))
+    assert ok.exit_code == 0, ok.output
+    wrong = runner.invoke(app, _quick(inputs, "--n-classes", "3", "--dry-run"))
+    assert wrong.exit_code == 2
+    assert f"--n-classes 3 does not match --ckpt {inputs['ckpt']}: its classifier has 2" in (
+        wrong.output
+    )
+
+
+def test_quick_ambiguous_slide_extension_asks_for_slide_ext(inputs: dict[str, Path]) -> None:
+    shutil.copy(inputs["slides"] / "demo_001.tiff", inputs["slides"] / "demo_002.svs")
+    result = runner.invoke(app, _quick(inputs))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --slide-dir: the slides matching the H5 files have 2 extensions (.svs: demo_002; "
+        ".tiff: demo_000, demo_001); pass --slide-ext to pick one"
+    )
+    picked = runner.invoke(app, _quick(inputs, "--slide-ext", ".svs", "--dry-run"))
+    assert picked.exit_code == 0, picked.output
+    assert "demo_002: segment: no previous run" in picked.output
