@@ -220,7 +220,7 @@ def _preload() -> None:
 
 
 def _start_method() -> str:
-    """``forkserver`` where the platform has it, else ``spawn``; never plain ``fork``.
+    """``forkserver`` on Linux, else ``spawn``; never plain ``fork``.
 
     Why: importing torch and the stage modules costs ~1.5 CPU seconds per process. A fork server
     imports them once (before any thread pool or CUDA context exists, so forking it is safe) and
@@ -228,8 +228,10 @@ def _start_method() -> str:
     importing them again. On 2 cores that start-up was a third of an 8-slide run.
     """
     import multiprocessing
+    import sys
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
+    # macOS system frameworks are not safe to use in a forked child; Windows has no fork at all
+    if not sys.platform.startswith("linux"):  # pragma: no cover - Linux CI
         return "spawn"
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(_STAGE_MODULES))
     return "forkserver"
