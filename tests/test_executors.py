@@ -323,6 +323,8 @@ def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
     pids = local_pool.pids
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert local_pool.threads == max(1, ex.available_cores() // 2)
+    if sys.platform.startswith("linux"):  # forked from the preloaded server, not spawned
+        assert {type(w.process).__name__ for w in local_pool._pool} == {"ForkServerProcess"}
     settings = local_pool.worker_settings  # what each worker process really runs with
     assert len(settings) == 2
     for reported in settings:
@@ -362,6 +364,19 @@ def test_workers_that_die_before_starting_fail_fast(tmp_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def test_spawned_workers_where_there_is_no_fork_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """macOS/Windows path: workers are spawned (they import everything themselves) and work."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert ex._start_method() == "spawn"
+    with LocalExecutor(1) as pool:
+        (worker,) = pool._pool
+        assert type(worker.process).__name__ == "SpawnProcess"
+        outcomes = list(pool.map_rows([_ctx("s0", tmp_path)], ()))
+    assert [o.status for o in outcomes] == ["done"]
 
 
 def test_shipped_contexts_carry_no_open_slide() -> None:
