@@ -81,8 +81,8 @@ PRESET_KEYS = SEG_KEYS + FILTER_KEYS + VIS_KEYS + PATCH_KEYS
 #: 'processed') verbatim.
 STATUSES = ("tbp", "running", "done", "failed", "skipped")
 
-#: The presets shipped with clam-heat (CLAM's three), at the repository root.
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+#: The presets shipped with clam-heat (CLAM's three), as package data so that any install has them.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 _Kind = Literal["int", "float", "bool", "str", "ids"]
 

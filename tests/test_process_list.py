@@ -661,3 +661,29 @@ def test_hand_edited_status_in_csv_text_survives_rebuild(tmp_path: Path) -> None
     edited = path.read_bytes()
     df, _ = build(tmp_path, tmp_path / "s")
     assert df["status"].tolist() == ["tbp", "done"] and path.read_bytes() == edited
+
+
+def test_presets_ship_inside_the_wheel(tmp_path: Path) -> None:
+    """A non-editable install must find CLAM's template preset without a checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy, so that the build leaves the checkout untouched
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    shutil.copytree(
+        root / "clam_heat", source / "clam_heat", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(source)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("clam_heat-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in SPEC_PRESETS:
+        assert f"clam_heat/presets/{name}.csv" in names
