@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import ClamHeatError
+from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
     add_completion=False,
@@ -387,6 +387,53 @@ def merge(
     )
     if report.results_csv:
         typer.echo(f"results: {report.results_csv}")
+
+
+@app.command()
+def view(
+    config: ConfigArg,
+    save_exp_code: SaveExpOpt = None,
+    set_: SetOpt = None,
+    slide: Annotated[
+        str | None, typer.Option("--slide", help="Open this slide_id first (default: the list).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0 to share on a network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, help="Port; 0 picks a free one.")] = 8765,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the page in the default web browser.")
+    ] = False,
+) -> None:
+    """Serve the run's slides and heatmaps side by side, panning and zooming together."""
+    from .viewer import ViewerServer, viewer_entries
+
+    try:
+        cfg = _load(config, save_exp_code, None, set_)
+        entries = viewer_entries(cfg)
+        if slide is not None and slide not in {e.slide_id for e in entries}:
+            raise ProcessListError(
+                f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
+            )
+        server = ViewerServer(
+            entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
+            run_hint=f"clam-heat run {config}",
+        )  # fmt: skip
+    except ClamHeatError as err:
+        _fail(err)
+    url = server.url + (f"view/{slide}" if slide else "")
+    drawn = sum(e.heatmap_path is not None for e in entries)
+    typer.echo(f"viewer: {url} ({len(entries)} slides, {drawn} with heatmaps; Ctrl-C to stop)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 @app.command()

@@ -527,22 +527,31 @@ def _vis_level(ctx: RowContext, configured: int) -> int:
     return configured if configured >= 0 else ctx.slide().best_level_for_downsample(32)
 
 
+def production_heatmap_path(ctx: RowContext) -> Path:
+    """Where the ``heatmap`` stage writes the row's production heatmap (CLAM's long name)."""
+    from .heatmap import production_heatmap_name
+
+    overlap = ctx.cfg.patching_arguments.overlap
+    name = production_heatmap_name(ctx.slide_id, ctx.cfg.block("heatmap_arguments"), overlap)
+    return ctx.production_dir / name
+
+
+def pyramid_heatmap_path(ctx: RowContext) -> Path:
+    """Where the ``heatmap`` stage writes the pyramidal TIFF (``write_pyramid_tiff``)."""
+    return ctx.production_dir / f"{ctx.slide_id}_heatmap_pyramid.tiff"
+
+
 def _heatmap_outputs(ctx: RowContext) -> list[Path]:
-    from .heatmap import blockmap_name, orig_name, production_heatmap_name
+    from .heatmap import blockmap_name, orig_name
 
     hm = ctx.cfg.heatmap_arguments
-    overlap = ctx.cfg.patching_arguments.overlap
-    outs = [
-        ctx.raw_dir / blockmap_name(ctx.slide_id),
-        ctx.production_dir
-        / production_heatmap_name(ctx.slide_id, ctx.cfg.block("heatmap_arguments"), overlap),
-    ]
+    outs = [ctx.raw_dir / blockmap_name(ctx.slide_id), production_heatmap_path(ctx)]
     if hm.save_orig:
         level = hm.vis_level if hm.vis_level >= 0 else _vis_level(ctx, -1)
         outs.append(ctx.production_dir / orig_name(ctx.slide_id, level, hm.save_ext))
     runner = ctx.cfg.runner_arguments
     if runner.write_pyramid_tiff:
-        outs.append(ctx.production_dir / f"{ctx.slide_id}_heatmap_pyramid.tiff")
+        outs.append(pyramid_heatmap_path(ctx))
     if runner.write_geojson:
         outs.append(ctx.production_dir / f"{ctx.slide_id}_attention.geojson")
     return outs
@@ -595,7 +604,7 @@ def _heatmap_run(ctx: RowContext) -> StageRun:
     if hm.calc_heatmap:
         scores, coords, patch_l0 = _read_blockmap(_overlap_path(ctx))
         use_percentiles = not hm.use_ref_scores
-    pyramid = ctx.production_dir / f"{ctx.slide_id}_heatmap_pyramid.tiff"
+    pyramid = pyramid_heatmap_path(ctx)
     spec = HeatmapSpec(
         vis_level=level,
         alpha=hm.alpha,

@@ -1,0 +1,416 @@
+"""The side-by-side viewer: entries, tile server, CLI, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from clam_heat.config import load_config
+from clam_heat.errors import OutputError
+from clam_heat.runner import run_pipeline
+from clam_heat.slide import open_slide
+from clam_heat.viewer import (
+    TILE_SIZE,
+    ViewerServer,
+    open_heatmap_layer,
+    serving,
+    viewer_entries,
+)
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture(scope="module")
+def viewed_run(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) -> Path:
+    """A finished demo run (config path); shared by this module's tests, which only read it."""
+    folder = tmp_path_factory.mktemp("viewer") / "demo"
+    shutil.copytree(demo_source, folder)
+    config = folder / "config.yaml"
+    assert run_pipeline(load_config(config)).ok
+    return config
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+# ------------------------------------------------------------------------------ entries, tiles
+
+
+def test_entries_point_at_the_runs_heatmaps(viewed_run: Path) -> None:
+    entries = viewer_entries(load_config(viewed_run))
+    assert [e.slide_id for e in entries] == [f"demo_00{i}" for i in range(5)]
+    for entry in entries:
+        assert entry.status == "done" and entry.slide_path.is_file()
+        assert entry.heatmap_path == entry.expected_heatmap
+        assert entry.heatmap_path.name.startswith(f"{entry.slide_id}_0.0_roi_0_")
+        assert entry.details["Pred_0"] in ("tumour", "normal")
+
+
+def test_pyramid_tiff_is_preferred_and_streamed(demo_project: Path) -> None:
+    cfg = load_config(demo_project, overrides=["runner_arguments.write_pyramid_tiff=true"])
+    assert run_pipeline(cfg).ok
+    entry = viewer_entries(cfg)[0]
+    assert entry.heatmap_path.name == f"{entry.slide_id}_heatmap_pyramid.tiff"
+    with open_slide(entry.slide_path) as slide:
+        layer = open_heatmap_layer(entry.heatmap_path, slide.dimensions)
+    production = cv2.cvtColor(cv2.imread(str(entry.expected_heatmap)), cv2.COLOR_BGR2RGB)
+    assert type(layer.slide).__name__ == "OpenSlideSlide"  # tiles come from disk
+    tile = layer.tile(0, 0, 0)
+    h, w = tile.shape[:2]
+    assert _mad(tile, production[:h, :w]) < 4  # both are JPEG encodings of one rendering
+    layer.close()
+
+
+def test_slide_and_heatmap_tiles_are_the_files_pixels(viewed_run: Path) -> None:
+    entries = viewer_entries(load_config(viewed_run))
+    entry = entries[0]
+    with serving(entries, port=0) as server, open_slide(entry.slide_path) as slide:
+        info = json.loads(_get(server.url + f"api/slides/{entry.slide_id}")[1])
+        assert info["error"] is None and info["heatmap_file"] == entry.heatmap_path.name
+        levels = info["slide"]["levels"]
+        assert [lv["width"] for lv in levels] == [d[0] for d in slide.level_dimensions]
+        # level 1, tile (1, 0): level pixels 512.. of the slide
+        status, data = _get(server.url + f"tiles/{entry.slide_id}/slide/1/1_0.jpg")
+        assert status == 200
+        ds = slide.level_downsamples[1][0]
+        expected = slide.read_region((round(TILE_SIZE * ds), 0), 1, (TILE_SIZE, TILE_SIZE))
+        got = _decode(data)
+        assert got.shape == expected.shape and _mad(got, expected) < 4
+        # the heatmap image (128 x 96 at 32x) is one tile; it covers the whole slide
+        heat = info["heatmap"]
+        production = cv2.cvtColor(cv2.imread(str(entry.heatmap_path)), cv2.COLOR_BGR2RGB)
+        assert heat["levels"][0]["width"] == production.shape[1]
+        assert heat["levels"][0]["downsample"][0] == pytest.approx(
+            slide.dimensions[0] / production.shape[1]
+        )
+        got = _decode(_get(server.url + f"tiles/{entry.slide_id}/heatmap/0/0_0.png")[1])
+        assert got.shape == production.shape and np.array_equal(got, production)  # lossless
+        assert _get(server.url + f"tiles/{entry.slide_id}/heatmap/0/0_0.jpg")[0] == 404
+
+
+def test_heatmap_layer_sits_on_the_roi_and_scales_by_image_size(tmp_path: Path) -> None:
+    image = np.zeros((300, 1100, 3), np.uint8)
+    image[:, 550:] = 255
+    path = tmp_path / "heat.png"
+    cv2.imwrite(str(path), image)
+    layer = open_heatmap_layer(path, (40000, 30000), l0_box=(1000, 2000, 12000, 5000))
+    info = layer.info()
+    assert info["origin"] == [1000.0, 2000.0]
+    assert [lv["width"] for lv in info["levels"]] == [1100, 550, 275]  # 2x pyramid to ~1 tile
+    assert info["levels"][0]["downsample"] == [10.0, 10.0]  # 11000 l0 px / 1100 image px
+    assert info["levels"][2]["downsample"] == [40.0, 40.0]
+    assert layer.tile(0, 1, 0)[0, 0].tolist() == [0, 0, 0]  # image x 512: still black
+    assert layer.tile(0, 2, 0).shape == (300, 1100 - 1024, 3)  # edge tile is smaller
+    assert layer.tile(0, 3, 0) is None and layer.tile(3, 0, 0) is None
+
+
+def test_bad_requests_and_files_get_one_line_answers(viewed_run: Path, tmp_path: Path) -> None:
+    entries = viewer_entries(load_config(viewed_run))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    entries[1] = entries[1].__class__(**{**entries[1].__dict__, "heatmap_path": broken})
+    entries[2] = entries[2].__class__(**{**entries[2].__dict__, "slide_path": tmp_path / "x.svs"})
+    with serving(entries, port=0) as server:
+        status, body = _get(server.url + "api/slides/nope")
+        assert (status, body.decode()) == (404, "no slide 'nope' in this run's process list")
+        assert _get(server.url + "tiles/demo_000/slide/9/0_0.jpg")[0] == 404
+        assert _get(server.url + "tiles/demo_000/slide/0/99_0.jpg")[0] == 404
+        assert _get(server.url + "tiles/demo_000/other/0/0_0.jpg")[0] == 404
+        info = json.loads(_get(server.url + "api/slides/demo_001")[1])
+        assert info["heatmap"] is None and info["slide"] is not None
+        assert (
+            info["error"] == f"{broken}: heatmap image cannot be decoded (rerun its heatmap stage)"
+        )
+        info = json.loads(_get(server.url + "api/slides/demo_002")[1])
+        assert info["slide"] is None and str(tmp_path / "x.svs") in info["error"]
+        assert "\n" not in info["error"]
+        assert _get(server.url + "tiles/demo_002/slide/0/0_0.jpg")[0] == 500
+        assert _get(server.url + "tiles/demo_000/slide/0/0_0.jpg")[0] == 200  # still serving
+
+
+def test_rows_without_heatmaps_say_what_to_run(demo_project: Path) -> None:
+    cfg = load_config(demo_project)
+    cfg.process_list_path.unlink()  # the demo ships its list; a real project may not have one
+    with pytest.raises(OutputError, match="no process list yet; run `clam-heat run CONFIG`"):
+        viewer_entries(cfg)
+    assert run_pipeline(cfg, stages=("segment",)).ok
+    entries = viewer_entries(cfg)
+    assert all(e.heatmap_path is None for e in entries)
+    with serving(entries, port=0, run_hint="clam-heat run demo.yaml") as server:
+        info = json.loads(_get(server.url + "api/slides/demo_000")[1])
+        assert info["heatmap"] is None and info["slide"] is not None
+        assert info["error"].startswith("no heatmap yet for demo_000 (row status: ")
+        assert info["error"].endswith(
+            f"run `clam-heat run demo.yaml` to draw {entries[0].expected_heatmap.name}"
+        )
+
+
+def test_busy_port_is_one_clear_error(viewed_run: Path) -> None:
+    entries = viewer_entries(load_config(viewed_run))
+    with serving(entries, port=0) as first:
+        port = int(first.url.rsplit(":", 1)[1].strip("/"))
+        with pytest.raises(OutputError, match=rf"cannot listen on 127.0.0.1:{port} .*--port 0"):
+            ViewerServer(entries, port=port)
+
+
+def test_index_lists_every_row_with_its_prediction(viewed_run: Path) -> None:
+    entries = viewer_entries(load_config(viewed_run))
+    with serving(entries, port=0) as server:
+        page = _get(server.url)[1].decode()
+        for entry in entries:
+            assert f'href="/view/{entry.slide_id}"' in page
+            assert f"<td>{entry.details['p_0']}</td>" in page
+        listing = json.loads(_get(server.url + "api/slides")[1])
+        assert [row["slide_id"] for row in listing] == [e.slide_id for e in entries]
+
+
+def test_cli_serves_until_stopped_and_checks_the_slide(viewed_run: Path) -> None:
+    cli = [str(Path(sys.executable).with_name("clam-heat"))]  # the installed console script
+    bad = subprocess.run(
+        [*cli, "view", str(viewed_run), "--slide", "demo_999", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: --slide 'demo_999' is not a row (process == 1)")
+    proc = subprocess.Popen(
+        [*cli, "view", str(viewed_run), "--slide", "demo_001", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        match = re.match(
+            r"viewer: (http://127\.0\.0\.1:\d+/)view/demo_001 \(5 slides, 5 with", line
+        )
+        assert match, line
+        status, page = _get(match.group(1) + "view/demo_001")
+        assert status == 200 and b'"slide_id": "demo_001"' in page and b'"prev": "demo_000"' in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------ real browser
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = (
+        "no headless Chromium: install it with "
+        "`apt-get install -y chromium-headless-shell` (the README's test command does)"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class _DevTools:
+    """The few Chrome DevTools Protocol calls the browser test needs, over one page socket."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.evaluate("!!(window.clamHeat && window.clamHeat.idle())"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"page not idle: {self.evaluate('document.body.innerText')}")
+
+    def screenshot(self) -> np.ndarray:
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), 1), cv2.COLOR_BGR2RGB)
+
+    def mouse(self, kind: str, x: float, y: float, **extra: Any) -> None:
+        self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
+
+
+@pytest.fixture()
+def browser(tmp_path: Path) -> Iterator[_DevTools]:
+    proc = subprocess.Popen(
+        [
+            _browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--remote-debugging-port=0", "--window-size=1000,500", "--force-device-scale-factor=1",
+            f"--user-data-dir={tmp_path / 'profile'}", "about:blank",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = None
+        for line in proc.stderr:
+            if match := re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line):
+                port = match.group(1)
+                break
+        assert port, "Chromium did not start its DevTools server"
+        pages = json.loads(_get(f"http://127.0.0.1:{port}/json/list")[1])
+        page = next(p for p in pages if p["type"] == "page")
+        tools = _DevTools(page["webSocketDebuggerUrl"])
+        tools.call("Page.enable")
+        yield tools
+        tools.ws.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _expected_pane(
+    source: np.ndarray, origin: tuple[float, float], downsample: float, view: dict, size: tuple
+) -> np.ndarray:
+    """What a pane of ``size`` (w, h) should show of ``source`` (part of one pyramid level whose
+    top-left is level-0 ``origin``, ``downsample`` level-0 px per pixel) for ``view``."""
+    w, h = size
+    scale = downsample / view["ds"]
+    x0, y0 = view["x"] - w / 2 * view["ds"], view["y"] - h / 2 * view["ds"]
+    shift = ((origin[0] - x0) / view["ds"], (origin[1] - y0) / view["ds"])
+    if scale >= 1:  # magnified: each source pixel is a sharp square, as the page draws it
+        cols = np.floor((np.arange(w) + 0.5 - shift[0]) / scale).astype(int)
+        rows = np.floor((np.arange(h) + 0.5 - shift[1]) / scale).astype(int)
+        out = np.full((h, w, 3), 244, np.uint8)
+        ok_c = (cols >= 0) & (cols < source.shape[1])
+        ok_r = (rows >= 0) & (rows < source.shape[0])
+        out[np.ix_(ok_r, ok_c)] = source[np.ix_(rows[ok_r], cols[ok_c])]
+        return out
+    matrix = np.float32([[scale, 0, shift[0]], [0, scale, shift[1]]])
+    return cv2.warpAffine(
+        source, matrix, (w, h), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=(244, 244, 244),
+    )  # fmt: skip
+
+
+def _slide_pane(slide_path: Path, view: dict, size: tuple[int, int]) -> np.ndarray:
+    """The slide pane for ``view``, from the level the page picks (the coarsest not coarser
+    than a screen pixel), read with OpenSlide."""
+    w, h = size
+    with open_slide(slide_path) as slide:
+        downsamples = [d[0] for d in slide.level_downsamples]
+        level = max(i for i, d in enumerate(downsamples) if d <= view["ds"] * 1.01 or i == 0)
+        ds = downsamples[level]
+        x0 = max(0, int(view["x"] - w / 2 * view["ds"]))
+        y0 = max(0, int(view["y"] - h / 2 * view["ds"]))
+        region = (int(w * view["ds"] / ds) + 2, int(h * view["ds"] / ds) + 2)
+        source = slide.read_region((x0, y0), level, region)
+        # outside the slide the pane shows its background, not the reader's fill
+        lw, lh = slide.level_dimensions[level]
+        source[:, max(0, lw - int(x0 / ds)) :] = 244
+        source[max(0, lh - int(y0 / ds)) :, :] = 244
+    return _expected_pane(source, (x0, y0), ds, view, size)
+
+
+def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTools) -> None:
+    """Drag the slide pane, wheel-zoom the heatmap pane: both panes always show the same place."""
+    entries = viewer_entries(load_config(viewed_run))
+    entry = entries[0]
+    heat = cv2.cvtColor(cv2.imread(str(entry.heatmap_path)), cv2.COLOR_BGR2RGB)
+    with open_slide(entry.slide_path) as slide:
+        heat_ds = slide.dimensions[0] / heat.shape[1]
+
+    with serving(entries, port=0) as server:
+        browser.call("Page.navigate", url=server.url + f"view/{entry.slide_id}")
+        browser.wait_idle()
+        assert browser.evaluate("window.clamHeat.failed()") == 0
+        rects = browser.evaluate(
+            "[...document.querySelectorAll('.pane')].map(p => {"
+            "const r = p.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })"
+        )
+        (lx, ly, w, h), (rx, ry, rw, rh) = [[round(v) for v in r] for r in rects]
+        assert (w, h) == (rw, rh) and rx > lx
+
+        def panes() -> tuple[np.ndarray, np.ndarray, dict]:
+            shot = browser.screenshot()
+            view = browser.evaluate("({...window.clamHeat.view})")
+            return shot[ly : ly + h, lx : lx + w], shot[ry : ry + h, rx : rx + w], view
+
+        def blur(image: np.ndarray) -> np.ndarray:
+            return cv2.GaussianBlur(image, (0, 0), 3)
+
+        def check(left: np.ndarray, right: np.ndarray, view: dict) -> None:
+            want_left = blur(_slide_pane(entry.slide_path, view, (w, h)))
+            want_right = blur(_expected_pane(heat, (0, 0), heat_ds, view, (w, h)))
+            for got, want in ((blur(left), want_left), (blur(right), want_right)):
+                off = min(
+                    _mad(got, np.roll(want, shift, axis)) for shift in (-40, 40) for axis in (0, 1)
+                )
+                assert _mad(got, want) < 6
+                # and the check can tell: the picture 40 px off is much further from the pane
+                assert off > 2 * _mad(got, want)
+
+        left, right, view = panes()
+        check(left, right, view)
+
+        # drag the slide pane 150 px left and 60 px up: the view moves by that much level-0
+        before = dict(view)
+        browser.mouse("mousePressed", lx + 300, ly + 300, button="left", clickCount=1)
+        browser.mouse("mouseMoved", lx + 225, ly + 270, button="left", buttons=1)
+        browser.mouse("mouseMoved", lx + 150, ly + 240, button="left", buttons=1)
+        browser.mouse("mouseReleased", lx + 150, ly + 240, button="left", clickCount=1)
+        browser.wait_idle()
+        left, right, view = panes()
+        assert view["x"] == pytest.approx(before["x"] + 150 * before["ds"])
+        assert view["y"] == pytest.approx(before["y"] + 60 * before["ds"])
+        check(left, right, view)
+
+        # zoom in on the heatmap pane where the heatmap changes most: the level-0 point under
+        # the cursor stays put, and both panes follow
+        contrast = cv2.Laplacian(blur(right).mean(axis=2).astype(np.float32), cv2.CV_32F, ksize=5)
+        inner = np.abs(contrast)[120 : h - 120, 120 : w - 120]
+        cy, cx = np.unravel_index(np.argmax(inner), inner.shape)
+        cx, cy = int(cx) + 120, int(cy) + 120
+        point = (view["x"] + (cx - w / 2) * view["ds"], view["y"] + (cy - h / 2) * view["ds"])
+        for _ in range(5):
+            browser.mouse("mouseWheel", rx + cx, ry + cy, deltaX=0, deltaY=-250)
+        browser.wait_idle()
+        left, right, view = panes()
+        assert view["ds"] < 1.0  # past level 0: the slide pane now draws level-0 tiles
+        after = (view["x"] + (cx - w / 2) * view["ds"], view["y"] + (cy - h / 2) * view["ds"])
+        assert after == pytest.approx(point, abs=1.0)
+        check(left, right, view)
+        assert re.fullmatch(r"#x=\d+&y=\d+&ds=[\d.]+", browser.evaluate("location.hash"))
