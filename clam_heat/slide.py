@@ -115,6 +115,11 @@ class Slide(ABC):
             )
         return self.read_region((0, 0), level, (w, h))
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of pixels held in memory (0 for file-backed slides, which read on demand)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the underlying handle."""
 
@@ -229,6 +234,10 @@ class ArraySlide(Slide):
             levels.append(np.round(blocks).astype(np.uint8))
         self._levels = levels
         self.level_dimensions = tuple((lv.shape[1], lv.shape[0]) for lv in levels)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(level.nbytes for level in self._levels)
 
     def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         self.check_level(level)

@@ -59,8 +59,11 @@ log = logging.getLogger(__name__)
 
 #: Side of a served tile, in pixels of the tile's pyramid level.
 TILE_SIZE = 512
-#: Slides whose opened pyramids are kept (an image heatmap costs its pixels in memory).
+#: Slides whose opened pyramids are kept, and the most memory their decoded heatmap images may
+#: hold together (the newest slide is always kept): a vis-level-1 heatmap of a 40x slide is
+#: about 300 MB with its pyramid, a pyramidal TIFF costs nothing.
 OPEN_SLIDES = 4
+OPEN_IMAGE_BYTES = 768 * 2**20
 _JPEG_QUALITY = 90
 
 
@@ -175,6 +178,11 @@ class Layer:
         size = (min(TILE_SIZE, w - x0), min(TILE_SIZE, h - y0))
         return self.slide.read_region((round(x0 * dx), round(y0 * dy)), level, size)
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of decoded pixels this layer holds (0 when tiles are read from disk)."""
+        return self.slide.memory_bytes
+
     def close(self) -> None:
         self.slide.close()
 
@@ -224,6 +232,10 @@ class _Opened:
     slide: Layer
     heatmap: Layer | None
     heatmap_error: str | None
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.slide.memory_bytes + (self.heatmap.memory_bytes if self.heatmap else 0)
 
 
 class ViewerServer:
@@ -303,7 +315,10 @@ class ViewerServer:
                 _close(opened)
                 return self._opened[slide_id]
             self._opened[slide_id] = opened
-            while len(self._opened) > OPEN_SLIDES:
+            while len(self._opened) > 1 and (
+                len(self._opened) > OPEN_SLIDES
+                or sum(o.memory_bytes for o in self._opened.values()) > OPEN_IMAGE_BYTES
+            ):
                 _close(self._opened.popitem(last=False)[1])
             return opened
 

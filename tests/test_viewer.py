@@ -414,3 +414,23 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
         assert after == pytest.approx(point, abs=1.0)
         check(left, right, view)
         assert re.fullmatch(r"#x=\d+&y=\d+&ds=[\d.]+", browser.evaluate("location.hash"))
+
+
+def test_open_slides_are_bounded_by_count_and_decoded_bytes(
+    viewed_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clam_heat.viewer as viewer
+
+    entries = viewer_entries(load_config(viewed_run))
+    with serving(entries, port=0) as server:
+        for entry in entries:
+            server.opened(entry.slide_id)
+        assert list(server._opened) == [e.slide_id for e in entries[-viewer.OPEN_SLIDES :]]
+        heat_bytes = server.opened(entries[-1].slide_id).memory_bytes
+        assert heat_bytes == 128 * 96 * 3  # the decoded 128 x 96 heatmap (one tile: one level)
+        monkeypatch.setattr(viewer, "OPEN_IMAGE_BYTES", 2 * heat_bytes)
+        server.opened(entries[0].slide_id)
+        assert list(server._opened) == [entries[-1].slide_id, entries[0].slide_id]
+        monkeypatch.setattr(viewer, "OPEN_IMAGE_BYTES", 1)
+        server.opened(entries[1].slide_id)
+        assert list(server._opened) == [entries[1].slide_id]  # the newest is always kept
