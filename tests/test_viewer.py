@@ -414,6 +414,16 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
         assert after == pytest.approx(point, abs=1.0)
         check(left, right, view)
         assert re.fullmatch(r"#x=\d+&y=\d+&ds=[\d.]+", browser.evaluate("location.hash"))
+        # the scale bar (demo MPP 0.5): a round length, drawn at the view's microns per pixel
+        text, width = browser.evaluate(
+            "[document.querySelector('.scale span').textContent,"
+            " document.querySelector('.scale').getBoundingClientRect().width]"
+        )
+        number, unit = text.split()
+        microns = float(number) * (1000 if unit == "mm" else 1)
+        assert unit in ("\u00b5m", "mm") and re.fullmatch(r"[125]0*(\.0*)?|0\.0*[125]", number)
+        assert width == pytest.approx(microns / (view["ds"] * 0.5) + 4, abs=1)  # + 2 borders
+        assert 48 <= width <= 124
 
 
 def test_open_slides_are_bounded_by_count_and_decoded_bytes(
