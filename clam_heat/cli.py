@@ -406,6 +406,8 @@ def view(
     ] = False,
 ) -> None:
     """Serve the run's slides and heatmaps side by side, panning and zooming together."""
+    from urllib.parse import quote
+
     from .viewer import ViewerServer, viewer_entries
 
     try:
@@ -421,7 +423,7 @@ def view(
         )  # fmt: skip
     except ClamHeatError as err:
         _fail(err)
-    url = server.url + (f"view/{slide}" if slide else "")
+    url = server.url + (f"view/{quote(slide)}" if slide else "")
     drawn = sum(e.heatmap_path is not None for e in entries)
     typer.echo(f"viewer: {url} ({len(entries)} slides, {drawn} with heatmaps; Ctrl-C to stop)")
     if open_browser:

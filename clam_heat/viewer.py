@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import cv2
 import numpy as np
@@ -494,7 +494,7 @@ def _index_page(viewer: ViewerServer) -> str:
     rows = []
     for slide_id in viewer.order:
         entry = viewer.entries[slide_id]
-        link = f'<a href="/view/{html.escape(slide_id)}">{html.escape(slide_id)}</a>'
+        link = f'<a href="/view/{quote(slide_id)}">{html.escape(slide_id)}</a>'
         cells = [link, html.escape(entry.label), html.escape(entry.status)]
         cells += [html.escape(entry.details.get(k, "")) for k in detail_keys]
         error = entry.details.get("error")

@@ -444,3 +444,20 @@ def test_open_slides_are_bounded_by_count_and_decoded_bytes(
         monkeypatch.setattr(viewer, "OPEN_IMAGE_BYTES", 1)
         server.opened(entries[1].slide_id)
         assert list(server._opened) == [entries[1].slide_id]  # the newest is always kept
+
+
+def test_slide_ids_with_spaces_and_hashes_are_quoted(viewed_run: Path) -> None:
+    from urllib.parse import quote
+
+    entries = viewer_entries(load_config(viewed_run))[:1]
+    odd = "case 1#A%2"
+    entries = [entries[0].__class__(**{**entries[0].__dict__, "slide_id": odd})]
+    with serving(entries, port=0) as server:
+        page = _get(server.url)[1].decode()
+        href = re.search(r'href="(/view/[^"]+)"', page).group(1)
+        assert href == "/view/" + quote(odd)
+        status, body = _get(server.url.rstrip("/") + href)
+        assert status == 200 and json.dumps(odd) in body.decode()
+        info = json.loads(_get(server.url + "api/slides/" + quote(odd))[1])
+        assert info["slide_id"] == odd and info["error"] is None
+        assert _get(server.url + f"tiles/{quote(odd)}/slide/0/0_0.jpg")[0] == 200
