@@ -354,3 +354,41 @@ def test_vanished_slide_is_skipped_with_a_reason_then_resumes(demo_project: Path
     assert {key for key in after if before.get(key) != after[key]} == {
         ("demo_004", stage) for stage in ("segment", "infer", "heatmap", "sample")
     }
+
+
+def test_real_aperio_slide_from_pixels_to_samples(demo_project: Path, real_slide: Path) -> None:
+    """A real scanner file (Aperio SVS, one level, MPP 0.499) with no feature H5: real tissue is
+    segmented, the bag is encoded from its pixels, and every stage writes its outputs."""
+    slides = demo_project.parent / "aperio"
+    slides.mkdir()
+    shutil.copy(real_slide, slides / "cmu_small_region.svs")
+    cfg = load_config(
+        demo_project,
+        overrides=[
+            f"data_arguments.data_dir={slides}",
+            "data_arguments.data_dir_key=null",
+            "data_arguments.slide_ext=.svs",
+            "data_arguments.process_list=aperio.csv",
+            "data_arguments.preset=presets/bwh_biopsy.csv",  # CLAM's, shipped in the package
+            "runner_arguments.features_dir=null",
+            "runner_arguments.extract_features=true",
+            *ENCODER_PATH[2:],
+        ],
+    )
+    summary = run_pipeline(cfg)
+    assert summary.ok and summary.counts == {"done": 1}, summary.failed
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo" / "Unspecified" / "cmu_small_region"
+    tissue = json.loads((raw / "cmu_small_region_segmentation.geojson").read_text())
+    assert tissue["features"], "no tissue found on a real H&E section"
+    with h5py.File(raw / "cmu_small_region.h5") as h5:
+        features, coords = h5["features"][:], h5["coords"][:]
+    assert features.shape == (len(coords), 64) and len(coords) >= 20
+    assert np.isfinite(features).all()
+    with h5py.File(raw / "cmu_small_region_blockmap.h5") as h5:
+        assert h5["attention_scores"].shape == (len(coords), 1)
+    prod = Path(cfg.exp_arguments.production_save_dir) / "demo" / "Unspecified"
+    (heatmap,) = prod.glob("cmu_small_region_0.0_roi_0_*.jpg")
+    assert Image.open(heatmap).size == (2220, 2967)  # one level: drawn at level 0
+    patches = list(Path(cfg.exp_arguments.production_save_dir).rglob("*_cmu_small_region_x_*.png"))
+    assert patches and all(Image.open(p).size == (256, 256) for p in patches)
+    assert run_pipeline(cfg).stage_seconds == {}  # resumes to nothing
