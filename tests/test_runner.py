@@ -368,7 +368,7 @@ def test_real_aperio_slide_from_pixels_to_samples(demo_project: Path, real_slide
             f"data_arguments.data_dir={slides}",
             "data_arguments.data_dir_key=null",
             "data_arguments.slide_ext=.svs",
-            "data_arguments.process_list=aperio.csv",
+            f"data_arguments.process_list={demo_project.parent / 'process_lists' / 'aperio.csv'}",
             "data_arguments.preset=presets/bwh_biopsy.csv",  # CLAM's, shipped in the package
             "runner_arguments.features_dir=null",
             "runner_arguments.extract_features=true",
