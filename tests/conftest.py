@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,29 @@ def demo_project(demo_source: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "demo"
     shutil.copytree(demo_source, folder)
     return folder / "config.yaml"
+
+
+def _checkout_changes(root: Path) -> set[str] | None:
+    """Paths git reports as changed or untracked (not ignored) in the checkout; None if no git."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=root, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(done.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_the_checkout_alone() -> Iterator[None]:
+    """Every test writes under its temp folder: fail the run if the checkout gained files."""
+    root = Path(__file__).resolve().parents[1]
+    before = _checkout_changes(root)
+    yield
+    after = _checkout_changes(root)
+    if before is not None and after is not None:
+        added = sorted(after - before)
+        assert not added, f"tests wrote into the checkout: {added}"
