@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -283,6 +284,7 @@ def browser(tmp_path: Path) -> Iterator[_DevTools]:
             f"--user-data-dir={tmp_path / 'profile'}", "about:blank",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its renderer and GPU processes share this process group
     )  # fmt: skip
     try:
         port = None
@@ -298,8 +300,26 @@ def browser(tmp_path: Path) -> Iterator[_DevTools]:
         yield tools
         tools.ws.close()
     finally:
-        proc.kill()
+        # kill the whole group: killing only the browser process leaves its renderer and GPU
+        # processes spinning as orphans
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _group_alive(proc.pid), "Chromium processes outlived the test"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still runs (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _expected_pane(
