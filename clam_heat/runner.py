@@ -14,6 +14,7 @@ error and results back atomically, and a row's failure never stops the others.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import shutil
@@ -1005,6 +1006,8 @@ def _run_pipeline(
             Path(exp.raw_save_dir) / exp.save_exp_code,
             Path(exp.production_save_dir) / exp.save_exp_code,
         )
+    # this run is the only writer of its list and results CSV (or of its own shard files)
+    swept += sweep_temp_files_of(list_path, results_csv)
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)
     _save_resolved_config(cfg)
@@ -1083,6 +1086,21 @@ def sweep_temp_files(*roots: Path) -> int:
                 if name.startswith(".") and ".tmp" in name:
                     Path(folder, name).unlink(missing_ok=True)
                     removed += 1
+    return removed
+
+
+def sweep_temp_files_of(*files: Path) -> int:
+    """Delete the temp files a killed run left beside ``files`` (``.<name>.<random>.tmp``), and
+    nothing else in their folders, which may hold other lists and their live writes."""
+    removed = 0
+    for target in files:
+        folder = Path(target).parent
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(glob.escape(f".{Path(target).name}.") + "*"):
+            if path.is_file() and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 
