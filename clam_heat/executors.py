@@ -241,14 +241,14 @@ def _thread_settings() -> dict[str, Any]:
     """What this process really runs with (the driver shows it; tests check it)."""
     import torch
 
-    from .heatmap import render_threads
+    from .threads import helper_threads
 
     settings: dict[str, Any] = {"torch": torch.get_num_threads()}
     with contextlib.suppress(ImportError):
         import cv2
 
         settings["opencv"] = cv2.getNumThreads()
-    settings["heatmap_render"] = render_threads()
+    settings["helper_threads"] = helper_threads()
     settings.update({name: os.environ.get(name) for name in THREAD_ENV})
     return settings
 

@@ -54,6 +54,7 @@ import cv2
 import numpy as np
 
 from .errors import OutputError
+from .threads import helper_threads
 
 if TYPE_CHECKING:
     from .segmentation import TissueContours
@@ -77,7 +78,6 @@ __all__ = [
     "percentile_of_scores",
     "production_heatmap_name",
     "render_heatmap",
-    "render_threads",
     "save_orig",
     "to_percentiles",
     "vis_geometry",
@@ -680,8 +680,8 @@ class HeatmapSpec:
     ``roi`` is level-0 (x1, y1, x2, y2). ``use_percentiles`` is CLAM's
     ``convert_to_percentiles``: without it the scores must already be on CLAM's 0-100 scale
     (e.g. from :func:`percentile_of_scores`). ``tile_size`` is the output tile side (pixels of
-    the saved image); ``workers`` threads render tiles (0: two, or one where the process is
-    limited to one CPU thread, as each of several local workers is).
+    the saved image); ``workers`` threads render tiles (0: two, or one in a local worker limited
+    to one CPU thread; see :func:`~clam_heat.threads.helper_threads`).
     """
 
     vis_level: int = -1
@@ -1337,14 +1337,6 @@ def _tile_shape(tile_size: int, sinks: Sequence[_Sink]) -> tuple[int, int]:
     return max(2 * tile_size, TIFF_TILE), TIFF_TILE
 
 
-def render_threads() -> int:
-    """Tile-rendering threads when :class:`HeatmapSpec` leaves ``workers`` at 0: two, or one in
-    a process limited to one CPU thread. OpenCV's thread count carries the process' CPU budget
-    (each of several local workers sets it to its share of the cores), so N workers never run
-    2N render threads on N cores."""
-    return min(2, max(1, cv2.getNumThreads()))
-
-
 def _stream(
     render_tile: Callable[[int, int, tuple[int, int, int, int]], np.ndarray],
     width: int,
@@ -1361,7 +1353,7 @@ def _stream(
     """
     array_sink = next((s for s in sinks if isinstance(s, _ArraySink)), None)
     tile_w, tile_h = tile
-    n_workers = workers or render_threads()
+    n_workers = workers or helper_threads()
     in_flight: deque[tuple[int, np.ndarray, list[Future[None]]]] = deque()
     # a strip in the whole-image buffer costs nothing extra; a standalone strip is memory
     lookahead = 1 if array_sink is not None else 0

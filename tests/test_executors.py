@@ -329,7 +329,7 @@ def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
     assert len(settings) == 2
     for reported in settings:
         assert reported["torch"] == reported["opencv"] == local_pool.threads
-        assert reported["heatmap_render"] == min(2, local_pool.threads)
+        assert reported["helper_threads"] == min(2, local_pool.threads)  # heatmap, sampling
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             assert reported[name] == str(local_pool.threads)
     outcomes = list(local_pool.map_rows(rows, ()))

@@ -130,3 +130,31 @@ def test_save_sampled_patches_direct(tmp_path: Path) -> None:
     assert sampled_patch_name(3, "a", (1, 2), 5.0) == "3_a_x_1_y_2_a_5.000.png"
     with pytest.raises(ValueError, match="2 scores for 1 coords"):
         save_sampled_patches(slide, np.array([[0, 0]]), np.zeros(2), tmp_path, "s", 0, 8)
+
+
+def test_threaded_saving_writes_what_one_thread_writes(tmp_path: Path) -> None:
+    """Patches are read and encoded on helper threads; files, names and order do not change."""
+    import cv2
+
+    from clam_heat.threads import helper_threads
+
+    rng = np.random.default_rng(3)
+    slide = ArraySlide(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8), n_levels=2)
+    coords = rng.integers(0, 800, (12, 2))
+    scores = rng.random(12)
+    runs = {}
+    previous = cv2.getNumThreads()
+    try:
+        for threads in (1, 2):
+            cv2.setNumThreads(threads)  # how a local worker's CPU budget reaches the stage
+            assert helper_threads() == threads
+            folder = tmp_path / f"t{threads}"
+            paths = save_sampled_patches(slide, coords, scores, folder, "s", 0, 128)
+            runs[threads] = [(p.name, p.read_bytes()) for p in paths]
+    finally:
+        cv2.setNumThreads(previous)
+    assert [name for name, _ in runs[2]] == [
+        sampled_patch_name(rank, "s", xy, score)
+        for rank, (xy, score) in enumerate(zip(coords.tolist(), scores.tolist(), strict=True))
+    ]
+    assert runs[1] == runs[2]
