@@ -27,8 +27,6 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -241,8 +239,8 @@ class _Opened:
 class ViewerServer:
     """The viewer's HTTP server over a fixed list of entries (bind ``port=0`` for any free port).
 
-    Use as a context manager, or call :meth:`serve_forever`; :meth:`start` serves from a
-    background thread (tests, notebooks).
+    :meth:`serve_forever` serves in this thread (the CLI); as a context manager it serves from a
+    background thread until the block ends (tests, notebooks).
     """
 
     def __init__(
@@ -296,7 +294,7 @@ class ViewerServer:
             self._opened.clear()
 
     def __enter__(self) -> ViewerServer:
-        return self
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -510,13 +508,3 @@ def _index_page(viewer: ViewerServer) -> str:
         "slide and its attention heatmap side by side.</p>"
         f"<table id='slides'><tr>{head}</tr>{''.join(rows)}</table></body></html>"
     )
-
-
-@contextmanager
-def serving(entries: list[ViewerEntry], **kwargs: Any) -> Iterator[ViewerServer]:
-    """A started :class:`ViewerServer` for a ``with`` block (tests and notebooks)."""
-    server = ViewerServer(entries, **kwargs).start()
-    try:
-        yield server
-    finally:
-        server.close()

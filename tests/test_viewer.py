@@ -29,7 +29,6 @@ from clam_heat.viewer import (
     TILE_SIZE,
     ViewerServer,
     open_heatmap_layer,
-    serving,
     viewer_entries,
 )
 
@@ -94,7 +93,7 @@ def test_pyramid_tiff_is_preferred_and_streamed(demo_project: Path) -> None:
 def test_slide_and_heatmap_tiles_are_the_files_pixels(viewed_run: Path) -> None:
     entries = viewer_entries(load_config(viewed_run))
     entry = entries[0]
-    with serving(entries, port=0) as server, open_slide(entry.slide_path) as slide:
+    with ViewerServer(entries, port=0) as server, open_slide(entry.slide_path) as slide:
         info = json.loads(_get(server.url + f"api/slides/{entry.slide_id}")[1])
         assert info["error"] is None and info["heatmap_file"] == entry.heatmap_path.name
         levels = info["slide"]["levels"]
@@ -140,7 +139,7 @@ def test_bad_requests_and_files_get_one_line_answers(viewed_run: Path, tmp_path:
     broken.write_bytes(b"not a jpeg")
     entries[1] = entries[1].__class__(**{**entries[1].__dict__, "heatmap_path": broken})
     entries[2] = entries[2].__class__(**{**entries[2].__dict__, "slide_path": tmp_path / "x.svs"})
-    with serving(entries, port=0) as server:
+    with ViewerServer(entries, port=0) as server:
         status, body = _get(server.url + "api/slides/nope")
         assert (status, body.decode()) == (404, "no slide 'nope' in this run's process list")
         assert _get(server.url + "tiles/demo_000/slide/9/0_0.jpg")[0] == 404
@@ -166,7 +165,7 @@ def test_rows_without_heatmaps_say_what_to_run(demo_project: Path) -> None:
     assert run_pipeline(cfg, stages=("segment",)).ok
     entries = viewer_entries(cfg)
     assert all(e.heatmap_path is None for e in entries)
-    with serving(entries, port=0, run_hint="clam-heat run demo.yaml") as server:
+    with ViewerServer(entries, port=0, run_hint="clam-heat run demo.yaml") as server:
         info = json.loads(_get(server.url + "api/slides/demo_000")[1])
         assert info["heatmap"] is None and info["slide"] is not None
         assert info["error"].startswith("no heatmap yet for demo_000 (row status: ")
@@ -177,7 +176,7 @@ def test_rows_without_heatmaps_say_what_to_run(demo_project: Path) -> None:
 
 def test_busy_port_is_one_clear_error(viewed_run: Path) -> None:
     entries = viewer_entries(load_config(viewed_run))
-    with serving(entries, port=0) as first:
+    with ViewerServer(entries, port=0) as first:
         port = int(first.url.rsplit(":", 1)[1].strip("/"))
         with pytest.raises(OutputError, match=rf"cannot listen on 127.0.0.1:{port} .*--port 0"):
             ViewerServer(entries, port=port)
@@ -185,7 +184,7 @@ def test_busy_port_is_one_clear_error(viewed_run: Path) -> None:
 
 def test_index_lists_every_row_with_its_prediction(viewed_run: Path) -> None:
     entries = viewer_entries(load_config(viewed_run))
-    with serving(entries, port=0) as server:
+    with ViewerServer(entries, port=0) as server:
         page = _get(server.url)[1].decode()
         for entry in entries:
             assert f'href="/view/{entry.slide_id}"' in page
@@ -373,7 +372,7 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
     with open_slide(entry.slide_path) as slide:
         heat_ds = slide.dimensions[0] / heat.shape[1]
 
-    with serving(entries, port=0) as server:
+    with ViewerServer(entries, port=0) as server:
         browser.call("Page.navigate", url=server.url + f"view/{entry.slide_id}")
         browser.wait_idle()
         assert browser.evaluate("window.clamHeat.failed()") == 0
@@ -452,7 +451,7 @@ def test_open_slides_are_bounded_by_count_and_decoded_bytes(
     import clam_heat.viewer as viewer
 
     entries = viewer_entries(load_config(viewed_run))
-    with serving(entries, port=0) as server:
+    with ViewerServer(entries, port=0) as server:
         for entry in entries:
             server.opened(entry.slide_id)
         assert list(server._opened) == [e.slide_id for e in entries[-viewer.OPEN_SLIDES :]]
@@ -472,7 +471,7 @@ def test_slide_ids_with_spaces_and_hashes_are_quoted(viewed_run: Path) -> None:
     entries = viewer_entries(load_config(viewed_run))[:1]
     odd = "case 1#A%2"
     entries = [entries[0].__class__(**{**entries[0].__dict__, "slide_id": odd})]
-    with serving(entries, port=0) as server:
+    with ViewerServer(entries, port=0) as server:
         page = _get(server.url)[1].decode()
         href = re.search(r'href="(/view/[^"]+)"', page).group(1)
         assert href == "/view/" + quote(odd)
