@@ -480,3 +480,37 @@ def test_slide_ids_with_spaces_and_hashes_are_quoted(viewed_run: Path) -> None:
         info = json.loads(_get(server.url + "api/slides/" + quote(odd))[1])
         assert info["slide_id"] == odd and info["error"] is None
         assert _get(server.url + f"tiles/{quote(odd)}/slide/0/0_0.jpg")[0] == 200
+
+
+def test_browser_asks_again_for_a_tile_that_failed(
+    viewed_run: Path, browser: _DevTools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tile request that fails once (e.g. its slide was evicted mid-read) is retried once."""
+    from clam_heat import viewer
+
+    entry = viewer_entries(load_config(viewed_run))[0]
+    real_tile, failed_once = viewer.Layer.tile, set()
+
+    def flaky_tile(self: viewer.Layer, level: int, tx: int, ty: int) -> np.ndarray | None:
+        key = (self.format, level, tx, ty)
+        if key not in failed_once:
+            failed_once.add(key)
+            raise RuntimeError("injected read failure")
+        return real_tile(self, level, tx, ty)
+
+    monkeypatch.setattr(viewer.Layer, "tile", flaky_tile)
+    with ViewerServer([entry], port=0) as server:
+        browser.call("Page.navigate", url=server.url + f"view/{entry.slide_id}")
+        browser.wait_idle()
+        time.sleep(1.5)  # the page asks again after a second
+        browser.wait_idle()
+        assert browser.evaluate("window.clamHeat.failed()") == len(failed_once) > 0
+        rect = browser.evaluate(
+            "(() => { const r = document.querySelector('#pane-slide').getBoundingClientRect();"
+            " return [r.left, r.top, r.width, r.height]; })()"
+        )
+        x, y, w, h = (round(v) for v in rect)
+        view = browser.evaluate("({...window.clamHeat.view})")
+        shown = cv2.GaussianBlur(browser.screenshot()[y : y + h, x : x + w], (0, 0), 3)
+        want = cv2.GaussianBlur(_slide_pane(entry.slide_path, view, (w, h)), (0, 0), 3)
+        assert _mad(shown, want) < 6  # every tile arrived on the second request
