@@ -111,7 +111,11 @@ def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
             box = ctx.roi()
         except ClamHeatError:
             box = None
-        details = {k: _text(v) for k, v in ctx.row.items() if _DETAIL_COLUMNS.match(str(k))}
+        details = {
+            str(k): text
+            for k, v in ctx.row.items()
+            if _DETAIL_COLUMNS.match(str(k)) and (text := _text(v))
+        }
         entries.append(
             ViewerEntry(
                 slide_id=ctx.slide_id,
@@ -121,7 +125,7 @@ def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
                 expected_heatmap=image,
                 l0_box=box,
                 status=_text(ctx.row.get("status")) or "tbp",
-                details={k: v for k, v in details.items() if v},
+                details=details,
             )
         )
     return entries

@@ -58,6 +58,11 @@ def _decode(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def _blur(image: np.ndarray) -> np.ndarray:
+    """Screenshots are compared blurred: JPEG and browser resampling differ pixel by pixel."""
+    return cv2.GaussianBlur(image, (0, 0), 3)
+
+
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
@@ -270,6 +275,14 @@ class _DevTools:
         data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), 1), cv2.COLOR_BGR2RGB)
 
+    def pane_rects(self) -> list[tuple[int, int, int, int]]:
+        """(x, y, w, h) of the slide pane and the heatmap pane, in screenshot pixels."""
+        rects = self.evaluate(
+            "[...document.querySelectorAll('.pane')].map(p => {"
+            "const r = p.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })"
+        )
+        return [tuple(round(v) for v in r) for r in rects]
+
     def mouse(self, kind: str, x: float, y: float, **extra: Any) -> None:
         self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
 
@@ -376,11 +389,7 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
         browser.call("Page.navigate", url=server.url + f"view/{entry.slide_id}")
         browser.wait_idle()
         assert browser.evaluate("window.clamHeat.failed()") == 0
-        rects = browser.evaluate(
-            "[...document.querySelectorAll('.pane')].map(p => {"
-            "const r = p.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })"
-        )
-        (lx, ly, w, h), (rx, ry, rw, rh) = [[round(v) for v in r] for r in rects]
+        (lx, ly, w, h), (rx, ry, rw, rh) = browser.pane_rects()
         assert (w, h) == (rw, rh) and rx > lx
 
         def panes() -> tuple[np.ndarray, np.ndarray, dict]:
@@ -388,13 +397,10 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
             view = browser.evaluate("({...window.clamHeat.view})")
             return shot[ly : ly + h, lx : lx + w], shot[ry : ry + h, rx : rx + w], view
 
-        def blur(image: np.ndarray) -> np.ndarray:
-            return cv2.GaussianBlur(image, (0, 0), 3)
-
         def check(left: np.ndarray, right: np.ndarray, view: dict) -> None:
-            want_left = blur(_slide_pane(entry.slide_path, view, (w, h)))
-            want_right = blur(_expected_pane(heat, (0, 0), heat_ds, view, (w, h)))
-            for got, want in ((blur(left), want_left), (blur(right), want_right)):
+            want_left = _blur(_slide_pane(entry.slide_path, view, (w, h)))
+            want_right = _blur(_expected_pane(heat, (0, 0), heat_ds, view, (w, h)))
+            for got, want in ((_blur(left), want_left), (_blur(right), want_right)):
                 off = min(
                     _mad(got, np.roll(want, shift, axis)) for shift in (-40, 40) for axis in (0, 1)
                 )
@@ -419,7 +425,7 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
 
         # zoom in on the heatmap pane where the heatmap changes most: the level-0 point under
         # the cursor stays put, and both panes follow
-        contrast = cv2.Laplacian(blur(right).mean(axis=2).astype(np.float32), cv2.CV_32F, ksize=5)
+        contrast = cv2.Laplacian(_blur(right).mean(axis=2).astype(np.float32), cv2.CV_32F, ksize=5)
         inner = np.abs(contrast)[120 : h - 120, 120 : w - 120]
         cy, cx = np.unravel_index(np.argmax(inner), inner.shape)
         cx, cy = int(cx) + 120, int(cy) + 120
@@ -505,12 +511,8 @@ def test_browser_asks_again_for_a_tile_that_failed(
         time.sleep(1.5)  # the page asks again after a second
         browser.wait_idle()
         assert browser.evaluate("window.clamHeat.failed()") == len(failed_once) > 0
-        rect = browser.evaluate(
-            "(() => { const r = document.querySelector('#pane-slide').getBoundingClientRect();"
-            " return [r.left, r.top, r.width, r.height]; })()"
-        )
-        x, y, w, h = (round(v) for v in rect)
+        x, y, w, h = browser.pane_rects()[0]
         view = browser.evaluate("({...window.clamHeat.view})")
-        shown = cv2.GaussianBlur(browser.screenshot()[y : y + h, x : x + w], (0, 0), 3)
-        want = cv2.GaussianBlur(_slide_pane(entry.slide_path, view, (w, h)), (0, 0), 3)
+        shown = _blur(browser.screenshot()[y : y + h, x : x + w])
+        want = _blur(_slide_pane(entry.slide_path, view, (w, h)))
         assert _mad(shown, want) < 6  # every tile arrived on the second request
