@@ -64,3 +64,41 @@ class SegmentationError(ClamHeatError):
 
 class OutputError(ClamHeatError):
     """An output location cannot be written."""
+
+
+def os_error_advice(path: Path | str, err: OSError) -> str:
+    """The cause of an OS error on ``path`` and what to do, as one clause for a message.
+
+    Disk full names the volume's free space, permission problems name the owner and the user.
+    """
+    import errno
+    import os
+    import shutil
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        try:
+            left = shutil.disk_usage(existing).free // (1024 * 1024)
+        except OSError:
+            return f"no space left; free space on the volume of {existing}"
+        return f"no space left; free space on the volume of {existing}: {left} MB left"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if err.errno == errno.EROFS:
+            return f"{existing} is on a read-only filesystem; choose another output folder"
+        try:
+            import pwd
+
+            owner = pwd.getpwuid(existing.stat().st_uid).pw_name
+            me = pwd.getpwuid(os.geteuid()).pw_name
+            return (
+                f"permission denied; owner of {existing} is {owner}, you are {me} "
+                "(fix its permissions or choose another output folder)"
+            )
+        except (ImportError, KeyError, OSError):
+            return f"permission denied on {existing}; fix its permissions or choose another folder"
+    if err.errno == errno.ENOTDIR:
+        return f"{existing} is a file, not a folder; choose another output folder"
+    return f"{err.strerror or err}; check that the folder exists and is writable"
