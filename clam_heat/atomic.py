@@ -119,7 +119,8 @@ def commit(tmp: str | os.PathLike[str], target: str | os.PathLike[str], *, durab
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputError(
-            f"{target}: cannot move the finished file into place; {os_error_advice(target, err)}"
+            f"{target}: cannot write (moving the finished file into place failed); "
+            f"{os_error_advice(target, err)}"
         ) from None
     return target
 
