@@ -98,6 +98,26 @@ def _make_waves(rng: np.random.Generator, scale: float, n: int = 6) -> _Waves:
     return _Waves(k * np.cos(angle), k * np.sin(angle), rng.uniform(0, 2 * math.pi, n))
 
 
+def _satellites(
+    blobs: _Ellipses,
+    blob: np.ndarray,
+    direction: np.ndarray,
+    radius: np.ndarray,
+    size: np.ndarray,
+    theta: np.ndarray,
+    stretch: np.ndarray | float = 1.0,
+) -> _Ellipses:
+    """Ellipses inside blobs ``blob``: centred ``radius`` semi-axes from the blob's centre towards
+    ``direction`` (rad), semi-axes ``size`` times the blob's (the second also times ``stretch``)."""
+    return _Ellipses(
+        blobs.cx[blob] + radius * blobs.a[blob] * np.cos(direction),
+        blobs.cy[blob] + radius * blobs.b[blob] * np.sin(direction),
+        size * blobs.a[blob],
+        size * blobs.b[blob] * stretch,
+        theta,
+    )
+
+
 def _make_shapes(width: int, height: int, seed: int, tumour: bool) -> _Shapes:
     """Lay out 2-3 tissue blobs side by side, a hole or two, and 1-2 tumour regions.
 
@@ -119,13 +139,9 @@ def _make_shapes(width: int, height: int, seed: int, tumour: bool) -> _Shapes:
     hole_dir = rng.uniform(0, 2 * math.pi, n_holes)
     hole_r = rng.uniform(0.35, 0.5, n_holes)
     hole_size = rng.uniform(0.13, 0.2, n_holes)
-    holes = _Ellipses(
-        cx[hole_blob] + hole_r * a[hole_blob] * np.cos(hole_dir),
-        cy[hole_blob] + hole_r * b[hole_blob] * np.sin(hole_dir),
-        hole_size * a[hole_blob],
-        hole_size * b[hole_blob] * rng.uniform(0.8, 1.2, n_holes),
-        rng.uniform(0, math.pi, n_holes),
-    )
+    hole_stretch = rng.uniform(0.8, 1.2, n_holes)
+    hole_theta = rng.uniform(0, math.pi, n_holes)
+    holes = _satellites(blobs, hole_blob, hole_dir, hole_r, hole_size, hole_theta, hole_stretch)
 
     n_tum = int(rng.integers(1, 3)) if tumour else 0
     tum_blob = np.arange(n_tum) % n
@@ -135,13 +151,8 @@ def _make_shapes(width: int, height: int, seed: int, tumour: bool) -> _Shapes:
         tum_dir[i] = (away[0] + math.pi) if len(away) else rng.uniform(0, 2 * math.pi)
     tum_r = rng.uniform(0.2, 0.35, n_tum)
     tum_size = rng.uniform(0.42, 0.55, n_tum)
-    tumours = _Ellipses(
-        cx[tum_blob] + tum_r * a[tum_blob] * np.cos(tum_dir),
-        cy[tum_blob] + tum_r * b[tum_blob] * np.sin(tum_dir),
-        tum_size * a[tum_blob],
-        tum_size * b[tum_blob],
-        rng.uniform(0, math.pi, n_tum),
-    )
+    tum_theta = rng.uniform(0, math.pi, n_tum)
+    tumours = _satellites(blobs, tum_blob, tum_dir, tum_r, tum_size, tum_theta)
     scale = float(max(width, height))
     return _Shapes(blobs, holes, tumours, _make_waves(rng, scale), _make_waves(rng, scale / 2))
 

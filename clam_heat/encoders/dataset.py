@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,21 +146,36 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _feature_batches(
+def encode_patches(
     slide_path: str | Path,
     coords_l0: np.ndarray,
     *,
     encoder: Encoder,
     patch_level: int,
     patch_size: int,
-    custom_downsample: float,
-    batch_size: int,
-    num_workers: int,
-    device: str | torch.device | None,
-    amp: bool,
-    mp_context: str | None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first row, (B, D) float32 features on the encoder's device), in coords order."""
+    custom_downsample: float = 1,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    mp_context: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    head: Callable[[torch.Tensor], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Encode the patches at ``coords_l0`` (N, 2) level-0 int64; returns (N, D) float32 features.
+
+    Row i belongs to ``coords_l0[i]``. Batches run under ``torch.inference_mode`` (autocast on
+    CUDA when ``amp``). ``num_workers`` > 0 reads patches in DataLoader worker processes, each with
+    its own slide handle; results do not depend on the worker count. ``device`` None means the
+    encoder's device. ``progress`` is called with the number of patches after each batch.
+
+    ``head`` maps each batch's (B, D) float32 features (on the encoder's device) to (B,) values,
+    and the result is then (N,) float32: CLAM's overlapping pass scores attention this way
+    (:func:`~.overlap.overlap_scores`), so all features are never held at once.
+    """
+    coords = _as_coords(coords_l0)
+    n = coords.shape[0]
+    out = np.empty((n, encoder.dim) if head is None else (n,), dtype=np.float32)
     torch_device = encoder.device if device is None else torch.device(device)
     if torch_device != encoder.device:
         raise EncoderError(
@@ -173,7 +188,7 @@ def _feature_batches(
         )
     dataset = PatchDataset(
         slide_path,
-        coords_l0,
+        coords,
         patch_level=patch_level,
         patch_size=patch_size,
         custom_downsample=custom_downsample,
@@ -183,7 +198,7 @@ def _feature_batches(
         normalize=False,
     )
     if len(dataset) == 0:
-        return
+        return out
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -208,51 +223,12 @@ def _feature_batches(
                     f"encoder {encoder.name!r} returned shape {tuple(feats.shape)}, expected "
                     f"(B, {encoder.dim})"
                 )
-            yield start, feats
-            start += int(images.shape[0])
+            rows = int(feats.shape[0])
+            out[start : start + rows] = feats.cpu().numpy() if head is None else head(feats)
+            start += rows
+            if progress is not None:
+                progress(rows)
     finally:
         del batches, loader
         dataset.close()
-
-
-def encode_patches(
-    slide_path: str | Path,
-    coords_l0: np.ndarray,
-    *,
-    encoder: Encoder,
-    patch_level: int,
-    patch_size: int,
-    custom_downsample: float = 1,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    mp_context: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Encode the patches at ``coords_l0`` (N, 2) level-0 int64; returns (N, D) float32 features.
-
-    Row i belongs to ``coords_l0[i]``. Batches run under ``torch.inference_mode`` (autocast on
-    CUDA when ``amp``). ``num_workers`` > 0 reads patches in DataLoader worker processes, each with
-    its own slide handle; results do not depend on the worker count. ``device`` None means the
-    encoder's device. ``progress`` is called with the number of patches after each batch.
-    """
-    coords = _as_coords(coords_l0)
-    out = np.empty((coords.shape[0], encoder.dim), dtype=np.float32)
-    for start, feats in _feature_batches(
-        slide_path,
-        coords,
-        encoder=encoder,
-        patch_level=patch_level,
-        patch_size=patch_size,
-        custom_downsample=custom_downsample,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        amp=amp,
-        mp_context=mp_context,
-    ):
-        out[start : start + feats.shape[0]] = feats.cpu().numpy()
-        if progress is not None:
-            progress(int(feats.shape[0]))
     return out

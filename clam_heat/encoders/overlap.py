@@ -7,18 +7,18 @@ blockmap's scores (``use_ref_scores``), so the pass never holds all features at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, FeatureError
-from ..h5io import as_coords as _as_coords
 from ..heatmap import percentile_of_scores
 from .build import Encoder
-from .dataset import _feature_batches
+from .dataset import encode_patches
 
 
 def attention_logits(
@@ -72,42 +72,21 @@ def overlap_scores(
     model: nn.Module,
     branch: int | None,
     reference_scores: np.ndarray | None,
-    patch_level: int,
-    patch_size: int,
-    custom_downsample: float = 1,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    mp_context: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    **read: Any,
 ) -> np.ndarray:
     """CLAM's overlapping pass: encode + raw attention per patch; returns (N,) float32.
 
-    Features are scored batch by batch and dropped, so memory stays O(batch). With
-    ``reference_scores`` (the blockmap's raw attention, any shape) each score becomes its
-    percentile (0..100) among them, CLAM's ``use_ref_scores``; without, the raw logits are kept.
+    ``read`` holds :func:`~.dataset.encode_patches`' patch-reading options (``patch_level``,
+    ``patch_size`` required; ``custom_downsample``, ``batch_size``, ``num_workers``, ``device``,
+    ``amp``, ``mp_context``, ``progress``), passed on as they are. Features are scored batch by
+    batch and dropped, so memory stays O(batch). With ``reference_scores`` (the blockmap's raw
+    attention, any shape) each score becomes its percentile (0..100) among them, CLAM's
+    ``use_ref_scores``; without, the raw logits are kept.
     """
     if reference_scores is not None and np.asarray(reference_scores).size == 0:
         raise FeatureError("reference_scores is empty (the blockmap has no patches)")
-    coords = _as_coords(coords_l0)
-    scores = np.empty(coords.shape[0], dtype=np.float32)
-    for start, feats in _feature_batches(
-        slide_path,
-        coords,
-        encoder=encoder,
-        patch_level=patch_level,
-        patch_size=patch_size,
-        custom_downsample=custom_downsample,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        amp=amp,
-        mp_context=mp_context,
-    ):
-        scores[start : start + feats.shape[0]] = attention_logits(model, feats, branch=branch)
-        if progress is not None:
-            progress(int(feats.shape[0]))
+    head = functools.partial(attention_logits, model, branch=branch)
+    scores = encode_patches(slide_path, coords_l0, encoder=encoder, head=head, **read)
     if reference_scores is not None:
         reference = np.asarray(reference_scores)
         scores = percentile_of_scores(scores, reference).astype(np.float32)

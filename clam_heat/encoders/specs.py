@@ -39,49 +39,41 @@ class EncoderError(ClamHeatError):
 @dataclass(frozen=True)
 class _Spec:
     dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    hf_repo: str | None  # Hugging Face cache folder models--<org>--<name>
-    env_var: str | None  # CLAM's environment variable for a local file
-    hint: str  # how to get the weights
+    hf_repo: str | None = None  # Hugging Face cache folder models--<org>--<name>
+    env_var: str | None = None  # CLAM's environment variable for a local file
+    hint: str = ""  # how to get the weights
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def _gated(repo: str, then: str = ", download pytorch_model.bin") -> str:
+    """The hint for a gated Hugging Face model."""
+    return f"request access to {repo} on Hugging Face{then}"
 
 
 _SPECS: dict[str, _Spec] = {
     "resnet50_trunc": _Spec(
-        dim=1024,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        1024,
         hf_repo="timm/resnet50.tv_in1k",
-        env_var=None,
         hint="run `huggingface-cli download timm/resnet50.tv_in1k` once on a machine with internet",
     ),
     "uni_v1": _Spec(
-        dim=1024,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        hf_repo="MahmoodLab/UNI",
-        env_var="UNI_CKPT_PATH",
-        hint="request access to MahmoodLab/UNI on Hugging Face, download pytorch_model.bin",
+        1024, hf_repo="MahmoodLab/UNI", env_var="UNI_CKPT_PATH", hint=_gated("MahmoodLab/UNI")
     ),
     "conch_v1": _Spec(
-        dim=512,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
+        512,
         hf_repo="MahmoodLab/CONCH",
         env_var="CONCH_CKPT_PATH",
-        hint="request access to MahmoodLab/CONCH on Hugging Face, download pytorch_model.bin",
+        hint=_gated("MahmoodLab/CONCH"),
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
     ),
     "conch_v1_5": _Spec(
-        dim=768,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        768,
         hf_repo="MahmoodLab/TITAN",
-        env_var=None,
-        hint="request access to MahmoodLab/TITAN on Hugging Face and download it into the cache",
+        hint=_gated("MahmoodLab/TITAN", " and download it into the cache"),
     ),
-    "tiny_cnn": _Spec(
-        dim=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, hf_repo=None, env_var=None, hint=""
-    ),
+    "tiny_cnn": _Spec(64),
 }
 
 
