@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from clam_heat import demo
+from clam_heat.atomic import is_temp_name
 from clam_heat.demo import (
     DemoProject,
     DemoSlide,
@@ -181,7 +182,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path: Path) 
     assert a.path.read_bytes() != c.path.read_bytes()
     assert np.array_equal(a.tissue_mask(4), b.tissue_mask(4))
     assert not np.array_equal(a.tissue_mask(4), c.tissue_mask(4))
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
 
 def test_tumour_free_slide_has_no_tumour(tmp_path: Path) -> None:
@@ -203,7 +204,7 @@ def test_mpp_is_written_for_a_40x_slide(tmp_path: Path) -> None:
 
 
 def test_generation_streams_instead_of_holding_the_canvas(tmp_path: Path) -> None:
-    demo._pyramid_textures(0.5, 256)  # build the shared textures outside the measurement
+    demo.slides._pyramid_textures(0.5, 256)  # build the shared textures outside the measurement
     width, height = 1024, 32768
     tracemalloc.start()
     try:
@@ -354,6 +355,17 @@ def test_training_is_reproducible_and_leaves_torch_state_alone(tmp_path: Path) -
     sa, sb, sc = (torch.load(p, weights_only=True) for p in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_file_name_or_run(tmp_path: Path) -> None:
+    """torch.save to a path names the zip's inner folder after the (random) temp file; the demo
+    saves through a file object, so the same weights give the same bytes every time."""
+    a = train_demo_checkpoint(_bags(), tmp_path / "a.pt", seconds=0.05, seed=3)
+    b = train_demo_checkpoint(_bags(), tmp_path / "sub" / "s_0_checkpoint.pt", seconds=0.05, seed=3)
+    again = a.read_bytes()
+    train_demo_checkpoint(_bags(), a, seconds=0.05, seed=3)
+    assert a.read_bytes() == b.read_bytes() == again
+    assert not [p for p in tmp_path.rglob(".*") if is_temp_name(p.name)]
 
 
 # ----------------------------------------------------------------------------------- project

@@ -50,7 +50,8 @@ from clam_heat.encoders import (
     write_features_h5,
     write_scores_h5,
 )
-from clam_heat.errors import CheckpointError, FeatureError
+from clam_heat.errors import CheckpointError, FeatureError, OutputError
+from clam_heat.heatmap import percentile_of_scores
 from clam_heat.models import build_model
 from clam_heat.slide import open_slide
 
@@ -237,7 +238,7 @@ def test_safetensors_weights_load_without_the_package(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
-    read = encoders._read_safetensors(path)
+    read = encoders.weights._read_safetensors(path)
     assert all(torch.equal(read[k], state[k]) for k in state)
     enc = build_encoder("tiny_cnn", dim=8, weights=path)
     assert all(torch.equal(v, state[k]) for k, v in enc.module.state_dict().items())
@@ -430,9 +431,9 @@ def timm_fails_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.syspath_prepend(str(pkg.parent))
     for mod in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
         monkeypatch.delitem(sys.modules, mod)
-    encoders._import_timm.cache_clear()
+    encoders.build._import_timm.cache_clear()
     yield
-    encoders._import_timm.cache_clear()
+    encoders.build._import_timm.cache_clear()
 
 
 @pytest.mark.usefixtures("timm_fails_to_import")
@@ -483,8 +484,8 @@ def test_timm_branch_calls_create_model_as_clam_does(
     fake.__version__ = "9.9.9"  # type: ignore[attr-defined]
     fake.create_model = create_model  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "timm", fake)
-    encoders._import_timm.cache_clear()
-    monkeypatch.setattr(encoders, "_import_timm", lambda: (fake, ""))
+    encoders.build._import_timm.cache_clear()
+    monkeypatch.setattr(encoders.build, "_import_timm", lambda: (fake, ""))
 
     with torch.device("meta"):
         reference = ResNet50Trunk()
@@ -503,7 +504,7 @@ def test_timm_branch_calls_create_model_as_clam_does(
             {"features_only": True, "out_indices": (3,), "pretrained": False, "num_classes": 0},
         )
     ]
-    assert isinstance(enc.module, encoders._TimmTrunk) and enc.backend == "timm==9.9.9"
+    assert isinstance(enc.module, encoders.networks._TimmTrunk) and enc.backend == "timm==9.9.9"
     assert enc.fingerprint()["backend"] == "timm==9.9.9" and enc.weights == str(path)
     assert {k.removeprefix("model."): v for k, v in enc.module.state_dict().items()}.keys() == (
         state.keys()
@@ -533,7 +534,7 @@ def test_real_timm_builds_what_the_builtin_networks_mirror(
     """Only where timm imports (it needs a torchvision matching torch): both backends load the
     same file strictly and give the same features, equal to the reference numbers."""
     timm = pytest.importorskip("timm")
-    encoders._import_timm.cache_clear()
+    encoders.build._import_timm.cache_clear()
     path = tmp_path / "resnet50.bin"
     torch.save(resnet50_reference, path)
     via_timm = build_encoder("resnet50_trunc", weights=path, backend="timm")
@@ -795,14 +796,14 @@ def test_overlap_scores_are_attention_of_encoded_patches_as_percentiles(pyramid:
 def test_percentiles_match_scipy_rank_percentileofscore() -> None:
     ref = np.array([0.1, 0.5, 0.5, 0.9])
     np.testing.assert_array_equal(
-        encoders._percentile_of_scores(np.array([0.5, 0.2, 1.0, 0.0, 0.9]), ref),
+        percentile_of_scores(np.array([0.5, 0.2, 1.0, 0.0, 0.9]), ref),
         [62.5, 25.0, 100.0, 0.0, 100.0],
     )
     rng = np.random.default_rng(1)
     ref = rng.integers(0, 20, 200).astype(float)  # many ties
     scores = rng.integers(-2, 23, 50).astype(float)
     expected = [percentileofscore(ref, s, kind="rank") for s in scores]
-    np.testing.assert_allclose(encoders._percentile_of_scores(scores, ref), expected)
+    np.testing.assert_allclose(percentile_of_scores(scores, ref), expected)
 
 
 # -------------------------------------------------------------------------------------- HDF5
@@ -852,9 +853,9 @@ def test_h5_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         write_scores_h5(target, np.zeros(2), coords)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         write_features_h5(tmp_path / "new.h5", np.zeros((2, 3)), coords)
     assert [p.name for p in tmp_path.iterdir()] == ["s_blockmap.h5"]  # no temp file left
     assert target.read_bytes() == before

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clam_heat import segmentation as seg
+from clam_heat import segmentation, tissue
 from clam_heat.errors import ConfigError, SegmentationError
-from clam_heat.segmentation import (
+from clam_heat.slide import ArraySlide, open_slide
+from clam_heat.tissue import (
     SegmentationParams,
     TissueContours,
     center_shift_for_overlap,
@@ -34,7 +35,6 @@ from clam_heat.segmentation import (
     segment_array,
     segment_slide,
 )
-from clam_heat.slide import ArraySlide, open_slide
 
 PINK = (220, 120, 180)  # HSV saturation 116
 PALE = (235, 225, 230)  # saturation 10: below the default sthresh 15
@@ -448,7 +448,7 @@ def test_patch_in_tissue_equals_point_polygon_test_on_real_contours(
     coords = rng.integers(-50, 1200, size=(1500, 2)).astype(np.int64)
     ps = 37  # odd: the hole test uses a half-pixel centre
     expected = _clam_reference(coords, ps, tc, contour_fn, 0.5)
-    monkeypatch.setattr(seg, "_RASTER_BUDGET_PX", 40)
+    monkeypatch.setattr(tissue.polygon, "_RASTER_BUDGET_PX", 40)
     got = patch_in_tissue(coords, ps, tc, contour_fn=contour_fn, center_shift=0.5)
     assert np.array_equal(got, expected)
     assert 0.1 < expected.mean() < 0.9
@@ -646,3 +646,10 @@ def test_segmentation_recovers_generated_demo_tissue(tmp_path) -> None:
         truth = demo.tissue_mask(downsample)
         iou = (found & truth).sum() / (found | truth).sum()
         assert iou > 0.9, (seed, iou)
+
+
+def test_segmentation_module_is_the_tissue_package_face() -> None:
+    """``clam_heat.segmentation`` (older imports, bench scripts) re-exports the same objects."""
+    assert segmentation.__all__ == tissue.__all__
+    for name in tissue.__all__:
+        assert getattr(segmentation, name) is getattr(tissue, name)
