@@ -593,7 +593,7 @@ def test_tiff_writer_failure_is_an_output_error(tmp_path: Path, slide, monkeypat
 
 
 def test_explicit_mask_and_jpeg_size_limit(tmp_path: Path, slide, monkeypatch) -> None:
-    import clam_heat.heatmap as hm
+    import clam_heat.heatmap.writers as hm
 
     mask = np.zeros((300, 400), dtype=bool)
     mask[:, 200:] = True  # right half of vis level 2 is tissue
