@@ -22,7 +22,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from .errors import OutputError
-from .heatmap import to_percentiles
+from .heatmap.maths import to_percentiles
 from .threads import helper_threads
 
 if TYPE_CHECKING:

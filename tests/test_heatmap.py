@@ -14,6 +14,7 @@ import pytest
 import tifffile
 from scipy.stats import percentileofscore, rankdata
 
+from clam_heat.atomic import is_temp_name, sweep_temp_files
 from clam_heat.errors import OutputError
 from clam_heat.heatmap import (
     HeatmapSpec,
@@ -506,7 +507,8 @@ def test_outputs_jpg_png_tiff_and_pyramid(tmp_path: Path, slide, patches, tissue
         assert [p.subfiletype for p in pages] == [0] + [1] * (len(pages) - 1)
         assert all(p.is_tiled and p.photometric == 2 and p.compression == 7 for p in pages)
         assert not pages[0].subifds
-    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".level-" in p.name]
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert leftovers == [] and not [p for p in tmp_path.rglob("*") if is_temp_name(p.name)]
 
 
 def test_pyramid_of_a_custom_downsampled_openslide_slide(tmp_path: Path) -> None:
@@ -635,6 +637,105 @@ def test_real_aperio_slide(real_slide_path: Path, tmp_path: Path) -> None:
         res = render_heatmap(sl, coords, scores, 256, spec, tissue=tc, out_path=tmp_path / "h.jpg")
         assert res.vis_level == 0 and res.shape == (h, w)
     assert imagecodecs.jpeg8_decode((tmp_path / "h.jpg").read_bytes()).shape == (h, w, 3)
+
+
+def _wait_for_spool(sink) -> Path:
+    """The pyramid writer's first spool file, once the writer thread has made it."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not (sink.spools and sink.spools[0].exists()):
+        assert time.monotonic() < deadline, "the pyramid writer made no spool file"
+        time.sleep(0.01)
+    return sink.spools[0]
+
+
+def test_failed_pyramid_render_leaves_only_swept_temp_names(
+    tmp_path: Path, slide, monkeypatch
+) -> None:
+    """A sink fails after the pyramid's spool exists: every file it had made is a temp name
+    (the start-up sweep's), and the failure itself removes them all."""
+    from clam_heat.heatmap.writers import TiffSink
+
+    real_push = TiffSink.push
+    seen: list[str] = []
+
+    def failing_push(self, y0, strip):
+        real_push(self, y0, strip)
+        if self.pyramid:
+            _wait_for_spool(self)
+            seen.extend(p.name for p in tmp_path.iterdir())
+            raise RuntimeError("injected sink failure")
+
+    monkeypatch.setattr(TiffSink, "push", failing_push)
+    spec = HeatmapSpec(vis_level=0, tile_size=128)
+    with pytest.raises(RuntimeError, match="injected sink failure"):
+        render_heatmap(
+            slide, np.array([[0, 0]]), np.array([50.0]), 256, spec,
+            out_path=tmp_path / "h.tiff", pyramid_tiff_path=tmp_path / "p.tiff",
+        )  # fmt: skip
+    spools = [n for n in seen if n.startswith(".p.tiff.spool-")]
+    assert spools and all(is_temp_name(n) for n in seen), seen
+    assert {n.split(".")[1] for n in seen} == {"h", "p"}  # both TIFFs' temp files, nothing else
+    assert list(tmp_path.iterdir()) == []
+
+
+_KILL_MID_RENDER = """
+import os, signal, sys, time
+import numpy as np
+from clam_heat.heatmap import HeatmapSpec, render_heatmap
+from clam_heat.heatmap.writers import TiffSink
+from clam_heat.slide import ArraySlide
+
+real_push = TiffSink.push
+
+def push(self, y0, strip):
+    real_push(self, y0, strip)
+    if self.pyramid:
+        deadline = time.monotonic() + 60
+        while not (self.spools and self.spools[0].exists()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(self.spools[0].name, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+TiffSink.push = push
+out = sys.argv[1]
+slide = ArraySlide(np.full((1200, 1600, 3), 200, np.uint8), n_levels=1)
+render_heatmap(
+    slide, np.array([[0, 0]]), np.array([50.0]), 256, HeatmapSpec(vis_level=0, tile_size=128),
+    out_path=f"{out}/h.tiff", pyramid_tiff_path=f"{out}/p.tiff",
+)
+"""
+
+
+def test_render_killed_mid_way_leaves_only_names_the_sweep_removes(tmp_path: Path) -> None:
+    """SIGKILL after the pyramid's spool exists (no cleanup runs): what is left is exactly the
+    temp files, all named as :func:`~clam_heat.atomic.is_temp_name` expects, and
+    :func:`~clam_heat.atomic.sweep_temp_files` removes every one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import clam_heat
+
+    root = Path(clam_heat.__file__).resolve().parents[1]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_MID_RENDER, str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    spool = proc.stdout.strip()
+    left = sorted(p.name for p in out.iterdir())
+    assert spool in left and spool.startswith(".p.tiff.spool-")
+    assert len(left) >= 3 and all(is_temp_name(n) for n in left), left  # h, p and p's spool
+    assert sweep_temp_files(tmp_path) == len(left)
+    assert list(out.iterdir()) == []
 
 
 @pytest.fixture()

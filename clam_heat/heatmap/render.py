@@ -1,6 +1,14 @@
-"""The tile streaming engine: render output tiles on a thread pool and push whole strips, in
-order, to sinks (:mod:`clam_heat.heatmap.writers`); :func:`render_heatmap`, :func:`heatmap_image`
-and :func:`save_orig`."""
+"""The tile streaming engine: :func:`render_heatmap`, :func:`heatmap_image` and
+:func:`save_orig`.
+
+Output tiles are rendered on a small thread pool (each from the render plan, independent of the
+others) and whole strips of the saved image are pushed, top to bottom, to the sinks that
+:func:`~clam_heat.heatmap.writers.open_sinks` chose for the output paths. The engine knows no
+file format: a sink either holds the whole image (the strips are then views into it) or takes
+strips of its preferred height (``Sink.strip_rows``). Memory: a JPEG/PNG output needs its
+whole RGB image once (encoders take whole images); streamed TIFF outputs need a few strips, so
+memory grows with the image width and the number of patches, not with its area.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import numpy as np
 
 from ..threads import helper_threads
 from .plan import HeatmapSpec, RenderResult, _plan, _resolve_level, _shrink
-from .writers import TIFF_TILE, _ArraySink, _make_sinks, _Sink
+from .writers import Sink, open_sinks
 
 if TYPE_CHECKING:
     from ..segmentation import TissueContours
@@ -49,12 +57,14 @@ def _release_free_memory() -> None:
         trim(0)
 
 
-def _tile_shape(tile_size: int, sinks: Sequence[_Sink]) -> tuple[int, int]:
-    """Output tile (w, h): square when the whole image is kept anyway; otherwise one TIFF tile
-    row high, so the strips in flight (and RSS) stay a few TIFF rows whatever the slide size."""
-    if any(isinstance(s, _ArraySink) for s in sinks):
+def _tile_shape(tile_size: int, sinks: Sequence[Sink]) -> tuple[int, int]:
+    """Output tile (w, h): square when the whole image is kept anyway; otherwise as high as the
+    sinks' preferred strip (one TIFF tile row), so the strips in flight (and RSS) stay a few
+    rows whatever the slide size."""
+    if any(s.image is not None for s in sinks):
         return tile_size, tile_size
-    return max(2 * tile_size, TIFF_TILE), TIFF_TILE
+    rows = max((s.strip_rows for s in sinks), default=0) or tile_size
+    return max(2 * tile_size, rows), rows
 
 
 def _stream(
@@ -62,7 +72,7 @@ def _stream(
     width: int,
     height: int,
     tile: tuple[int, int],
-    sinks: Sequence[_Sink],
+    sinks: Sequence[Sink],
     workers: int,
 ) -> None:
     """Render output tiles on a thread pool and feed every sink whole strips, in order.
@@ -71,12 +81,12 @@ def _stream(
     boundary; streaming-only (TIFF) strips are thin and many tiles wide, so one at a time keeps
     memory down. A strip is pushed to the sinks as soon as all its tiles are done.
     """
-    array_sink = next((s for s in sinks if isinstance(s, _ArraySink)), None)
+    whole = next((s.image for s in sinks if s.image is not None), None)
     tile_w, tile_h = tile
     n_workers = workers or helper_threads()
     in_flight: deque[tuple[int, np.ndarray, list[Future[None]]]] = deque()
     # a strip in the whole-image buffer costs nothing extra; a standalone strip is memory
-    lookahead = 1 if array_sink is not None else 0
+    lookahead = 1 if whole is not None else 0
 
     def one(strip: np.ndarray, tx: int, ty: int, box: tuple[int, int, int, int]) -> None:
         strip[:, box[0] : box[2]] = render_tile(tx, ty, box)
@@ -94,8 +104,8 @@ def _stream(
             try:
                 for ty, y0 in enumerate(range(0, height, tile_h)):
                     y1 = min(y0 + tile_h, height)
-                    if array_sink is not None:
-                        strip = array_sink.strip_view(y0, y1)
+                    if whole is not None:
+                        strip = whole[y0:y1]
                     else:
                         strip = np.empty((y1 - y0, width, 3), dtype=np.uint8)
                     futures = [
@@ -118,7 +128,7 @@ def _stream(
         raise
 
 
-def _finish(sinks: Sequence[_Sink]) -> tuple[Path, ...]:
+def _finish(sinks: Sequence[Sink]) -> tuple[Path, ...]:
     paths = []
     try:
         for sink in sinks:
@@ -183,13 +193,13 @@ def render_heatmap(
     width, height = plan.region[0] // cd, plan.region[1] // cd
     if width < 1 or height < 1:
         raise ValueError(f"custom_downsample {cd} leaves no pixels of the {plan.region} region")
-    sinks = _make_sinks(
+    sinks = open_sinks(
         Path(out_path) if out_path is not None else None,
-        Path(pyramid_tiff_path) if pyramid_tiff_path is not None else None,
         width,
         height,
-        _out_mpp(slide, plan.level, cd),
-        keep_image,
+        mpp=_out_mpp(slide, plan.level, cd),
+        pyramid_tiff_path=Path(pyramid_tiff_path) if pyramid_tiff_path is not None else None,
+        keep_image=keep_image,
     )
     try:
         tile = _tile_shape(int(spec.tile_size), sinks)
@@ -200,7 +210,7 @@ def render_heatmap(
         raise
     _stream(plan.render_tile, width, height, tile, sinks, spec.workers)
     paths = _finish(sinks)
-    image = next((s.image for s in sinks if isinstance(s, _ArraySink)), None)
+    image = next((s.image for s in sinks if s.image is not None), None)
     return RenderResult(
         shape=(height, width),
         vis_level=plan.level,
@@ -258,7 +268,7 @@ def save_orig(
         return _shrink(rgb, cd)
 
     out = Path(path)
-    sinks = _make_sinks(out, None, width, height, _out_mpp(slide, level, cd), False)
+    sinks = open_sinks(out, width, height, mpp=_out_mpp(slide, level, cd))
     _stream(tile_fn, width, height, _tile_shape(int(tile_size), sinks), sinks, workers)
     _finish(sinks)
     return out

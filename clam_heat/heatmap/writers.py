@@ -1,24 +1,46 @@
-"""The sinks a rendered heatmap is pushed to (JPEG, PNG, TIFF, pyramidal TIFF) and the
-attention GeoJSON writer. Writers hold no CLAM rule: they receive finished pixels."""
+"""Where a rendered heatmap goes: sinks for JPEG, PNG, TIFF and pyramidal TIFF, and the
+attention GeoJSON writer.
+
+The renderer (:mod:`clam_heat.heatmap.render`) pushes finished strips of the saved image, top
+to bottom, to :class:`Sink` objects and knows no file format; :func:`open_sinks` picks the sink
+class for an output path from :data:`SINKS`, keyed by extension. A new format is a new
+:class:`Sink` subclass and one line in that table. Writers hold no CLAM drawing rule: they
+receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name beside
+the target, renamed into place when complete); the pyramid's spool files carry the ``spool``
+tag, so the start-up sweep removes any that a killed run left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
-import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from ..errors import OutputError
+from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
+from ..errors import OutputError, os_error_advice
 from .maths import to_percentiles
 
-__all__ = ["write_attention_geojson"]
+__all__ = [
+    "JPEG_MAX_SIDE",
+    "SINKS",
+    "TIFF_TILE",
+    "ArraySink",
+    "EncodedSink",
+    "JpegSink",
+    "PngSink",
+    "Sink",
+    "TiffSink",
+    "open_sinks",
+    "write_attention_geojson",
+]
 
 #: TIFF tile side of the pyramidal overlay (and of plain .tiff outputs).
 TIFF_TILE = 256
@@ -28,104 +50,112 @@ JPEG_MAX_SIDE = 65500
 PYRAMID_JPEG_QUALITY = 90
 
 
-def _atomic_target(path: Path) -> Path:
-    """A unique temp name beside ``path`` that keeps its extension (``.name.tmp-XXXX.jpg``)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write here ({err.strerror or err})") from None
-    os.close(fd)
-    return Path(tmp)
+class Sink:
+    """Receives the saved image strip by strip, rows in order; then :meth:`close` or
+    :meth:`abort`.
 
+    ``image`` is the whole (h, w, 3) uint8 image when the sink holds one in memory: the renderer
+    then draws straight into it (:meth:`push` sees its own rows) and keeps square tiles.
+    """
 
-def _commit(tmp: Path, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot move the finished file into place ({err})") from None
-
-
-def _write_bytes(path: Path, data: bytes | memoryview | np.ndarray) -> None:
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: writing failed ({err.strerror or err})") from None
-    _commit(tmp, path)
-
-
-def _image_format(path: Path) -> str:
-    ext = path.suffix.lower().lstrip(".")
-    if ext in ("jpg", "jpeg", "png", "tif", "tiff"):
-        return ext
-    raise OutputError(f"{path}: unsupported image extension (use jpg, jpeg, png, tif or tiff)")
-
-
-def _encode(img: np.ndarray, fmt: str) -> bytes:
-    """Encode like CLAM's PIL save: ``jpg`` → quality 100, ``jpeg`` → PIL's default 75 (both
-    4:2:0, byte-identical to PIL's libjpeg output), ``png`` → zlib level 6."""
-    import imagecodecs
-
-    if fmt == "jpg":
-        return bytes(imagecodecs.jpeg8_encode(img, level=100))
-    if fmt == "jpeg":
-        return bytes(imagecodecs.jpeg8_encode(img, level=75))
-    return bytes(imagecodecs.png_encode(img, level=6))
-
-
-class _Sink:
-    """Receives the saved image strip by strip (rows in order)."""
+    image: np.ndarray | None = None
+    #: preferred height of the strips pushed (0: any); the renderer uses the largest
+    strip_rows: int = 0
 
     def push(self, y0: int, strip: np.ndarray) -> None:  # pragma: no cover - interface
+        """Take rows ``y0 .. y0 + len(strip)`` of the saved image, (rows, w, 3) uint8 RGB."""
         raise NotImplementedError
 
     def close(self) -> Path | None:  # pragma: no cover - interface
+        """Finish the output; returns the file written (None: nothing written)."""
         raise NotImplementedError
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Drop partial output after a failure."""
 
 
-class _ArraySink(_Sink):
-    """Holds the whole image (JPEG/PNG need it); optionally encodes it to ``path``."""
+class ArraySink(Sink):
+    """The whole image in memory (for callers that want the array; writes no file)."""
 
-    def __init__(self, width: int, height: int, path: Path | None, fmt: str = "") -> None:
+    def __init__(self, width: int, height: int) -> None:
         self.image = np.empty((height, width, 3), dtype=np.uint8)
-        self.path, self.fmt = path, fmt
-
-    def strip_view(self, y0: int, y1: int) -> np.ndarray:
-        return self.image[y0:y1]
 
     def push(self, y0: int, strip: np.ndarray) -> None:
+        assert self.image is not None
         view = self.image[y0 : y0 + strip.shape[0]]
         if not np.shares_memory(view, strip):
             view[...] = strip
 
     def close(self) -> Path | None:
-        if self.path is None:
-            return None
-        _write_bytes(self.path, _encode(self.image, self.fmt))
+        return None
+
+
+class EncodedSink(ArraySink):
+    """A whole-image format (its encoder takes the whole image): held in memory, encoded and
+    written atomically on :meth:`close`."""
+
+    def __init__(self, path: Path, width: int, height: int, *, mpp: float | None) -> None:
+        self.path = path
+        super().__init__(width, height)
+
+    def encode(self, image: np.ndarray) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> Path:
+        assert self.image is not None
+        write_bytes_atomic(self.path, self.encode(self.image))
         return self.path
 
 
-class _TiffSink(_Sink):
-    """Streams strips into a tiled TIFF on a writer thread; with ``pyramid`` also writes
-    reduced levels (2x block means, separate pages with subfiletype=1, not SubIFDs).
-
-    Memory stays at a few tile rows: each reduced level is spooled to a raw temp file while
-    the level above is written, then streamed back for its own page.
-    """
+class JpegSink(EncodedSink):
+    """JPEG as PIL's ``save`` writes it (4:2:0, byte-identical to PIL's libjpeg output) at
+    ``quality`` (100 for ``.jpg``, PIL's default 75 for ``.jpeg``, as CLAM's outputs)."""
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, pyramid: bool
+        self, path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+    ) -> None:
+        if max(width, height) > JPEG_MAX_SIDE:
+            raise OutputError(
+                f"{path}: a {width}x{height} px image is too large for JPEG (max "
+                f"{JPEG_MAX_SIDE} px a side); use save_ext png or tiff, a coarser vis_level or "
+                "custom_downsample"
+            )
+        self.quality = quality
+        super().__init__(path, width, height, mpp=mpp)
+
+    def encode(self, image: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg8_encode(image, level=self.quality))
+
+
+class PngSink(EncodedSink):
+    """PNG at zlib level 6 (PIL's default)."""
+
+    def encode(self, image: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.png_encode(image, level=6))
+
+
+class TiffSink(Sink):
+    """Streams strips into a tiled TIFF on a writer thread; with ``pyramid`` also writes
+    reduced levels (2x block means, separate pages with subfiletype=1, not SubIFDs) as JPEG
+    tiles with the MPP of each level (OpenSlide and QuPath open it).
+
+    Memory stays at a few tile rows: each reduced level is spooled to a raw temp file (named by
+    :func:`~clam_heat.atomic.temp_path_for` with the ``spool`` tag) while the level above is
+    written, then streamed back for its own page.
+    """
+
+    strip_rows = TIFF_TILE
+
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, pyramid: bool = False
     ) -> None:
         self.path, self.width, self.height = path, width, height
         self.mpp, self.pyramid = mpp, pyramid
-        self.tmp = _atomic_target(path)
+        self.tmp = temp_path_for(path)
         self.queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.spools: list[Path] = []
@@ -152,7 +182,7 @@ class _TiffSink(_Sink):
         self.thread.join()
         if self.error is not None:
             self._raise()
-        _commit(self.tmp, self.path)
+        commit(self.tmp, self.path, durable=True)
         return self.path
 
     def abort(self) -> None:
@@ -215,9 +245,7 @@ class _TiffSink(_Sink):
                     break
 
     def _new_spool(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.level-")
-        os.close(fd)
-        spool = Path(name)
+        spool = temp_path_for(self.path, tag="spool")
         self.spools.append(spool)
         return spool
 
@@ -302,31 +330,52 @@ def _read_spool(spool: Path, width: int, height: int) -> Iterator[np.ndarray]:
         spool.unlink(missing_ok=True)
 
 
-def _make_sinks(
+#: A sink factory: ``(path, width, height, *, mpp) -> Sink``; ``mpp`` is the saved image's
+#: microns per pixel (None: unknown), for formats that record it.
+SinkFactory = Callable[..., Sink]
+
+#: Output formats by file extension (lower case, no dot): a new format is one line here.
+SINKS: dict[str, SinkFactory] = {
+    "jpg": JpegSink,
+    "jpeg": functools.partial(JpegSink, quality=75),
+    "png": PngSink,
+    "tif": TiffSink,
+    "tiff": TiffSink,
+}
+
+
+def sink_factory(path: Path) -> SinkFactory:
+    """The :data:`SINKS` entry for ``path``'s extension (OutputError naming the known ones)."""
+    factory = SINKS.get(path.suffix.lower().lstrip("."))
+    if factory is None:
+        known = list(SINKS)
+        raise OutputError(
+            f"{path}: unsupported image extension (use {', '.join(known[:-1])} or {known[-1]})"
+        )
+    return factory
+
+
+def open_sinks(
     out_path: Path | None,
-    pyramid_tiff_path: Path | None,
     width: int,
     height: int,
-    out_mpp: float | None,
-    keep_image: bool,
-) -> list[_Sink]:
-    sinks: list[_Sink] = []
-    fmt = _image_format(out_path) if out_path is not None else ""
-    if fmt in ("jpg", "jpeg") and max(width, height) > JPEG_MAX_SIDE:
-        raise OutputError(
-            f"{out_path}: a {width}x{height} px image is too large for JPEG (max "
-            f"{JPEG_MAX_SIDE} px a side); use save_ext png or tiff, a coarser vis_level or "
-            "custom_downsample"
-        )
-    if keep_image or fmt in ("jpg", "jpeg", "png"):
-        path = out_path if fmt in ("jpg", "jpeg", "png") else None
-        sinks.append(_ArraySink(width, height, path, fmt))
+    *,
+    mpp: float | None,
+    pyramid_tiff_path: Path | None = None,
+    keep_image: bool = False,
+) -> list[Sink]:
+    """The sinks for one saved image of ``width`` x ``height`` px, in the order their files are
+    reported: the image held in memory (when ``keep_image`` and no output holds it anyway),
+    ``out_path`` in its extension's format, then the pyramidal TIFF."""
+    factory = sink_factory(out_path) if out_path is not None else None
+    sinks: list[Sink] = []
     try:
-        if fmt in ("tif", "tiff"):
-            assert out_path is not None
-            sinks.append(_TiffSink(out_path, width, height, mpp=out_mpp, pyramid=False))
+        if out_path is not None and factory is not None:
+            sinks.append(factory(out_path, width, height, mpp=mpp))
+        if keep_image and not any(s.image is not None for s in sinks):
+            sinks.insert(0, ArraySink(width, height))
         if pyramid_tiff_path is not None:
-            sinks.append(_TiffSink(pyramid_tiff_path, width, height, mpp=out_mpp, pyramid=True))
+            sinks.append(TiffSink(pyramid_tiff_path, width, height, mpp=mpp, pyramid=True))
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -372,57 +421,37 @@ def write_attention_geojson(
     pw, ph = (int(v) for v in np.broadcast_to(np.asarray(patch_size_l0), (2,)))
     pct = to_percentiles(flat) if len(flat) and not np.isnan(flat).any() else flat * np.nan
     out = Path(path)
-    tmp = _atomic_target(out)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write('{"type": "FeatureCollection", "features": [\n')
-            for start in range(0, len(coords), chunk):  # chunks of patches, not single ones
-                c = coords[start : start + chunk]
-                x0, y0 = _json_numbers(c[:, 0]), _json_numbers(c[:, 1])
-                x1, y1 = _json_numbers(c[:, 0] + pw), _json_numbers(c[:, 1] + ph)
-                s = _json_numbers(flat[start : start + chunk])
-                p = _json_numbers(pct[start : start + chunk])
-                ring = (
-                    "[["
-                    + x0
-                    + ", "
-                    + y0
-                    + "], ["
-                    + x1
-                    + ", "
-                    + y0
-                    + "], ["
-                    + x1
-                    + ", "
-                    + y1
-                    + "], ["
-                    + x0
-                    + ", "
-                    + y1
-                    + "], ["
-                    + x0
-                    + ", "
-                    + y0
-                    + "]]"
-                )
-                feats = (
-                    '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": ['
-                    + ring
-                    + ']}, "properties": {"objectType": "tile", "measurements": {"attention": '
-                    + s
-                    + ', "percentile": '
-                    + p
-                    + "}}}"
-                )
-                if start:
-                    fh.write(",\n")
-                fh.write(",\n".join(feats.tolist()))
-            fh.write("\n]}\n")
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{out}: writing failed ({err.strerror or err})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, out)
+    with atomic_path(out) as tmp:
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write('{"type": "FeatureCollection", "features": [\n')
+                for start in range(0, len(coords), chunk):  # chunks of patches, not single ones
+                    if start:
+                        fh.write(",\n")
+                    end = start + chunk
+                    fh.write(_features(coords[start:end], flat[start:end], pct[start:end], pw, ph))
+                fh.write("\n]}\n")
+        except OSError as err:
+            raise OutputError(f"{out}: cannot write; {os_error_advice(out, err)}") from None
     return out
+
+
+def _features(c: np.ndarray, s: np.ndarray, p: np.ndarray, pw: int, ph: int) -> str:
+    """GeoJSON Features of patches ``c`` (level-0 corners) with attention ``s`` and percentile
+    ``p``, joined by ``,\\n``, built with numpy string operations."""
+    x0, y0 = _json_numbers(c[:, 0]), _json_numbers(c[:, 1])
+    x1, y1 = _json_numbers(c[:, 0] + pw), _json_numbers(c[:, 1] + ph)
+    ring = (
+        "[[" + x0 + ", " + y0 + "], [" + x1 + ", " + y0 + "], [" + x1 + ", " + y1
+        + "], [" + x0 + ", " + y1 + "], [" + x0 + ", " + y0 + "]]"
+    )  # fmt: skip
+    feats = (
+        '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": ['
+        + ring
+        + ']}, "properties": {"objectType": "tile", "measurements": {"attention": '
+        + _json_numbers(s)
+        + ', "percentile": '
+        + _json_numbers(p)
+        + "}}}"
+    )
+    return ",\n".join(feats.tolist())
