@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -271,6 +272,46 @@ def test_vis_geometry_roi_inclusive_and_ceil() -> None:
     assert keep.tolist() == [True, False, True, False, True]
     assert xy.tolist() == [[0, 0], [67, 67], [53, 10]]  # ceil((c - tl) / 3)
     assert ps.tolist() == [34, 34] and region == (67, 67)  # int(300/3) - int(100/3)
+
+
+def test_vis_geometry_non_square_pyramid_hand_worked() -> None:
+    """A scanner level whose downsample differs in x and y, (4.0, 4.02): every value below is
+    worked by hand per axis, so a swap of the x and y downsample fails."""
+    coords = np.array([[1001, 1403], [400, 1800], [2001, 500], [399, 900]])
+    # ROI (400, 400, 2000, 1800): 1 and 2 kept (x1/y2 inclusive), 3 has x > x2, 4 has x < x1
+    keep, xy, ps, region = vis_geometry(coords, 1000, (4.0, 4.02), (400, 400, 2000, 1800))
+    assert keep.tolist() == [True, True, False, False]
+    # shifted (601, 1003): x ceil(601 / 4) = ceil(150.25) = 151; y ceil(1003 / 4.02) =
+    # ceil(249.50) = 250. Shifted (0, 1400): x 0; y ceil(1400 / 4.02) = ceil(348.26) = 349
+    assert xy.tolist() == [[151, 250], [0, 349]]
+    # patch: x ceil(1000 / 4) = 250; y ceil(1000 / 4.02) = ceil(248.76) = 249
+    assert ps.tolist() == [250, 249]
+    # region: x int(2000 / 4) - int(400 / 4) = 500 - 100 = 400;
+    # y int(1800 / 4.02) - int(400 / 4.02) = int(447.76) - int(99.50) = 447 - 99 = 348
+    assert region == (400, 348)
+    # no ROI: the level's (w, h) is the region; corners scale per axis
+    keep, xy, ps, region = vis_geometry(coords[:1], 1000, (4.0, 4.02), None, (500, 401))
+    assert keep.tolist() == [True] and region == (500, 401)
+    # (1001, 1403): x ceil(250.25) = 251; y ceil(1403 / 4.02) = ceil(349.00498) = 350
+    assert xy.tolist() == [[251, 350]] and ps.tolist() == [250, 249]
+
+
+def test_canvas_reads_on_a_non_integer_pyramid_match_one_read(patches, tissue) -> None:
+    """Level 1 of a 1600 x 1206 slide is 400 x 301: downsample (4.0, 4.0066), as scanners
+    write. Tiles read their canvas where CLAM's single region read puts it, with or without
+    ROI, so every tiling gives CLAM's picture (rounding vis -> level 0 read one row short)."""
+    odd = ArraySlide(_pattern(1206, 1600), n_levels=2, level_factor=4)
+    assert odd.level_downsamples[1] == (4.0, 1206 / 301)
+    coords, raw = patches
+    for roi in (None, (200, 130, 1300, 999)):
+        spec = HeatmapSpec(vis_level=1, roi=roi, blur=True, overlap=0.75, use_percentiles=True)
+        ref = clam_visheatmap(
+            odd, coords, raw, 128, vis_level=1, roi=roi, blur=True, overlap=0.75,
+            tissue=_region_mask(odd, tissue, 1, roi), convert_to_percentiles=True,
+        )  # fmt: skip
+        for tile in (4096, 37, 100):
+            got = heatmap_image(odd, coords, raw, 128, replace(spec, tile_size=tile), tissue=tissue)
+            np.testing.assert_array_equal(got, ref, err_msg=f"roi {roi}, tile {tile}")
 
 
 def test_gaussian_kernel_size() -> None:
@@ -551,6 +592,9 @@ def test_save_orig_streams_the_slide(tmp_path: Path, slide) -> None:
     small = save_orig(slide, 1, 4, tmp_path / "s_orig_1_cd4.png")
     assert imagecodecs.png_decode(small.read_bytes()).shape == (150, 200, 3)
     assert out.name == "s_orig_1.png"
+    odd = ArraySlide(_pattern(1206, 1600), n_levels=2, level_factor=4)  # (4.0, 4.0066)
+    tiled = save_orig(odd, 1, 1, tmp_path / "odd.png", tile_size=16)
+    np.testing.assert_array_equal(imagecodecs.png_decode(tiled.read_bytes()), odd.read_level(1))
 
 
 def test_failed_render_leaves_no_file(tmp_path: Path, slide, monkeypatch) -> None:

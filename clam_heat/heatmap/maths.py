@@ -8,6 +8,7 @@ region at the vis level (see :mod:`clam_heat.heatmap`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import cv2
@@ -21,6 +22,7 @@ __all__ = [
     "colormap_index",
     "colormap_lut",
     "gaussian_ksize",
+    "l0_to_read",
     "patch_values",
     "percentile_of_scores",
     "to_percentiles",
@@ -231,6 +233,30 @@ def vis_geometry(
     vis_ps = np.ceil(ps * scale).astype(np.int64)
     vis_xy = np.ceil(coords * scale).astype(np.int64).reshape(-1, 2)
     return keep, vis_xy, vis_ps, region
+
+
+def l0_to_read(vis: int, l0_origin: int, downsample: float) -> int:
+    """The level-0 coordinate (one axis) at which to read vis pixel ``vis`` of a region whose
+    top-left is ``l0_origin``, so that a region read in tiles equals CLAM's single read.
+
+    CLAM reads the region once, ``read_region(l0_origin, level, size)``; a reader puts level-0
+    ``x`` at level pixel ``floor(x / downsample)``, so vis pixel ``v`` is level pixel
+    ``floor(l0_origin / downsample) + v``. The answer is ``l0_origin + round(v * downsample)``
+    (exact on integer pyramids), moved into the level-0 range that maps to that level pixel:
+    on a non-integer pyramid (a scanner's 4.0066) the plain rounding can land one level pixel
+    short, which shifted every tile's canvas but the first.
+
+    Examples
+    --------
+    >>> l0_to_read(256, 0, 4.0), l0_to_read(3, 131, 2.0), l0_to_read(0, 131, 4.0066)
+    (1024, 137, 131)
+    >>> l0_to_read(1, 0, 4.0066)  # round(4.0066) = 4 would read level pixel 0 again
+    5
+    """
+    pixel = math.floor(l0_origin / downsample) + vis
+    lowest = math.ceil(pixel * downsample)
+    highest = max(lowest, math.ceil((pixel + 1) * downsample) - 1)
+    return min(max(l0_origin + round(vis * downsample), lowest), highest)
 
 
 def gaussian_ksize(vis_patch_size: Sequence[int], overlap: float) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from .maths import (
     colormap_index,
     colormap_lut,
     gaussian_ksize,
+    l0_to_read,
     patch_values,
     to_percentiles,
     vis_geometry,
@@ -184,8 +185,8 @@ class _Plan:
         """Slide pixels (or white) of a vis window, (h, w, 3) uint8 RGB."""
         if self.blank:
             return np.full((h, w, 3), 255, dtype=np.uint8)
-        l0_x = self.l0_top_left[0] + int(round(vx0 * self.downsample[0]))
-        l0_y = self.l0_top_left[1] + int(round(vy0 * self.downsample[1]))
+        l0_x = l0_to_read(vx0, self.l0_top_left[0], self.downsample[0])
+        l0_y = l0_to_read(vy0, self.l0_top_left[1], self.downsample[1])
         return self.slide.read_region((l0_x, l0_y), self.level, (w, h))
 
     def tissue_window(self, vx0: int, vy0: int, w: int, h: int) -> np.ndarray | None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..threads import helper_threads
+from .maths import l0_to_read
 from .plan import HeatmapSpec, RenderResult, _plan, _resolve_level, _shrink
 from .writers import Sink, open_sinks
 
@@ -264,7 +265,7 @@ def save_orig(
         ox0, oy0, ox1, oy1 = box
         vx0, vy0 = ox0 * cd, oy0 * cd
         size = ((ox1 - ox0) * cd, (oy1 - oy0) * cd)
-        rgb = slide.read_region((int(round(vx0 * dx)), int(round(vy0 * dy))), level, size)
+        rgb = slide.read_region((l0_to_read(vx0, 0, dx), l0_to_read(vy0, 0, dy)), level, size)
         return _shrink(rgb, cd)
 
     out = Path(path)
