@@ -31,6 +31,18 @@ Memory: a JPEG/PNG output needs its whole RGB image once (encoders take whole im
 are written straight into it. TIFF outputs (:func:`render_heatmap`'s ``pyramid_tiff_path``, or
 a ``.tiff`` ``out_path``) are streamed in 256-row strips, so memory grows with the image width
 and the number of patches, not with its area.
+
+Layout (imports go down the list; nothing here imports the runner or the stages):
+
+* :mod:`~clam_heat.heatmap.names`: CLAM's output file names (to move to ``clam_heat.rows``);
+* :mod:`~clam_heat.heatmap.maths`: CLAM's rules as pure functions, no I/O;
+* :mod:`~clam_heat.heatmap.cells`: exact overlap accumulation on the cell grid;
+* :mod:`~clam_heat.heatmap.writers`: sinks by file extension (a new format = a new sink) and
+  the attention GeoJSON, every file through :mod:`clam_heat.atomic`;
+* :mod:`~clam_heat.heatmap.plan`: :class:`HeatmapSpec`, :class:`RenderResult` and the plan that
+  draws any window (tissue masks via :mod:`clam_heat.segmentation`, imported lazily);
+* :mod:`~clam_heat.heatmap.render`: the tile streaming engine, :func:`render_heatmap`,
+  :func:`heatmap_image`, :func:`save_orig`.
 """
 
 from .cells import accumulate_patches, paint_mask

@@ -15,15 +15,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["accumulate_patches", "paint_mask"]
+__all__ = [
+    "Cells",
+    "Fixed",
+    "accumulate_patches",
+    "from_fixed",
+    "paint_mask",
+    "patch_rects",
+    "to_fixed",
+    "window_cells",
+]
 
-# Fixed-point layout used to sum patch values exactly (see _to_fixed).
+# Fixed-point layout used to sum patch values exactly (see to_fixed).
 _HI_BITS = 40
 _LO_BITS = 46
 
 
 @dataclass(frozen=True)
-class _Fixed:
+class Fixed:
     """Patch values as exact integers: ``v = (hi + lo * 2**-46) * 2**-shift``."""
 
     hi: np.ndarray  # (N,) int64
@@ -31,7 +40,7 @@ class _Fixed:
     shift: int
 
 
-def _to_fixed(values: np.ndarray) -> _Fixed:
+def to_fixed(values: np.ndarray) -> Fixed:
     """Split non-negative float64 values into two int64 limbs, exactly.
 
     The scale is chosen from the largest value so ``hi < 2**40``; values within 2**33 of the
@@ -47,10 +56,10 @@ def _to_fixed(values: np.ndarray) -> _Fixed:
     t = np.ldexp(v, shift)
     hi = np.floor(t)
     lo = np.floor(np.ldexp(t - hi, _LO_BITS))
-    return _Fixed(hi.astype(np.int64), lo.astype(np.int64), shift)
+    return Fixed(hi.astype(np.int64), lo.astype(np.int64), shift)
 
 
-def _from_fixed(hi_sum: np.ndarray, lo_sum: np.ndarray, shift: int) -> np.ndarray:
+def from_fixed(hi_sum: np.ndarray, lo_sum: np.ndarray, shift: int) -> np.ndarray:
     """Correctly rounded float64 of ``(hi_sum + lo_sum * 2**-46) * 2**-shift``."""
     carry = lo_sum >> _LO_BITS
     hi = hi_sum + carry
@@ -59,7 +68,7 @@ def _from_fixed(hi_sum: np.ndarray, lo_sum: np.ndarray, shift: int) -> np.ndarra
 
 
 @dataclass(frozen=True)
-class _Cells:
+class Cells:
     """The overlay of one window on its cell grid (cells = spans between patch edges)."""
 
     ex: np.ndarray  # (nx + 1,) vis x edges, ex[0] = window x0, ex[-1] = window x1
@@ -74,14 +83,14 @@ class _Cells:
         return np.repeat(wide, np.diff(self.ey), axis=0)
 
 
-def _window_cells(
+def window_cells(
     rects: np.ndarray,
-    fixed: _Fixed,
+    fixed: Fixed,
     above: np.ndarray,
     window: tuple[int, int, int, int],
     *,
     binarize: bool,
-) -> _Cells:
+) -> Cells:
     """Accumulate the patches ``rects`` (K, 4) = vis (x0, y0, x1, y1) over ``window``.
 
     Difference arrays on the cell grid (+v at a rectangle's top-left cell, -v at the cells past
@@ -123,10 +132,10 @@ def _window_cells(
     hi_sum, lo_sum = integrate(hi), integrate(lo)
     avg = np.zeros(count.shape, dtype=np.float64)
     covered = count > 0
-    avg[covered] = _from_fixed(hi_sum[covered], lo_sum[covered], fixed.shift) / count[covered]
+    avg[covered] = from_fixed(hi_sum[covered], lo_sum[covered], fixed.shift) / count[covered]
     if binarize:
         avg = np.around(avg)
-    return _Cells(ex, ey, avg, count, painted_count > 0)
+    return Cells(ex, ey, avg, count, painted_count > 0)
 
 
 def _integrate_subset(flat: np.ndarray, subset: np.ndarray, nx: int, ny: int) -> np.ndarray:
@@ -137,7 +146,7 @@ def _integrate_subset(flat: np.ndarray, subset: np.ndarray, nx: int, ny: int) ->
     return diff.reshape(ny, nx).cumsum(axis=0).cumsum(axis=1)[:-1, :-1]
 
 
-def _rects(vis_xy: np.ndarray, vis_ps: Sequence[int], region: tuple[int, int]) -> np.ndarray:
+def patch_rects(vis_xy: np.ndarray, vis_ps: Sequence[int], region: tuple[int, int]) -> np.ndarray:
     """(N, 4) int32 vis (x0, y0, x1, y1) rectangles clipped to the region (may be empty)."""
     xy = np.asarray(vis_xy, dtype=np.int64).reshape(-1, 2)
     w, h = region
@@ -192,11 +201,8 @@ def accumulate_patches(
            [0, 1, 1, 0],
            [0, 0, 0, 0]])
     """
-    h, w = int(shape[0]), int(shape[1])
-    ps = np.broadcast_to(np.asarray(vis_patch_size, dtype=np.int64), (2,))
     vals = np.asarray(values, dtype=np.float64).reshape(-1)
-    rects = _rects(vis_xy, ps, (w, h))
-    cells = _window_cells(rects, _to_fixed(vals), vals > 0, (0, 0, w, h), binarize=binarize)
+    cells = _canvas_cells(vis_xy, vis_patch_size, vals, vals > 0, shape, binarize=binarize)
     return cells.expand(cells.avg), cells.expand(cells.count)
 
 
@@ -215,10 +221,23 @@ def paint_mask(
            [0, 0, 0, 0],
            [0, 0, 0, 0]])
     """
+    sel = np.asarray(above, dtype=bool).reshape(-1)
+    xy = np.asarray(vis_xy).reshape(-1, 2)[sel]
+    cells = _canvas_cells(xy, vis_patch_size, np.ones(len(xy)), sel[sel], shape, binarize=False)
+    return cells.expand(cells.painted)
+
+
+def _canvas_cells(
+    vis_xy: np.ndarray,
+    vis_patch_size: int | Sequence[int],
+    values: np.ndarray,
+    above: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    binarize: bool,
+) -> Cells:
+    """The cells of a whole (h, w) canvas (one window from (0, 0))."""
     h, w = int(shape[0]), int(shape[1])
     ps = np.broadcast_to(np.asarray(vis_patch_size, dtype=np.int64), (2,))
-    sel = np.asarray(above, dtype=bool).reshape(-1)
-    rects = _rects(np.asarray(vis_xy).reshape(-1, 2)[sel], ps, (w, h))
-    ones = np.ones(len(rects))
-    cells = _window_cells(rects, _to_fixed(ones), sel[sel], (0, 0, w, h), binarize=False)
-    return cells.expand(cells.painted)
+    rects = patch_rects(vis_xy, ps, (w, h))
+    return window_cells(rects, to_fixed(values), above, (0, 0, w, h), binarize=binarize)

@@ -18,25 +18,23 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .cells import _Fixed, _rects, _to_fixed, _window_cells
-from .maths import (
-    AUTO_VIS_DOWNSAMPLE,
-    binarize_threshold,
-    blend,
-    colormap_index,
-    colormap_lut,
-    gaussian_ksize,
-    l0_to_read,
-    patch_values,
-    to_percentiles,
-    vis_geometry,
-)
+from . import maths
+from .cells import Fixed, patch_rects, to_fixed, window_cells
 
 if TYPE_CHECKING:
     from ..segmentation import TissueContours
     from ..slide import Slide
 
-__all__ = ["MASK_CACHE_BLOCKS", "MASK_TILE", "HeatmapSpec", "RenderResult"]
+__all__ = [
+    "MASK_CACHE_BLOCKS",
+    "MASK_TILE",
+    "HeatmapSpec",
+    "RenderPlan",
+    "RenderResult",
+    "make_plan",
+    "resolve_vis_level",
+    "shrink",
+]
 
 #: Side of the fixed blocks the tissue mask is rasterised in (vis px), and how many are cached.
 MASK_TILE = 1024
@@ -92,7 +90,7 @@ class HeatmapSpec:
                 problems.append(f"roi = {self.roi}: needs x2 > x1 and y2 > y1")
         if problems:
             raise ValueError("HeatmapSpec: " + "; ".join(problems))
-        colormap_lut(self.cmap)  # fails early on an unknown name
+        maths.colormap_lut(self.cmap)  # fails early on an unknown name
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,7 @@ class RenderResult:
 
 
 @dataclass
-class _Plan:
+class RenderPlan:
     """Everything a tile needs, resolved once per render."""
 
     slide: Slide
@@ -128,7 +126,7 @@ class _Plan:
     lut: np.ndarray
     binarize: bool
     rects: np.ndarray  # (K, 4) vis rects
-    fixed: _Fixed
+    fixed: Fixed
     above: np.ndarray
     ksize: tuple[int, int] | None
     tissue: Any
@@ -185,8 +183,8 @@ class _Plan:
         """Slide pixels (or white) of a vis window, (h, w, 3) uint8 RGB."""
         if self.blank:
             return np.full((h, w, 3), 255, dtype=np.uint8)
-        l0_x = l0_to_read(vx0, self.l0_top_left[0], self.downsample[0])
-        l0_y = l0_to_read(vy0, self.l0_top_left[1], self.downsample[1])
+        l0_x = maths.l0_to_read(vx0, self.l0_top_left[0], self.downsample[0])
+        l0_y = maths.l0_to_read(vy0, self.l0_top_left[1], self.downsample[1])
         return self.slide.read_region((l0_x, l0_y), self.level, (w, h))
 
     def tissue_window(self, vx0: int, vy0: int, w: int, h: int) -> np.ndarray | None:
@@ -246,7 +244,7 @@ class _Plan:
         return block
 
     def colours(self, values: np.ndarray) -> np.ndarray:
-        return self.lut[colormap_index(values, self.lut.shape[0] - 3)]
+        return maths.apply_colormap(values, self.lut)
 
     def render_window(self, tx: int, ty: int, window: tuple[int, int, int, int]) -> np.ndarray:
         """The blended heatmap of one vis window (x0, y0, x1, y1), (h, w, 3) uint8 RGB."""
@@ -254,12 +252,12 @@ class _Plan:
         w, h = vx1 - vx0, vy1 - vy0
         idx = self.patches_of(tx, ty)
         rects, above = self.rects[idx], self.above[idx]
-        fixed = _Fixed(self.fixed.hi[idx], self.fixed.lo[idx], self.fixed.shift)
+        fixed = Fixed(self.fixed.hi[idx], self.fixed.lo[idx], self.fixed.shift)
         if self.ksize is None:
             canvas = self.canvas(vx0, vy0, w, h)
             if not above.any():
                 return canvas
-            cells = _window_cells(rects, fixed, above, window, binarize=self.binarize)
+            cells = window_cells(rects, fixed, above, window, binarize=self.binarize)
             if not cells.painted.any():
                 return canvas
             paint = cells.expand(cells.painted)
@@ -268,13 +266,13 @@ class _Plan:
                 paint &= tissue
             img = canvas.copy()
             _paint(img, cells.expand(self.colours(cells.avg)), paint)
-            return blend(img, canvas, self.alpha)
+            return maths.blend(img, canvas, self.alpha)
         return self._render_blurred(rects, fixed, above, window)
 
     def _render_blurred(
         self,
         rects: np.ndarray,
-        fixed: _Fixed,
+        fixed: Fixed,
         above: np.ndarray,
         window: tuple[int, int, int, int],
     ) -> np.ndarray:
@@ -292,7 +290,7 @@ class _Plan:
             min(vy1 + 2 * ry, rh),
         )
         i = (max(vx0 - rx, 0), max(vy0 - ry, 0), min(vx1 + rx, rw), min(vy1 + ry, rh))
-        cells = _window_cells(rects, fixed, above, o, binarize=self.binarize)
+        cells = window_cells(rects, fixed, above, o, binarize=self.binarize)
         overlay = cv2.GaussianBlur(cells.expand(cells.avg), self.ksize, 0)
         inner = (slice(i[1] - o[1], i[3] - o[1]), slice(i[0] - o[0], i[2] - o[0]))
         paint = cells.expand(cells.painted)[inner]
@@ -305,7 +303,7 @@ class _Plan:
         _paint(img, self.colours(overlay[inner]), np.ascontiguousarray(paint))
         img = cv2.GaussianBlur(img, self.ksize, 0)
         crop = (slice(vy0 - i[1], vy1 - i[1]), slice(vx0 - i[0], vx1 - i[0]))
-        return blend(
+        return maths.blend(
             np.ascontiguousarray(img[crop]), np.ascontiguousarray(canvas[crop]), self.alpha
         )
 
@@ -314,7 +312,7 @@ class _Plan:
         cd = self.cd
         ox0, oy0, ox1, oy1 = out_box
         rgb = self.render_window(tx, ty, (ox0 * cd, oy0 * cd, ox1 * cd, oy1 * cd))
-        return _shrink(rgb, cd)
+        return shrink(rgb, cd)
 
 
 def _paint(img: np.ndarray, colour: np.ndarray, where: np.ndarray) -> None:
@@ -322,7 +320,7 @@ def _paint(img: np.ndarray, colour: np.ndarray, where: np.ndarray) -> None:
     cv2.copyTo(colour, where.view(np.uint8), img)
 
 
-def _shrink(rgb: np.ndarray, cd: int) -> np.ndarray:
+def shrink(rgb: np.ndarray, cd: int) -> np.ndarray:
     """Exact ``cd`` x ``cd`` block mean (input sides are multiples of ``cd``)."""
     if cd == 1:
         return rgb
@@ -330,21 +328,26 @@ def _shrink(rgb: np.ndarray, cd: int) -> np.ndarray:
     return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
 
 
-def _resolve_level(slide: Slide, vis_level: int) -> int:
-    level = vis_level if vis_level >= 0 else slide.best_level_for_downsample(AUTO_VIS_DOWNSAMPLE)
+def resolve_vis_level(slide: Slide, vis_level: int) -> int:
+    """``vis_level``, with CLAM's -1 made concrete (best level for downsample 32), checked."""
+    level = (
+        vis_level if vis_level >= 0 else slide.best_level_for_downsample(maths.AUTO_VIS_DOWNSAMPLE)
+    )
     slide.check_level(level)
     return level
 
 
-def _plan(
+def make_plan(
     slide: Slide,
     l0_coords: np.ndarray,
     scores: np.ndarray,
     patch_size_l0: int | Sequence[int],
     spec: HeatmapSpec,
     tissue: TissueContours | np.ndarray | None,
-) -> tuple[_Plan, float, int]:
-    level = _resolve_level(slide, spec.vis_level)
+) -> tuple[RenderPlan, float, int]:
+    """Resolve ``spec`` against ``slide`` once: returns (plan, binarize threshold, patches kept
+    by the ROI). Validates the inputs (pairing, finite scores, ROI, tissue mask shape)."""
+    level = resolve_vis_level(slide, spec.vis_level)
     ds = slide.level_downsamples[level]
     coords = np.asarray(l0_coords).reshape(-1, 2)
     flat = np.asarray(scores).reshape(-1)
@@ -356,15 +359,15 @@ def _plan(
         flat = flat.astype(np.float64)
     if not np.isfinite(flat).all():
         raise ValueError("scores contain NaN or inf; a heatmap needs finite attention scores")
-    threshold = binarize_threshold(spec.binary_thresh, len(flat)) if spec.binarize else 0.0
-    keep, vis_xy, vis_ps, region = vis_geometry(
+    threshold = maths.binarize_threshold(spec.binary_thresh, len(flat)) if spec.binarize else 0.0
+    keep, vis_xy, vis_ps, region = maths.vis_geometry(
         coords, patch_size_l0, ds, spec.roi, slide.level_dimensions[level]
     )
     if region[0] <= 0 or region[1] <= 0:
         raise ValueError(f"roi {spec.roi} is empty at vis level {level} (region {region})")
     kept = flat[keep]
-    pct = to_percentiles(kept) if spec.use_percentiles else kept
-    values, above = patch_values(pct / 100, threshold, binarize=spec.binarize)
+    pct = maths.to_percentiles(kept) if spec.use_percentiles else kept
+    values, above = maths.patch_values(pct / 100, threshold, binarize=spec.binarize)
     scale = (1.0 / float(ds[0]), 1.0 / float(ds[1]))
     top_left = (0, 0) if spec.roi is None else (int(spec.roi[0]), int(spec.roi[1]))
     seg_offset = (np.asarray(top_left, dtype=np.float64) * np.asarray(scale) * -1).astype(np.int32)
@@ -373,9 +376,9 @@ def _plan(
         raise ValueError(
             f"tissue mask shape {use_tissue.shape} != region (h, w) {(region[1], region[0])}"
         )
-    rects = _rects(vis_xy, vis_ps, region)
+    rects = patch_rects(vis_xy, vis_ps, region)
     visible = (rects[:, 0] < rects[:, 2]) & (rects[:, 1] < rects[:, 3])  # others add nothing
-    plan = _Plan(
+    plan = RenderPlan(
         slide=slide,
         level=level,
         scale=scale,
@@ -385,12 +388,12 @@ def _plan(
         cd=int(spec.custom_downsample),
         blank=spec.blank_canvas,
         alpha=float(spec.alpha),
-        lut=colormap_lut(spec.cmap),
+        lut=maths.colormap_lut(spec.cmap),
         binarize=spec.binarize,
         rects=rects[visible],
-        fixed=_to_fixed(values[visible]),
+        fixed=to_fixed(values[visible]),
         above=above[visible],
-        ksize=gaussian_ksize(vis_ps, spec.overlap) if spec.blur else None,
+        ksize=maths.gaussian_ksize(vis_ps, spec.overlap) if spec.blur else None,
         tissue=use_tissue,
         use_holes=spec.use_holes,
         seg_offset=(int(seg_offset[0]), int(seg_offset[1])),

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..threads import helper_threads
 from .maths import l0_to_read
-from .plan import HeatmapSpec, RenderResult, _plan, _resolve_level, _shrink
+from .plan import HeatmapSpec, RenderResult, make_plan, resolve_vis_level, shrink
 from .writers import Sink, open_sinks
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def render_heatmap(
         The saved image is ``(int(w / cd), int(h / cd))`` for a vis region of (w, h).
     """
     start = time.perf_counter()
-    plan, threshold, n_kept = _plan(slide, l0_coords, scores, patch_size_l0, spec, tissue)
+    plan, threshold, n_kept = make_plan(slide, l0_coords, scores, patch_size_l0, spec, tissue)
     cd = plan.cd
     width, height = plan.region[0] // cd, plan.region[1] // cd
     if width < 1 or height < 1:
@@ -251,7 +251,7 @@ def save_orig(
 ) -> Path:
     """Save the plain slide at ``level`` shrunk by ``custom_downsample`` (CLAM's
     ``<id>_orig_<level>``), read tile by tile; format from the extension."""
-    level = _resolve_level(slide, level)
+    level = resolve_vis_level(slide, level)
     cd = int(custom_downsample)
     if cd < 1:
         raise ValueError(f"custom_downsample = {custom_downsample}: must be an int >= 1")
@@ -266,7 +266,7 @@ def save_orig(
         vx0, vy0 = ox0 * cd, oy0 * cd
         size = ((ox1 - ox0) * cd, (oy1 - oy0) * cd)
         rgb = slide.read_region((l0_to_read(vx0, 0, dx), l0_to_read(vy0, 0, dy)), level, size)
-        return _shrink(rgb, cd)
+        return shrink(rgb, cd)
 
     out = Path(path)
     sinks = open_sinks(out, width, height, mpp=_out_mpp(slide, level, cd))
