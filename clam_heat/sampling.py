@@ -22,7 +22,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from .errors import OutputError
-from .heatmap import to_percentiles
+from .heatmap.maths import to_percentiles
 from .threads import helper_threads
 
 if TYPE_CHECKING:
@@ -190,11 +190,11 @@ def sample_patches(
     coords: np.ndarray,
     scores: np.ndarray,
     *,
-    folder: str | os.PathLike[str],
+    spec: Any,
     slide_id: str,
+    folder: str | os.PathLike[str],
     patch_level: int,
     patch_size_level0: int,
-    spec: Any,
 ) -> tuple[list[Path], str | None]:
     """Run one configured sampler (a ``sample_arguments.samples`` entry) and save its patches.
 

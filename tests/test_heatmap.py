@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ import pytest
 import tifffile
 from scipy.stats import percentileofscore, rankdata
 
+from clam_heat.atomic import is_temp_name, sweep_temp_files
 from clam_heat.errors import OutputError
 from clam_heat.heatmap import (
     HeatmapSpec,
@@ -272,6 +274,46 @@ def test_vis_geometry_roi_inclusive_and_ceil() -> None:
     assert ps.tolist() == [34, 34] and region == (67, 67)  # int(300/3) - int(100/3)
 
 
+def test_vis_geometry_non_square_pyramid_hand_worked() -> None:
+    """A scanner level whose downsample differs in x and y, (4.0, 4.02): every value below is
+    worked by hand per axis, so a swap of the x and y downsample fails."""
+    coords = np.array([[1001, 1403], [400, 1800], [2001, 500], [399, 900]])
+    # ROI (400, 400, 2000, 1800): 1 and 2 kept (x1/y2 inclusive), 3 has x > x2, 4 has x < x1
+    keep, xy, ps, region = vis_geometry(coords, 1000, (4.0, 4.02), (400, 400, 2000, 1800))
+    assert keep.tolist() == [True, True, False, False]
+    # shifted (601, 1003): x ceil(601 / 4) = ceil(150.25) = 151; y ceil(1003 / 4.02) =
+    # ceil(249.50) = 250. Shifted (0, 1400): x 0; y ceil(1400 / 4.02) = ceil(348.26) = 349
+    assert xy.tolist() == [[151, 250], [0, 349]]
+    # patch: x ceil(1000 / 4) = 250; y ceil(1000 / 4.02) = ceil(248.76) = 249
+    assert ps.tolist() == [250, 249]
+    # region: x int(2000 / 4) - int(400 / 4) = 500 - 100 = 400;
+    # y int(1800 / 4.02) - int(400 / 4.02) = int(447.76) - int(99.50) = 447 - 99 = 348
+    assert region == (400, 348)
+    # no ROI: the level's (w, h) is the region; corners scale per axis
+    keep, xy, ps, region = vis_geometry(coords[:1], 1000, (4.0, 4.02), None, (500, 401))
+    assert keep.tolist() == [True] and region == (500, 401)
+    # (1001, 1403): x ceil(250.25) = 251; y ceil(1403 / 4.02) = ceil(349.00498) = 350
+    assert xy.tolist() == [[251, 350]] and ps.tolist() == [250, 249]
+
+
+def test_canvas_reads_on_a_non_integer_pyramid_match_one_read(patches, tissue) -> None:
+    """Level 1 of a 1600 x 1206 slide is 400 x 301: downsample (4.0, 4.0066), as scanners
+    write. Tiles read their canvas where CLAM's single region read puts it, with or without
+    ROI, so every tiling gives CLAM's picture (rounding vis -> level 0 read one row short)."""
+    odd = ArraySlide(_pattern(1206, 1600), n_levels=2, level_factor=4)
+    assert odd.level_downsamples[1] == (4.0, 1206 / 301)
+    coords, raw = patches
+    for roi in (None, (200, 130, 1300, 999)):
+        spec = HeatmapSpec(vis_level=1, roi=roi, blur=True, overlap=0.75, use_percentiles=True)
+        ref = clam_visheatmap(
+            odd, coords, raw, 128, vis_level=1, roi=roi, blur=True, overlap=0.75,
+            tissue=_region_mask(odd, tissue, 1, roi), convert_to_percentiles=True,
+        )  # fmt: skip
+        for tile in (4096, 37, 100):
+            got = heatmap_image(odd, coords, raw, 128, replace(spec, tile_size=tile), tissue=tissue)
+            np.testing.assert_array_equal(got, ref, err_msg=f"roi {roi}, tile {tile}")
+
+
 def test_gaussian_kernel_size() -> None:
     assert gaussian_ksize((64, 32), 0.0) == (129, 65)
     assert gaussian_ksize((64, 64), 0.9) == (13, 13)
@@ -506,7 +548,8 @@ def test_outputs_jpg_png_tiff_and_pyramid(tmp_path: Path, slide, patches, tissue
         assert [p.subfiletype for p in pages] == [0] + [1] * (len(pages) - 1)
         assert all(p.is_tiled and p.photometric == 2 and p.compression == 7 for p in pages)
         assert not pages[0].subifds
-    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".level-" in p.name]
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert leftovers == [] and not [p for p in tmp_path.rglob("*") if is_temp_name(p.name)]
 
 
 def test_pyramid_of_a_custom_downsampled_openslide_slide(tmp_path: Path) -> None:
@@ -549,6 +592,9 @@ def test_save_orig_streams_the_slide(tmp_path: Path, slide) -> None:
     small = save_orig(slide, 1, 4, tmp_path / "s_orig_1_cd4.png")
     assert imagecodecs.png_decode(small.read_bytes()).shape == (150, 200, 3)
     assert out.name == "s_orig_1.png"
+    odd = ArraySlide(_pattern(1206, 1600), n_levels=2, level_factor=4)  # (4.0, 4.0066)
+    tiled = save_orig(odd, 1, 1, tmp_path / "odd.png", tile_size=16)
+    np.testing.assert_array_equal(imagecodecs.png_decode(tiled.read_bytes()), odd.read_level(1))
 
 
 def test_failed_render_leaves_no_file(tmp_path: Path, slide, monkeypatch) -> None:
@@ -593,7 +639,7 @@ def test_tiff_writer_failure_is_an_output_error(tmp_path: Path, slide, monkeypat
 
 
 def test_explicit_mask_and_jpeg_size_limit(tmp_path: Path, slide, monkeypatch) -> None:
-    import clam_heat.heatmap as hm
+    import clam_heat.heatmap.writers as hm
 
     mask = np.zeros((300, 400), dtype=bool)
     mask[:, 200:] = True  # right half of vis level 2 is tissue
@@ -635,6 +681,105 @@ def test_real_aperio_slide(real_slide_path: Path, tmp_path: Path) -> None:
         res = render_heatmap(sl, coords, scores, 256, spec, tissue=tc, out_path=tmp_path / "h.jpg")
         assert res.vis_level == 0 and res.shape == (h, w)
     assert imagecodecs.jpeg8_decode((tmp_path / "h.jpg").read_bytes()).shape == (h, w, 3)
+
+
+def _wait_for_spool(sink) -> Path:
+    """The pyramid writer's first spool file, once the writer thread has made it."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not (sink.spools and sink.spools[0].exists()):
+        assert time.monotonic() < deadline, "the pyramid writer made no spool file"
+        time.sleep(0.01)
+    return sink.spools[0]
+
+
+def test_failed_pyramid_render_leaves_only_swept_temp_names(
+    tmp_path: Path, slide, monkeypatch
+) -> None:
+    """A sink fails after the pyramid's spool exists: every file it had made is a temp name
+    (the start-up sweep's), and the failure itself removes them all."""
+    from clam_heat.heatmap.writers import TiffSink
+
+    real_push = TiffSink.push
+    seen: list[str] = []
+
+    def failing_push(self, y0, strip):
+        real_push(self, y0, strip)
+        if self.pyramid:
+            _wait_for_spool(self)
+            seen.extend(p.name for p in tmp_path.iterdir())
+            raise RuntimeError("injected sink failure")
+
+    monkeypatch.setattr(TiffSink, "push", failing_push)
+    spec = HeatmapSpec(vis_level=0, tile_size=128)
+    with pytest.raises(RuntimeError, match="injected sink failure"):
+        render_heatmap(
+            slide, np.array([[0, 0]]), np.array([50.0]), 256, spec,
+            out_path=tmp_path / "h.tiff", pyramid_tiff_path=tmp_path / "p.tiff",
+        )  # fmt: skip
+    spools = [n for n in seen if n.startswith(".p.tiff.spool-")]
+    assert spools and all(is_temp_name(n) for n in seen), seen
+    assert {n.split(".")[1] for n in seen} == {"h", "p"}  # both TIFFs' temp files, nothing else
+    assert list(tmp_path.iterdir()) == []
+
+
+_KILL_MID_RENDER = """
+import os, signal, sys, time
+import numpy as np
+from clam_heat.heatmap import HeatmapSpec, render_heatmap
+from clam_heat.heatmap.writers import TiffSink
+from clam_heat.slide import ArraySlide
+
+real_push = TiffSink.push
+
+def push(self, y0, strip):
+    real_push(self, y0, strip)
+    if self.pyramid:
+        deadline = time.monotonic() + 60
+        while not (self.spools and self.spools[0].exists()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(self.spools[0].name, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+TiffSink.push = push
+out = sys.argv[1]
+slide = ArraySlide(np.full((1200, 1600, 3), 200, np.uint8), n_levels=1)
+render_heatmap(
+    slide, np.array([[0, 0]]), np.array([50.0]), 256, HeatmapSpec(vis_level=0, tile_size=128),
+    out_path=f"{out}/h.tiff", pyramid_tiff_path=f"{out}/p.tiff",
+)
+"""
+
+
+def test_render_killed_mid_way_leaves_only_names_the_sweep_removes(tmp_path: Path) -> None:
+    """SIGKILL after the pyramid's spool exists (no cleanup runs): what is left is exactly the
+    temp files, all named as :func:`~clam_heat.atomic.is_temp_name` expects, and
+    :func:`~clam_heat.atomic.sweep_temp_files` removes every one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import clam_heat
+
+    root = Path(clam_heat.__file__).resolve().parents[1]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_MID_RENDER, str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    spool = proc.stdout.strip()
+    left = sorted(p.name for p in out.iterdir())
+    assert spool in left and spool.startswith(".p.tiff.spool-")
+    assert len(left) >= 3 and all(is_temp_name(n) for n in left), left  # h, p and p's spool
+    assert sweep_temp_files(tmp_path) == len(left)
+    assert list(out.iterdir()) == []
 
 
 @pytest.fixture()

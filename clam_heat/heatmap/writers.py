@@ -1,0 +1,457 @@
+"""Where a rendered heatmap goes: sinks for JPEG, PNG, TIFF and pyramidal TIFF, and the
+attention GeoJSON writer.
+
+The renderer (:mod:`clam_heat.heatmap.render`) pushes finished strips of the saved image, top
+to bottom, to :class:`Sink` objects and knows no file format; :func:`open_sinks` picks the sink
+class for an output path from :data:`SINKS`, keyed by extension. A new format is a new
+:class:`Sink` subclass and one line in that table. Writers hold no CLAM drawing rule: they
+receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name beside
+the target, renamed into place when complete); the pyramid's spool files carry the ``spool``
+tag, so the start-up sweep removes any that a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
+from ..errors import OutputError, os_error_advice
+from .maths import to_percentiles
+
+__all__ = [
+    "JPEG_MAX_SIDE",
+    "SINKS",
+    "TIFF_TILE",
+    "ArraySink",
+    "EncodedSink",
+    "JpegSink",
+    "PngSink",
+    "Sink",
+    "TiffSink",
+    "open_sinks",
+    "write_attention_geojson",
+]
+
+#: TIFF tile side of the pyramidal overlay (and of plain .tiff outputs).
+TIFF_TILE = 256
+#: Largest image side libjpeg can encode.
+JPEG_MAX_SIDE = 65500
+#: JPEG quality of the pyramidal overlay's tiles.
+PYRAMID_JPEG_QUALITY = 90
+
+
+class Sink:
+    """Receives the saved image strip by strip, rows in order; then :meth:`close` or
+    :meth:`abort`.
+
+    ``image`` is the whole (h, w, 3) uint8 image when the sink holds one in memory: the renderer
+    then draws straight into it (:meth:`push` sees its own rows) and keeps square tiles.
+    """
+
+    image: np.ndarray | None = None
+    #: preferred height of the strips pushed (0: any); the renderer uses the largest
+    strip_rows: int = 0
+
+    def push(self, y0: int, strip: np.ndarray) -> None:  # pragma: no cover - interface
+        """Take rows ``y0 .. y0 + len(strip)`` of the saved image, (rows, w, 3) uint8 RGB."""
+        raise NotImplementedError
+
+    def close(self) -> Path | None:  # pragma: no cover - interface
+        """Finish the output; returns the file written (None: nothing written)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Drop partial output after a failure."""
+
+
+class ArraySink(Sink):
+    """The whole image in memory (for callers that want the array; writes no file)."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.image = np.empty((height, width, 3), dtype=np.uint8)
+
+    def push(self, y0: int, strip: np.ndarray) -> None:
+        assert self.image is not None
+        view = self.image[y0 : y0 + strip.shape[0]]
+        if not np.shares_memory(view, strip):
+            view[...] = strip
+
+    def close(self) -> Path | None:
+        return None
+
+
+class EncodedSink(ArraySink):
+    """A whole-image format (its encoder takes the whole image): held in memory, encoded and
+    written atomically on :meth:`close`."""
+
+    def __init__(self, path: Path, width: int, height: int, *, mpp: float | None) -> None:
+        self.path = path
+        super().__init__(width, height)
+
+    def encode(self, image: np.ndarray) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> Path:
+        assert self.image is not None
+        write_bytes_atomic(self.path, self.encode(self.image))
+        return self.path
+
+
+class JpegSink(EncodedSink):
+    """JPEG as PIL's ``save`` writes it (4:2:0, byte-identical to PIL's libjpeg output) at
+    ``quality`` (100 for ``.jpg``, PIL's default 75 for ``.jpeg``, as CLAM's outputs)."""
+
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+    ) -> None:
+        if max(width, height) > JPEG_MAX_SIDE:
+            raise OutputError(
+                f"{path}: a {width}x{height} px image is too large for JPEG (max "
+                f"{JPEG_MAX_SIDE} px a side); use save_ext png or tiff, a coarser vis_level or "
+                "custom_downsample"
+            )
+        self.quality = quality
+        super().__init__(path, width, height, mpp=mpp)
+
+    def encode(self, image: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg8_encode(image, level=self.quality))
+
+
+class PngSink(EncodedSink):
+    """PNG at zlib level 6 (PIL's default)."""
+
+    def encode(self, image: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.png_encode(image, level=6))
+
+
+class TiffSink(Sink):
+    """Streams strips into a tiled TIFF on a writer thread; with ``pyramid`` also writes
+    reduced levels (2x block means, separate pages with subfiletype=1, not SubIFDs) as JPEG
+    tiles with the MPP of each level (OpenSlide and QuPath open it).
+
+    Memory stays at a few tile rows: each reduced level is spooled to a raw temp file (named by
+    :func:`~clam_heat.atomic.temp_path_for` with the ``spool`` tag) while the level above is
+    written, then streamed back for its own page.
+    """
+
+    strip_rows = TIFF_TILE
+
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, pyramid: bool = False
+    ) -> None:
+        self.path, self.width, self.height = path, width, height
+        self.mpp, self.pyramid = mpp, pyramid
+        self.tmp = temp_path_for(path)
+        self.queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.spools: list[Path] = []
+        self.thread = threading.Thread(target=self._run, name=f"tiff-{path.name}", daemon=True)
+        self.thread.start()
+
+    def push(self, y0: int, strip: np.ndarray) -> None:
+        while True:
+            if self.error is not None or not self.thread.is_alive():
+                self._raise()
+            try:
+                self.queue.put(strip, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> Path:
+        while self.thread.is_alive():  # the writer may already be done with level 0's rows
+            try:
+                self.queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
+        if self.error is not None:
+            self._raise()
+        commit(self.tmp, self.path, durable=True)
+        return self.path
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+            self.thread.join(timeout=10)
+        self.tmp.unlink(missing_ok=True)
+        for spool in self.spools:
+            spool.unlink(missing_ok=True)
+
+    def _raise(self) -> None:
+        err = self.error
+        self.abort()
+        if isinstance(err, OutputError):
+            raise err
+        raise OutputError(f"{self.path}: TIFF writing failed ({err})") from err
+
+    # writer thread ---------------------------------------------------------------------------
+
+    def _strips_from_queue(self) -> Iterator[np.ndarray]:
+        while True:
+            strip = self.queue.get()
+            if strip is None:
+                return
+            if self.error is not None:
+                raise RuntimeError("aborted")
+            yield strip
+
+    def _run(self) -> None:
+        import tifffile
+
+        try:
+            w, h = self.width, self.height
+            bigtiff = w * h * 3 * (4 / 3 if self.pyramid else 1) > 2**31
+            with tifffile.TiffWriter(self.tmp, bigtiff=bigtiff) as tw:
+                source: Iterator[np.ndarray] = self._strips_from_queue()
+                level = 0
+                while True:
+                    last = not self.pyramid or max(w, h) <= TIFF_TILE or min(w, h) < 2
+                    spool = None if last else self._new_spool()
+                    tiles = _tiff_tiles(source, w, h, spool)
+                    self._write_page(tw, tiles, w, h, level)
+                    # tifffile stops pulling after the last tile: close the generators so the
+                    # spool is flushed (and a read-back spool deleted) before the next page
+                    tiles.close()
+                    if level:
+                        source.close()  # type: ignore[attr-defined]
+                    if spool is None:
+                        break
+                    w, h, level = w // 2, h // 2, level + 1
+                    source = _read_spool(spool, w, h)
+        except BaseException as err:  # noqa: BLE001 - reported to the producer
+            self.error = err
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _new_spool(self) -> Path:
+        spool = temp_path_for(self.path, tag="spool")
+        self.spools.append(spool)
+        return spool
+
+    def _write_page(self, tw: Any, tiles: Iterator[np.ndarray], w: int, h: int, level: int) -> None:
+        kwargs: dict[str, Any] = {
+            "shape": (h, w, 3),
+            "dtype": np.uint8,
+            "tile": (TIFF_TILE, TIFF_TILE),
+            "photometric": "rgb",
+            "metadata": None,
+        }
+        if self.pyramid:
+            kwargs.update(
+                compression="jpeg",
+                compressionargs={"level": PYRAMID_JPEG_QUALITY, "outcolorspace": "rgb"},
+                subsampling=(1, 1),
+                subfiletype=0 if level == 0 else 1,
+            )
+        if self.mpp:
+            per_cm = 1e4 / (self.mpp * 2**level)
+            kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+        if level == 0:
+            kwargs["software"] = "clam-heat"
+        tw.write(tiles, **kwargs)
+
+
+def _tiff_tiles(
+    strips: Iterator[np.ndarray], width: int, height: int, spool: Path | None
+) -> Iterator[np.ndarray]:
+    """Re-chunk row strips into TIFF tiles (row-major, zero-padded); spool 2x reductions."""
+    t = TIFF_TILE
+    carry = np.zeros((0, width, 3), dtype=np.uint8)
+    rows_done = 0
+    fh = open(spool, "wb") if spool is not None else None  # noqa: SIM115 - closed below
+    try:
+
+        def emit(block: np.ndarray) -> Iterator[np.ndarray]:
+            if fh is not None:
+                even_h, even_w = block.shape[0] // 2 * 2, width // 2 * 2
+                if even_h:
+                    small = cv2.resize(
+                        np.ascontiguousarray(block[:even_h, :even_w]),
+                        (even_w // 2, even_h // 2),
+                        interpolation=cv2.INTER_AREA,
+                    )
+                    fh.write(np.ascontiguousarray(small).tobytes())
+            for x in range(0, width, t):
+                tile = block[:, x : x + t]
+                if tile.shape[0] != t or tile.shape[1] != t:
+                    padded = np.zeros((t, t, 3), dtype=np.uint8)
+                    padded[: tile.shape[0], : tile.shape[1]] = tile
+                    tile = padded
+                yield np.ascontiguousarray(tile)
+
+        for strip in strips:
+            carry = np.concatenate([carry, strip], axis=0) if len(carry) else strip
+            while len(carry) >= t:
+                yield from emit(carry[:t])
+                rows_done += t
+                carry = carry[t:]
+        if rows_done + len(carry) != height:
+            raise RuntimeError(f"got {rows_done + len(carry)} rows for a {height}-row page")
+        if len(carry):
+            yield from emit(carry)
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def _read_spool(spool: Path, width: int, height: int) -> Iterator[np.ndarray]:
+    """Stream a spooled level back in TIFF-tile-row strips, deleting the file at the end."""
+    row_bytes = width * 3
+    try:
+        with open(spool, "rb") as fh:
+            done = 0
+            while done < height:
+                n = min(TIFF_TILE, height - done)
+                data = fh.read(n * row_bytes)
+                yield np.frombuffer(data, dtype=np.uint8).reshape(n, width, 3)
+                done += n
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+#: A sink factory: ``(path, width, height, *, mpp) -> Sink``; ``mpp`` is the saved image's
+#: microns per pixel (None: unknown), for formats that record it.
+SinkFactory = Callable[..., Sink]
+
+#: Output formats by file extension (lower case, no dot): a new format is one line here.
+SINKS: dict[str, SinkFactory] = {
+    "jpg": JpegSink,
+    "jpeg": functools.partial(JpegSink, quality=75),
+    "png": PngSink,
+    "tif": TiffSink,
+    "tiff": TiffSink,
+}
+
+
+def sink_factory(path: Path) -> SinkFactory:
+    """The :data:`SINKS` entry for ``path``'s extension (OutputError naming the known ones)."""
+    factory = SINKS.get(path.suffix.lower().lstrip("."))
+    if factory is None:
+        known = list(SINKS)
+        raise OutputError(
+            f"{path}: unsupported image extension (use {', '.join(known[:-1])} or {known[-1]})"
+        )
+    return factory
+
+
+def open_sinks(
+    out_path: Path | None,
+    width: int,
+    height: int,
+    *,
+    mpp: float | None,
+    pyramid_tiff_path: Path | None = None,
+    keep_image: bool = False,
+) -> list[Sink]:
+    """The sinks for one saved image of ``width`` x ``height`` px, in the order their files are
+    reported: the image held in memory (when ``keep_image`` and no output holds it anyway),
+    ``out_path`` in its extension's format, then the pyramidal TIFF."""
+    factory = sink_factory(out_path) if out_path is not None else None
+    sinks: list[Sink] = []
+    try:
+        if out_path is not None and factory is not None:
+            sinks.append(factory(out_path, width, height, mpp=mpp))
+        if keep_image and not any(s.image is not None for s in sinks):
+            sinks.insert(0, ArraySink(width, height))
+        if pyramid_tiff_path is not None:
+            sinks.append(TiffSink(pyramid_tiff_path, width, height, mpp=mpp, pyramid=True))
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    return sinks
+
+
+# ============================================================================================
+# GeoJSON for QuPath
+# ============================================================================================
+
+
+def _json_numbers(values: np.ndarray) -> np.ndarray:
+    """Shortest round-trip decimal strings (vectorised, StringDType); NaN/inf → null."""
+    arr = np.asarray(values)
+    out = arr.astype(np.dtypes.StringDType())
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            out[bad] = "null"
+    return out
+
+
+def write_attention_geojson(
+    l0_coords: np.ndarray,
+    scores: np.ndarray,
+    patch_size_l0: int | Sequence[int],
+    path: str | os.PathLike[str],
+    *,
+    chunk: int = 100_000,
+) -> Path:
+    """Write patch squares with their attention as a GeoJSON FeatureCollection for QuPath.
+
+    One Feature per patch: a closed level-0 Polygon and properties
+    ``{"objectType": "tile", "measurements": {"attention": s, "percentile": p}}`` (p = CLAM
+    rank percentile, 0-100), which QuPath shows as measurement maps. Text is built with numpy
+    string operations in chunks and written atomically.
+    """
+    coords = np.asarray(l0_coords, dtype=np.int64).reshape(-1, 2)
+    flat = np.asarray(scores).reshape(-1)
+    if len(flat) != len(coords):
+        raise ValueError(f"{len(flat)} scores for {len(coords)} coords; they must pair up")
+    pw, ph = (int(v) for v in np.broadcast_to(np.asarray(patch_size_l0), (2,)))
+    pct = to_percentiles(flat) if len(flat) and not np.isnan(flat).any() else flat * np.nan
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write('{"type": "FeatureCollection", "features": [\n')
+                for start in range(0, len(coords), chunk):  # chunks of patches, not single ones
+                    if start:
+                        fh.write(",\n")
+                    end = start + chunk
+                    fh.write(_features(coords[start:end], flat[start:end], pct[start:end], pw, ph))
+                fh.write("\n]}\n")
+        except OSError as err:
+            raise OutputError(f"{out}: cannot write; {os_error_advice(out, err)}") from None
+    return out
+
+
+def _features(c: np.ndarray, s: np.ndarray, p: np.ndarray, pw: int, ph: int) -> str:
+    """GeoJSON Features of patches ``c`` (level-0 corners) with attention ``s`` and percentile
+    ``p``, joined by ``,\\n``, built with numpy string operations."""
+    x0, y0 = _json_numbers(c[:, 0]), _json_numbers(c[:, 1])
+    x1, y1 = _json_numbers(c[:, 0] + pw), _json_numbers(c[:, 1] + ph)
+    ring = (
+        "[[" + x0 + ", " + y0 + "], [" + x1 + ", " + y0 + "], [" + x1 + ", " + y1
+        + "], [" + x0 + ", " + y1 + "], [" + x0 + ", " + y0 + "]]"
+    )  # fmt: skip
+    feats = (
+        '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": ['
+        + ring
+        + ']}, "properties": {"objectType": "tile", "measurements": {"attention": '
+        + _json_numbers(s)
+        + ', "percentile": '
+        + _json_numbers(p)
+        + "}}}"
+    )
+    return ",\n".join(feats.tolist())
