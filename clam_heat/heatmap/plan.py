@@ -22,7 +22,7 @@ from . import maths
 from .cells import Fixed, patch_rects, to_fixed, window_cells
 
 if TYPE_CHECKING:
-    from ..segmentation import TissueContours
+    from ..tissue import TissueContours
     from ..slide import Slide
 
 __all__ = [
@@ -223,7 +223,7 @@ class RenderPlan:
             if hit is not None:
                 self._mask_cache.move_to_end(key)
                 return hit
-        from ..segmentation import rasterize_tissue
+        from ..tissue import rasterize_tissue
 
         # rasterize_tissue shifts by int32(-l0_origin * scale); choose l0_origin so that this
         # is exactly CLAM's region offset minus the block position (always <= 0), float-safe.
