@@ -3,6 +3,7 @@ own client, W&B in offline mode with its run files checked on disk; mocks only i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -16,6 +17,14 @@ import numpy as np
 import pytest
 
 from clam_heat.trackers import NullTracker, Tracker, TrackerError, make_tracker, thumbnail
+
+# the extras run in CI (they are in the `test` extra); without them these tests say what to install
+needs_mlflow = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None, reason="pip install 'clam-heat[mlflow]'"
+)
+needs_wandb = pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason="pip install 'clam-heat[wandb]'"
+)
 
 CONFIG = {
     "exp_arguments": {"save_exp_code": "EXP_TRACK", "n_classes": 2},
@@ -146,6 +155,7 @@ def _mlflow_client(uri: str):  # noqa: ANN202 - mlflow is an optional extra
     return MlflowClient(uri)
 
 
+@needs_mlflow
 def test_mlflow_file_store_reads_back(
     tmp_path: Path, outputs: dict[str, Path], quiet_env: None, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -194,6 +204,7 @@ def test_mlflow_file_store_reads_back(
     ]
 
 
+@needs_mlflow
 def test_mlflow_defaults_to_a_store_under_the_output_folder(
     tmp_path: Path, quiet_env: None
 ) -> None:
@@ -205,6 +216,7 @@ def test_mlflow_defaults_to_a_store_under_the_output_folder(
     assert run.info.status == "FINISHED"
 
 
+@needs_mlflow
 def test_mlflow_run_status_follows_the_with_block(tmp_path: Path, quiet_env: None) -> None:
     uri = (tmp_path / "mlruns").as_uri()
     opts = {"run_name": "r", "project": "P", "directory": tmp_path, "uri": uri}
@@ -217,6 +229,7 @@ def test_mlflow_run_status_follows_the_with_block(tmp_path: Path, quiet_env: Non
     assert client.get_run(killed.run_id).info.status == "KILLED"  # type: ignore[attr-defined]
 
 
+@needs_mlflow
 def test_mlflow_failed_call_is_one_warning_and_the_run_goes_on(
     tmp_path: Path,
     outputs: dict[str, Path],
@@ -247,6 +260,7 @@ def test_mlflow_failed_call_is_one_warning_and_the_run_goes_on(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "p_0")] == [1]
 
 
+@needs_mlflow
 def test_mlflow_refusing_the_store_is_one_line(tmp_path: Path, quiet_env: None) -> None:
     not_a_folder = tmp_path / "mlruns"
     not_a_folder.write_text("a file where the store should be")
@@ -285,6 +299,7 @@ def _check_wandb_run(run_dir: Path, outputs: dict[str, Path]) -> None:
     assert rows[0]["thumbnail"] and rows[1]["thumbnail"] and rows[2]["thumbnail"] is None
 
 
+@needs_wandb
 def test_wandb_offline_run_files(
     tmp_path: Path,
     outputs: dict[str, Path],
@@ -311,6 +326,7 @@ def test_wandb_offline_run_files(
     _check_wandb_run(run_dir, outputs)
 
 
+@needs_wandb
 def test_wandb_is_offline_without_a_key_and_writes_under_the_output_folder(
     tmp_path: Path, outputs: dict[str, Path], quiet_env: None
 ) -> None:
