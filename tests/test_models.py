@@ -452,7 +452,7 @@ def test_parse_model_type_names_and_refusals() -> None:
     assert parse_model_type("ABMIL", embed_dim=32).in_dim == 32
     assert parse_model_type("transmil.base", embed_dim=32).name == "transmil"
     assert parse_model_type("abmil.base.uni_v1.none", embed_dim=1024).in_dim == 1024  # TRIDENT
-    assert parse_model_type("clam.base_ce.uni.none", embed_dim=1024).family == "mil_lab_clam"
+    assert parse_model_type("clam.base_ce.uni.none", embed_dim=1024).name == "clam"  # MIL-Lab CLAM
     assert {"abmil", "transmil", "dsmil", "ilra", "rrt"} <= set(registered_models())
     for name, reason in {
         "wikg.base.uni.none": "WiKG's attention is a patch-to-patch graph",
@@ -521,7 +521,7 @@ class ToyMaxMIL(nn.Module):
 
 
 def test_register_a_custom_attention_model(tmp_path: Path) -> None:
-    from clam_heat import models
+    from clam_heat.models import registry
 
     register_model(
         "toymax",
@@ -538,7 +538,7 @@ def test_register_a_custom_attention_model(tmp_path: Path) -> None:
             scores = model.score(torch.from_numpy(h))[:, 0].numpy()
         np.testing.assert_allclose(out.attention, scores, atol=1e-6)
     finally:
-        models._REGISTRY.pop("toymax", None)
+        registry._REGISTRY.pop("toymax", None)
 
 
 def test_a_model_returning_the_wrong_attention_shape_is_caught() -> None:
