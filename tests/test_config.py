@@ -359,8 +359,8 @@ def test_data_dir_list_is_rejected(cwd: Path) -> None:
             "model_arguments",
             "model_type",
             "clam_ss",
-            "must be one of clam_sb, clam_mb, mil, abmil, transmil, dsmil, ilra, rrt, clam, "
-            "transformer or a "
+            "must be one of clam_sb, clam_mb, clam, abmil, transmil, dsmil, ilra, rrt, "
+            "transformer, mil or a "
             "MIL-Lab name <model>.<config>.<encoder>.<task> (did you mean 'clam_sb'?)",
         ),
         ("data_arguments", "slide_ext", "tif", "must start with '.' (e.g. '.tif')"),
