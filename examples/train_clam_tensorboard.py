@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from clam_heat.atomic import atomic_path
 from clam_heat.models import ClamSB
 from clam_heat.training import AttentionHeatmapLogger, open_summary_writer, spatial_attention_map
 
@@ -54,23 +54,16 @@ def make_bag(
 
 
 def write_bag(path: Path, features: np.ndarray, l0_coords: np.ndarray) -> None:
-    """Write a TRIDENT-layout feature H5 atomically (temp file in the folder, then replace)."""
-    fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("features", data=features)
-            coords = handle.create_dataset("coords", data=l0_coords)
-            coords.attrs.update(
-                patch_size=256,
-                patch_size_level0=PATCH_SIZE_L0,
-                level0_magnification=40,
-                target_magnification=20,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a TRIDENT-layout feature H5 atomically (through clam_heat.atomic's temp names)."""
+    with atomic_path(path, durable=False) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("features", data=features)
+        coords = handle.create_dataset("coords", data=l0_coords)
+        coords.attrs.update(
+            patch_size=256,
+            patch_size_level0=PATCH_SIZE_L0,
+            level0_magnification=40,
+            target_magnification=20,
+        )
 
 
 def train(

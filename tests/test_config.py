@@ -359,8 +359,8 @@ def test_data_dir_list_is_rejected(cwd: Path) -> None:
             "model_arguments",
             "model_type",
             "clam_ss",
-            "must be one of clam_sb, clam_mb, mil, abmil, transmil, dsmil, ilra, rrt, clam, "
-            "transformer or a "
+            "must be one of clam_sb, clam_mb, clam, abmil, transmil, dsmil, ilra, rrt, "
+            "transformer, mil or a "
             "MIL-Lab name <model>.<config>.<encoder>.<task> (did you mean 'clam_sb'?)",
         ),
         ("data_arguments", "slide_ext", "tif", "must start with '.' (e.g. '.tif')"),
@@ -687,3 +687,34 @@ def test_to_yaml_dict_round_trips_through_load(cwd: Path, tmp_path: Path) -> Non
         assert getattr(again, name) == getattr(cfg, name)
     assert again.exp_arguments.save_exp_code == "2024"
     assert again.data_arguments.data_dir == {"a": cwd / "cfg/slides_a", "b": Path("/data/b")}
+
+
+def test_model_type_is_checked_against_the_models_registry(cwd: Path) -> None:
+    """A model registered at run time validates; the names come from one list."""
+    from clam_heat.models import registry
+
+    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: toy.base.uni.none\n")
+    assert problems_of(path) == [
+        "config.yaml:2 model_arguments.model_type = 'toy.base.uni.none': must be one of "
+        + ", ".join([*registry.registered_models(), "mil"])
+        + " or a MIL-Lab name <model>.<config>.<encoder>.<task>"
+    ]
+    registry.register_model("toy", lambda *, in_dim, n_classes: None)
+    try:
+        assert load_config(path).model_arguments.model_type == "toy.base.uni.none"
+    finally:
+        registry._REGISTRY.pop("toy", None)
+    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: wikg.base.uni.none\n")
+    [problem] = problems_of(path)
+    assert "WiKG's attention is a patch-to-patch graph, not a per-patch score" in problem
+
+
+def test_config_and_model_registry_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clam_heat.config, clam_heat.models.registry as r; "
+        "r.model_type_problem('abmil'); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -452,7 +452,7 @@ def test_parse_model_type_names_and_refusals() -> None:
     assert parse_model_type("ABMIL", embed_dim=32).in_dim == 32
     assert parse_model_type("transmil.base", embed_dim=32).name == "transmil"
     assert parse_model_type("abmil.base.uni_v1.none", embed_dim=1024).in_dim == 1024  # TRIDENT
-    assert parse_model_type("clam.base_ce.uni.none", embed_dim=1024).family == "mil_lab_clam"
+    assert parse_model_type("clam.base_ce.uni.none", embed_dim=1024).name == "clam"  # MIL-Lab CLAM
     assert {"abmil", "transmil", "dsmil", "ilra", "rrt"} <= set(registered_models())
     for name, reason in {
         "wikg.base.uni.none": "WiKG's attention is a patch-to-patch graph",
@@ -521,7 +521,7 @@ class ToyMaxMIL(nn.Module):
 
 
 def test_register_a_custom_attention_model(tmp_path: Path) -> None:
-    from clam_heat import models
+    from clam_heat.models import registry
 
     register_model(
         "toymax",
@@ -538,7 +538,7 @@ def test_register_a_custom_attention_model(tmp_path: Path) -> None:
             scores = model.score(torch.from_numpy(h))[:, 0].numpy()
         np.testing.assert_allclose(out.attention, scores, atol=1e-6)
     finally:
-        models._REGISTRY.pop("toymax", None)
+        registry._REGISTRY.pop("toymax", None)
 
 
 def test_a_model_returning_the_wrong_attention_shape_is_caught() -> None:
@@ -819,3 +819,170 @@ def test_signal_patches_rank_top_after_training(tmp_path: Path, name: str) -> No
     elif name != "transmil":
         assert np.mean(hits) >= 3, hits  # of the 4 signal patches, on average 3+ in the top 4
     assert preds.count(1) >= 7 and negatives.count(0) >= 3, (preds, negatives)
+
+
+# ============================================================================================
+# The registry as a plug-in point: a toy model, and the overlap pass for every model
+
+
+def small_model(name: str, n_classes: int = 3, seed: int = 0) -> nn.Module:
+    """A small randomised instance of a registered model (CLAM at its own sizes)."""
+    torch.manual_seed(seed)
+    model = build_model(name, n_classes=n_classes, embed_dim=D, **SMALL.get(name, {}))
+    if name == "rrt":  # cheap landmarks; maths unchanged
+        model = build_model(name, n_classes=n_classes, embed_dim=D, landmarks=4, **SMALL[name])
+    return randomise(model, seed)
+
+
+def forward_attention(model: nn.Module, h: np.ndarray) -> tuple[np.ndarray, int]:
+    """The model's own full forward: (attention of the predicted class (N,), predicted class)."""
+    with torch.no_grad():
+        out = model(torch.from_numpy(h))
+    if len(out) == 5:  # CLAM: (logits, Y_prob, Y_hat, A_raw (K, N), {})
+        pred = int(out[2].item())
+        a_raw = out[3].numpy()
+        return (a_raw[pred] if a_raw.shape[0] > 1 else a_raw[0]), pred
+    logits, attention = out
+    return attention.numpy(), int(logits.argmax())
+
+
+class ToyMIL(nn.Module):
+    """A plug-in model defined only here: attention = one linear score per patch, logits from
+    the attention-weighted mean (a patch's score depends on that patch alone)."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 4) -> None:
+        super().__init__()
+        self.in_dim, self.n_classes = in_dim, n_classes
+        self.score = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.head = nn.Linear(in_dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(h)[:, 0]
+        return self.head(torch.softmax(scores, dim=0) @ h), scores
+
+
+@pytest.fixture
+def toy_registered() -> Iterator[None]:
+    from clam_heat.models import registry
+
+    register_model(
+        "toy",
+        lambda *, in_dim, n_classes, hidden=4: ToyMIL(in_dim, n_classes, hidden),
+        key_prefix="",
+        infer_hparams=lambda state: {"hidden": int(state["score.0.weight"].shape[0])},
+        per_patch=True,
+    )
+    yield
+    registry._REGISTRY.pop("toy", None)
+
+
+def test_toy_model_validates_in_a_config_and_runs_through_load_model(
+    tmp_path: Path, toy_registered: None
+) -> None:
+    from clam_heat.config import config_from_dict
+
+    cfg = config_from_dict({"model_arguments": {"model_type": "toy", "embed_dim": D}})
+    assert cfg.model_arguments.model_type == "toy"
+    assert "toy" in registered_models()
+    model = randomise(ToyMIL(D, 2, hidden=5))
+    torch.save(model.state_dict(), tmp_path / "toy.pt")
+    loaded = load_model(tmp_path / "toy.pt", "toy", n_classes=2, embed_dim=D)
+    assert loaded.score[0].out_features == 5  # hidden size read back from the checkpoint
+    h = bag(7)
+    out = run_attention(loaded, h)
+    expected, pred = forward_attention(model, h)
+    np.testing.assert_allclose(out.attention, expected, rtol=1e-6)
+    assert out.pred == pred
+    # the overlap pass works for it too, batch by batch (it declared per_patch)
+    from clam_heat.models import attention_logits, needs_whole_bag
+
+    assert not needs_whole_bag(loaded)
+    halves = np.concatenate(
+        [attention_logits(loaded, h[:3], branch=0), attention_logits(loaded, h[3:], branch=0)]
+    )
+    np.testing.assert_allclose(halves, expected, rtol=1e-6)
+
+
+def test_unregistered_toy_is_refused_by_config_and_loader() -> None:
+    from clam_heat.config import config_from_dict
+
+    with pytest.raises(
+        ConfigError, match="model_arguments.model_type = 'toy': must be one of clam_sb"
+    ):
+        config_from_dict({"model_arguments": {"model_type": "toy"}})
+    with pytest.raises(ConfigError, match="unknown model \\(use one of clam_sb"):
+        parse_model_type("toy", embed_dim=D)
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb", "clam", *sorted(SMALL)])
+def test_attention_logits_is_the_models_own_forward_attention(name: str) -> None:
+    """Scored as one bag, attention_logits equals the attention of the model's full forward
+    (CLAM: A_raw row of Y_hat; the others: their documented score); per-patch models give the
+    same scores batch by batch, the others need the whole bag."""
+    from clam_heat.models import attention_logits, needs_whole_bag
+
+    model = small_model(name)
+    h = bag(9)
+    expected, pred = forward_attention(model, h)
+    got = attention_logits(model, h, branch=pred)
+    assert got.dtype == np.float32 and got.shape == (9,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run_attention(model, h).attention, expected, rtol=1e-5, atol=1e-6)
+    batches = np.concatenate(
+        [attention_logits(model, h[i : i + 4], branch=pred) for i in (0, 4, 8)]
+    )
+    if name in ("clam_sb", "clam_mb", "clam", "abmil"):
+        assert not needs_whole_bag(model)
+        np.testing.assert_allclose(batches, expected, rtol=1e-5, atol=1e-6)
+    else:  # a batch scored alone is a different bag: the caller must pass the whole bag
+        assert needs_whole_bag(model)
+        assert not np.allclose(batches, expected, rtol=1e-3)
+
+
+def test_every_registered_model_is_covered_by_the_overlap_test() -> None:
+    assert set(registered_models()) == {"clam_sb", "clam_mb", "clam", *SMALL}
+
+
+def test_attention_logits_clam_mb_branch_by_hand() -> None:
+    """attention_c weights zero and bias (1, 2, 3): branch b scores every patch b + 1."""
+    from clam_heat.models import attention_logits
+
+    model = small_model("clam_mb")
+    with torch.no_grad():
+        model.attention_net[3].attention_c.weight.zero_()
+        model.attention_net[3].attention_c.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    for branch in range(3):
+        np.testing.assert_array_equal(
+            attention_logits(model, bag(5), branch=branch), [branch + 1.0] * 5
+        )
+    with pytest.raises(CheckpointError) as err:
+        attention_logits(model, bag(5), branch=3)
+    assert str(err.value) == (
+        "model has 3 attention branches; branch must be the predicted class in 0..2, got 3"
+    )
+    with pytest.raises(FeatureError, match="feature width 17 does not match .* 16"):
+        attention_logits(model, bag(5, d=17), branch=0)
+
+
+def test_attention_logits_dsmil_branch_is_that_class_column() -> None:
+    """DSMIL's column k, recomputed in numpy: softmax over patches of q_i . q_crit(k) / sqrt(d),
+    crit(k) the patch with the top instance score for class k."""
+    from clam_heat.models import attention_logits
+
+    model = small_model("dsmil")
+    net = model.model
+    h = bag(9)
+    state = {k: v.double().numpy() for k, v in net.state_dict().items()}
+    emb = np.maximum(h @ state["patch_embed.0.weight"].T + state["patch_embed.0.bias"], 0)
+    inst = (
+        emb @ state["i_classifier.inst_classifier.weight"].T
+        + state["i_classifier.inst_classifier.bias"]
+    )
+    q = emb @ state["b_classifier.q.weight"].T + state["b_classifier.q.bias"]
+    _, pred = forward_attention(model, h)
+    for k in range(3):
+        ref = softmax(q @ q[inst[:, k].argmax()] / math.sqrt(q.shape[1]))
+        np.testing.assert_allclose(attention_logits(model, h, branch=k), ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(CheckpointError, match="model has 3 attention branches; .* got None"):
+        attention_logits(model, h, branch=None)
+    assert pred in range(3)

@@ -186,7 +186,7 @@ def test_spatial_map_size_from_coords_extent_and_downsample() -> None:
     assert img.shape == (48, 80, 3)
     # the top-left patch has the lowest score: its 16x16 block is the darkest colour of "hot"
     assert (img[:16, :16] == img[0, 0]).all()
-    assert img[0, 0].tolist() == [11, 0, 0]
+    assert img[0, 0].tolist() == [10, 0, 0]  # uint8(hot(0) * 255), truncated as CLAM does
 
 
 def test_spatial_map_missing_patches_are_background_or_transparent() -> None:
@@ -234,7 +234,8 @@ def test_grid_map_layout_and_unused_cells() -> None:
             background=(7, 7, 7),
         )
     assert img.shape == (4, 6, 3)  # side ceil(sqrt(5)) = 3, rows 2, cells of 2 px
-    np.testing.assert_array_equal(img[::2, ::2, 0], [[0, 64, 128], [191, 255, 7]])
+    # heatmap.apply_colormap's rule: index int(v * 256), so 0.75 -> 192 on "gray"
+    np.testing.assert_array_equal(img[::2, ::2, 0], [[0, 64, 128], [192, 255, 7]])
 
 
 def test_grid_map_warns_missing_coords_with_counts() -> None:
@@ -505,3 +506,86 @@ def test_example_trains_and_logs_maps(tmp_path: Path) -> None:
     assert sorted(images) == ["val/spatial_attention_heatmap", "val/tumour_truth"]
     assert [step for step, *_ in images["val/spatial_attention_heatmap"]] == [0, 1]
     assert len(list((tmp_path / "f").glob("*.h5"))) == 40
+
+
+# ------------------------------------------------------------- every registered model's maps
+
+SMALL_SIZES = {
+    "abmil": {"hidden_dim": 24, "attn_dim": 12},
+    "transmil": {"hidden_dim": 32, "num_heads": 4},
+    "dsmil": {"hidden_dim": 24, "attn_dim": 8},
+    "ilra": {"hidden_dim": 32, "topk": 6},
+    "rrt": {"hidden_dim": 32, "dim_head": 8, "pool_dim": 12, "landmarks": 4},
+    "transformer": {"hidden_dim": 32},
+}
+
+
+def registered_model(name: str) -> torch.nn.Module:
+    from clam_heat.models import build_model
+
+    torch.manual_seed(5)
+    model = build_model(name, n_classes=3, embed_dim=EMBED, **SMALL_SIZES.get(name, {}))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape) * 0.3)
+    return model.eval()
+
+
+def test_every_registered_model_is_covered() -> None:
+    from clam_heat.models import registered_models
+
+    assert set(registered_models()) == {"clam_sb", "clam_mb", "clam", *SMALL_SIZES}
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb", "clam", *SMALL_SIZES])
+def test_logger_draws_spatial_maps_for_every_registered_model(name: str) -> None:
+    """The forward output (CLAM's 5-tuple, the others' (logits, attention)) and the model itself
+    both give the spatial map of the model's own reduction: never a grid, never skipped."""
+    from clam_heat.models import run_attention
+
+    model = registered_model(name)
+    coords = grid_coords(4, 3)
+    h = torch.randn(12, EMBED)
+    expected = spatial_attention_map(run_attention(model, h.numpy()).attention, coords)
+    writer = ListWriter()
+    logger = AttentionHeatmapLogger(writer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no grid fallback, no skipped image
+        with torch.no_grad():
+            assert logger.log(model(h), coords, step=0) == "val/spatial_attention_heatmap"
+        assert logger.log_model(model, h, coords, step=1) == "val/spatial_attention_heatmap"
+    for _, image, _ in writer.images:
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_log_model_draws_the_asked_class_of_a_per_class_model() -> None:
+    from clam_heat.models import attention_logits, run_attention
+
+    model = registered_model("dsmil")
+    h = torch.randn(12, EMBED)
+    other = (run_attention(model, h.numpy()).pred + 1) % 3
+    writer = ListWriter()
+    AttentionHeatmapLogger(writer).log_model(model, h, grid_coords(4, 3), step=0, class_index=other)
+    column = attention_logits(model, h.numpy(), branch=other)
+    np.testing.assert_array_equal(
+        writer.images[0][1], spatial_attention_map(column, grid_coords(4, 3))
+    )
+    assert not model.training
+
+
+def test_spatial_map_colours_are_the_heatmap_colormap() -> None:
+    """Scores 0, 2, 1 (min-max 0, 1, 0.5) on three separate patches, "jet": the colours CLAM's
+    rule gives (uint8(jet(v) * 255), index int(v * 256)), as clam_heat.heatmap paints them."""
+    from clam_heat.heatmap import apply_colormap
+
+    img = spatial_attention_map(
+        [0.0, 2.0, 1.0],
+        [[0, 0], [2, 0], [4, 0]],
+        patch_size=2,
+        downsample=1,
+        cmap="jet",
+        normalize="minmax",
+    )
+    assert img.shape == (2, 6, 3)
+    assert img[0, ::2].tolist() == [[0, 0, 127], [127, 0, 0], [124, 255, 121]]
+    np.testing.assert_array_equal(img[0, ::2], apply_colormap(np.array([0.0, 1.0, 0.5]), "jet"))

@@ -1,0 +1,293 @@
+"""The TensorBoard logger: one attention map per validation epoch, never stopping training.
+
+TensorBoard is an optional extra: nothing here imports it until :func:`open_summary_writer` is
+called, and the logger only needs an object with ``add_image``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import FeatureError
+from .maps import (
+    DEFAULT_BACKGROUND,
+    GridFallbackWarning,
+    HeatmapSkippedWarning,
+    Normalisation,
+    _fallback_message,
+    _render_grid,
+    attention_scores,
+    model_attention,
+    spatial_attention_map,
+)
+
+__all__ = ["AttentionHeatmapLogger", "CoordsLoader", "ImageWriter", "open_summary_writer"]
+
+_TENSORBOARD_HINT = (
+    "tensorboard is not installed, so training heatmaps cannot be written "
+    "(pip install 'clam-heat[tensorboard]' or pip install tensorboard)"
+)
+
+
+class ImageWriter(Protocol):
+    """The part of ``torch.utils.tensorboard.SummaryWriter`` the logger uses."""
+
+    def add_image(
+        self, tag: str, img_tensor: Any, global_step: int | None = ..., *args: Any, **kwargs: Any
+    ) -> Any: ...
+
+
+#: ``coords_loader(slide_id)`` returns (N, 2) level-0 coords, ``(coords, patch_size_level0)``
+#: or ``None`` (no coords for that slide: the grid fallback is drawn).
+CoordsLoader = Callable[[str], Any]
+
+
+#: ``coords_loader(slide_id)`` returns (N, 2) level-0 coords, ``(coords, patch_size_level0)``
+#: or ``None`` (no coords for that slide: the grid fallback is drawn).
+CoordsLoader = Callable[[str], Any]
+
+
+def _read_coords_h5(features_dir: Path, slide_id: str) -> tuple[np.ndarray | None, float | None]:
+    """Level-0 coords (N, 2) int64 and ``patch_size_level0`` (or None) of one slide's H5.
+
+    Looks for ``<features_dir>/<slide_id>.h5`` (TRIDENT ``features_<enc>/``, CLAM patches) then
+    ``<features_dir>/h5_files/<slide_id>.h5`` (CLAM features). A file without a ``coords``
+    dataset gives ``(None, None)``, i.e. "coords missing". Minimal on purpose: the features
+    module owns full H5 reading.
+    """
+    import h5py
+
+    candidates = [features_dir / f"{slide_id}.h5", features_dir / "h5_files" / f"{slide_id}.h5"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FeatureError(
+            f"{candidates[0]}: no feature H5 for slide {slide_id!r} (nor h5_files/{slide_id}.h5); "
+            "point features_dir at the folder holding <slide_id>.h5"
+        )
+    with h5py.File(path, "r") as handle:
+        if "coords" not in handle:
+            return None, None
+        dataset = handle["coords"]
+        l0_xy = np.asarray(dataset[()])
+        size = dataset.attrs.get("patch_size_level0")
+    if l0_xy.ndim != 2 or l0_xy.shape[1] != 2:
+        raise FeatureError(f"{path}: dataset 'coords' must be (N, 2), got {l0_xy.shape}")
+    patch_size_l0: float | None = None
+    if size is not None:
+        try:
+            value = float(np.asarray(size).reshape(-1)[0])
+        except (TypeError, ValueError):
+            value = float("nan")
+        patch_size_l0 = value if math.isfinite(value) and value > 0 else None
+    return np.rint(l0_xy).astype(np.int64), patch_size_l0
+
+
+def open_summary_writer(logdir: str | Path, **kwargs: Any) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``logdir``, imported only now.
+
+    Raises ImportError with an install hint when tensorboard is missing (it is the optional
+    ``clam-heat[tensorboard]`` extra).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(_TENSORBOARD_HINT) from err
+    return SummaryWriter(log_dir=str(logdir), **kwargs)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+class AttentionHeatmapLogger:
+    """Log one attention heatmap per validation epoch to TensorBoard, never raising.
+
+    ``writer`` is a ``SummaryWriter`` (or anything with ``add_image``). Call :meth:`log` for
+    each validation slide; only the first call of each logged epoch draws an image (tag
+    ``<tag_prefix>/spatial_attention_heatmap``, or ``<tag_prefix>/grid_attention_heatmap`` when
+    coords are missing or do not match), and only on epochs divisible by ``every_n_epochs``.
+
+    Coords come from :meth:`log`'s ``coords``, else from ``coords_loader(slide_id)``, else from
+    ``<features_dir>/<slide_id>.h5`` (or ``h5_files/``; TRIDENT or CLAM layout; patch size from
+    ``coords.attrs['patch_size_level0']`` when present, else ``patch_size``).
+
+    Any exception while loading, drawing or writing becomes one :class:`HeatmapSkippedWarning`
+    and the image is skipped (KeyboardInterrupt and SystemExit still propagate).
+    """
+
+    def __init__(
+        self,
+        writer: ImageWriter,
+        every_n_epochs: int = 1,
+        tag_prefix: str = "val",
+        *,
+        features_dir: str | Path | None = None,
+        coords_loader: CoordsLoader | None = None,
+        patch_size: float = 256,
+        downsample: float = 32,
+        cmap: str = "hot",
+        normalize: Normalisation = "softmax",
+        colorbar: bool = False,
+        background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
+    ) -> None:
+        if not callable(getattr(writer, "add_image", None)):
+            raise TypeError(
+                f"writer must have add_image (a torch.utils.tensorboard.SummaryWriter), "
+                f"got {type(writer).__name__}"
+            )
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
+            raise TypeError(f"every_n_epochs must be an int, got {every_n_epochs!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.writer = writer
+        self.every_n_epochs = every_n_epochs
+        self.tag_prefix = tag_prefix.strip("/")
+        self.features_dir = Path(features_dir) if features_dir is not None else None
+        self.coords_loader = coords_loader
+        self.patch_size = patch_size
+        self.downsample = downsample
+        self.cmap = cmap
+        self.normalize: Normalisation = normalize
+        self.colorbar = colorbar
+        self.background = background
+        self._last_step: int | None = None
+
+    @classmethod
+    def from_logdir(cls, logdir: str | Path, **kwargs: Any) -> AttentionHeatmapLogger:
+        """Open a ``SummaryWriter`` on ``logdir`` (tensorboard imported lazily) and wrap it."""
+        return cls(open_summary_writer(logdir), **kwargs)
+
+    def _tag(self, name: str) -> str:
+        return f"{self.tag_prefix}/{name}" if self.tag_prefix else name
+
+    def should_log(self, step: int) -> bool:
+        """Whether :meth:`log` would draw for ``step`` (lets a loop skip collecting attention)."""
+        return step % self.every_n_epochs == 0 and step != self._last_step
+
+    def _load_coords(self, slide_id: str) -> tuple[Any, float | None]:
+        if self.coords_loader is not None:
+            loaded = self.coords_loader(slide_id)
+            if isinstance(loaded, tuple):
+                coords, size = loaded
+                return coords, (float(size) if size is not None else None)
+            return loaded, None
+        if self.features_dir is not None:
+            return _read_coords_h5(self.features_dir, slide_id)
+        return None, None
+
+    def log(
+        self,
+        attention: Any,
+        coords: Any = None,
+        *,
+        step: int,
+        slide_id: str | None = None,
+        class_index: int | None = None,
+        patch_size: float | None = None,
+    ) -> str | None:
+        """Draw and write this epoch's heatmap if due; return the tag written, else None.
+
+        ``attention``: a registered model's forward output or scores (see
+        :func:`~clam_heat.training.attention_scores`).
+        ``coords``: (N, 2) level-0 (x, y), or None to load them by ``slide_id``.
+        ``patch_size``: level-0 patch side for these coords (overrides H5 attrs and default).
+        """
+        return self._guarded(lambda: attention, coords, step, slide_id, class_index, patch_size)
+
+    def log_model(
+        self,
+        model: Any,
+        features: Any,
+        coords: Any = None,
+        *,
+        step: int,
+        slide_id: str | None = None,
+        class_index: int | None = None,
+        patch_size: float | None = None,
+    ) -> str | None:
+        """Like :meth:`log`, but the scores come from ``model`` on the bag ``features`` (N, D)
+        through the model's own reduction (:func:`~clam_heat.training.model_attention`); the
+        model only runs on epochs that are drawn. Works for every registered model, and lets
+        ``class_index`` pick any class's map, also for models that reduce inside their forward
+        (DSMIL)."""
+        return self._guarded(
+            lambda: model_attention(model, features, class_index=class_index),
+            coords,
+            step,
+            slide_id,
+            class_index,
+            patch_size,
+        )
+
+    def _guarded(
+        self,
+        attention: Callable[[], Any],
+        coords: Any,
+        step: int,
+        slide_id: str | None,
+        class_index: int | None,
+        patch_size: float | None,
+    ) -> str | None:
+        try:
+            if not self.should_log(step):
+                return None
+            self._last_step = step  # one attempt per epoch: a failure is not retried per slide
+            return self._log(attention(), coords, step, slide_id, class_index, patch_size)
+        except Exception as err:  # noqa: BLE001 - the training loop must survive any failure
+            where = f" (slide {slide_id!r})" if slide_id is not None else ""
+            warnings.warn(
+                f"attention heatmap for step {step}{where} skipped: {_first_line(err)}; "
+                "training continues",
+                HeatmapSkippedWarning,
+                stacklevel=3,
+            )
+            return None
+
+    def _log(
+        self,
+        attention: Any,
+        coords: Any,
+        step: int,
+        slide_id: str | None,
+        class_index: int | None,
+        patch_size: float | None,
+    ) -> str:
+        scores = attention_scores(attention, class_index=class_index)
+        loaded_size: float | None = None
+        if coords is None and slide_id is not None:
+            coords, loaded_size = self._load_coords(str(slide_id))
+        message = _fallback_message(scores.size, coords)
+        if message is not None:
+            where = f"slide {slide_id!r}, " if slide_id is not None else ""
+            warnings.warn(f"{where}step {step}: {message}", GridFallbackWarning, stacklevel=4)
+            tag = self._tag("grid_attention_heatmap")
+            image = _render_grid(
+                scores,
+                cmap=self.cmap,
+                normalize=self.normalize,
+                cell_size=None,
+                colorbar=self.colorbar,
+                background=self.background,
+            )
+        else:
+            tag = self._tag("spatial_attention_heatmap")
+            size = patch_size if patch_size is not None else loaded_size or self.patch_size
+            image = spatial_attention_map(
+                scores,
+                coords,
+                patch_size=size,
+                downsample=self.downsample,
+                cmap=self.cmap,
+                normalize=self.normalize,
+                colorbar=self.colorbar,
+                background=self.background,
+            )
+        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        return tag
