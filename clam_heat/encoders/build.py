@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from .networks import ResNet50Trunk, TinyCNN, VisionTransformer, _ConchImageTower, _TimmTrunk
 from .specs import _SPECS, _WEIGHTS_KEY, ENCODER_NAMES, RANDOM_INIT_SEED, EncoderError
 from .weights import _adapt_state, _find_weights, _load_strict, load_weights_file
@@ -74,18 +75,6 @@ def _normalize(
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     return (images.to(torch.float32) / 255.0 - m) / s
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(
-            f"encoder device {str(device)!r} requested but no CUDA device is available "
-            "(set runner_arguments.device to auto or cpu)"
-        )
-    return device
 
 
 @contextlib.contextmanager
@@ -267,7 +256,7 @@ def build_encoder(
             "timm.create_model (" + used + ")" if used != "builtin" else "built-in network",
             f" (timm unavailable: {why})" if why else "",
         )
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device, error=EncoderError)
 
     if model_name in ("conch_v1", "conch_v1_5"):
         module, source = _build_conch(

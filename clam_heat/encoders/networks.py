@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import FeedForward
 from .specs import EncoderError
 
 
@@ -147,16 +148,6 @@ class _Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class _LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float) -> None:
         super().__init__()
@@ -173,7 +164,7 @@ class _Block(nn.Module):
         self.attn = _Attention(dim, num_heads)
         self.ls1 = _LayerScale(dim, init_values)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
         self.ls2 = _LayerScale(dim, init_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ def _load_strict(
     module: nn.Module, state: Mapping[str, torch.Tensor], name: str, path: Path
 ) -> None:
     """``load_state_dict(strict=True)`` with a one-line message on any key or shape mismatch."""
-    from ..models import state_dict_mismatch
+    from ..models.checkpoint import state_dict_mismatch
 
     problem = state_dict_mismatch(module.state_dict(), state, own_label="")
     if problem:

@@ -22,8 +22,8 @@ from . import maths
 from .cells import Fixed, patch_rects, to_fixed, window_cells
 
 if TYPE_CHECKING:
-    from ..tissue import TissueContours
     from ..slide import Slide
+    from ..tissue import TissueContours
 
 __all__ = [
     "MASK_CACHE_BLOCKS",
