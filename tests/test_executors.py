@@ -37,16 +37,8 @@ from clam_heat.executors import (
 )
 from clam_heat.executors import base as ex_base
 from clam_heat.executors import local as ex_local
-from clam_heat.process_list import (
-    find_shards,
-    merge_process_list,
-    merge_shards,
-    parse_shard,
-    select_shard,
-    shard_frame,
-    shard_of,
-    shard_path,
-)
+from clam_heat.process_list import find_shards, merge_process_list, merge_shards, parse_shard
+from clam_heat.process_list.shards import select_shard, shard_frame, shard_of, shard_path
 from clam_heat.rows import RowContext
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,9 @@ __all__ = [
     "THREAD_ENV",
     "Executor",
     "ExecutorError",
+    "Outcomes",
+    "Rows",
+    "Stages",
     "Started",
     "available_cores",
     "pin_device",
@@ -60,6 +63,10 @@ THREAD_ENV: tuple[str, ...] = (
 #: Called with the rows an executor hands out, when it hands them out (the recorder marks them
 #: 'running').
 Started = Callable[[Sequence["RowContext"]], None]
+#: The shapes of ``map_rows``' arguments and result, shared by every executor.
+Rows = list["RowContext"]
+Stages = Sequence["Stage"]
+Outcomes = Iterator["RowOutcome"]
 
 
 class ExecutorError(ClamHeatError):
@@ -79,12 +86,9 @@ class Executor(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def map_rows(
-        self,
-        pending: list[RowContext],
-        stages: Sequence[Stage],
-        started: Started | None = None,
-    ) -> Iterable[RowOutcome]: ...
+    def map_rows(self, pending: Rows, stages: Stages, started: Started | None = None) -> Outcomes:
+        """Each row's outcome as it finishes; ``started`` hears which rows were handed out."""
+        ...
 
 
 class Stateless:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,9 @@ from ..errors import ConfigError
 from . import base
 from .base import (
     ExecutorError,
+    Outcomes,
+    Rows,
+    Stages,
     Started,
     Stateless,
     _configure_process,
@@ -102,12 +105,7 @@ class DaskExecutor(Stateless):
                 "cluster first or check --scheduler/--scheduler-file"
             ) from None
 
-    def map_rows(
-        self,
-        pending: list[RowContext],
-        stages: Sequence[Stage],
-        started: Started | None = None,
-    ) -> Iterator[RowOutcome]:
+    def map_rows(self, pending: Rows, stages: Stages, started: Started | None = None) -> Outcomes:
         """Submit every row, then yield outcomes as tasks finish (any order); ``started`` gets
         every row at once, as all are submitted together."""
         if started is not None:

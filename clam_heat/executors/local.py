@@ -17,6 +17,9 @@ from ..errors import ConfigError
 from .base import (
     THREAD_ENV,
     ExecutorError,
+    Outcomes,
+    Rows,
+    Stages,
     Started,
     _configure_process,
     _exit_reason,
@@ -316,12 +319,7 @@ class LocalExecutor:
                 with contextlib.suppress(OSError):  # died just now: its sentinel requeues the row
                     worker.conn.send((uuid.uuid4().hex, ctx, list(stages)))
 
-    def map_rows(
-        self,
-        pending: list[RowContext],
-        stages: Sequence[Stage],
-        started: Started | None = None,
-    ) -> Iterator[RowOutcome]:
+    def map_rows(self, pending: Rows, stages: Stages, started: Started | None = None) -> Outcomes:
         """Yield each row's outcome as it finishes (any order); ``started`` gets every row at
         once, as all are queued together."""
         from multiprocessing.connection import wait as wait_for
