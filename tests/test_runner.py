@@ -227,11 +227,12 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
 
 
 def test_temp_csvs_of_a_killed_run_are_swept_and_others_kept(demo_project: Path) -> None:
-    """kill -9 during a CSV write leaves ``.<name>.<random>.tmp`` beside the list or results."""
+    """kill -9 during a CSV write leaves ``.<name>.<random>.tmp`` beside the list or results
+    (the names :func:`clam_heat.atomic.temp_path_for` makes)."""
     cfg = load_config(demo_project)
     lists, results = cfg.process_list_path.parent, cfg.results_csv_path.parent
     results.mkdir(parents=True, exist_ok=True)
-    stale = [lists / f".{cfg.process_list_path.name}.k1ll3d.tmp", results / ".demo.csv.x9.tmp"]
+    stale = [lists / f".{cfg.process_list_path.name}.k1ll3d.tmp", results / ".demo.csv.x9q2.tmp"]
     others = [lists / ".other.csv.live.tmp", lists / "notes.tmp"]
     for path in stale + others:
         path.write_text("half a csv")
