@@ -180,7 +180,8 @@ def run(
     """Run segment -> infer -> heatmap -> sample for every pending row (resumable)."""
     import functools
 
-    from .executors import make_executor, parse_shard
+    from .executors import make_executor
+    from .process_list import parse_shard
     from .runner import run_pipeline
 
     try:
@@ -371,7 +372,7 @@ def merge(
 ) -> None:
     """Fold `run --shard i/n` results back into the process list (and, given a config, the
     results CSV); status columns of newer shard rows win, user columns are never touched."""
-    from .executors import merge_process_list
+    from .process_list import merge_process_list
 
     try:
         path, results = Path(target), None

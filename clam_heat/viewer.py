@@ -84,7 +84,8 @@ class ViewerEntry:
     details: dict[str, str] = field(default_factory=dict)
 
 
-_DETAIL_COLUMNS = re.compile(r"^(stage|error|bag_size|Pred_\d+|p_\d+)$")
+#: Run columns shown in a row's details, besides the prediction columns (bag_size, Pred_c, p_c).
+_DETAIL_COLUMNS = ("stage", "error")
 
 
 def _text(value: Any) -> str:
@@ -95,8 +96,8 @@ def _text(value: Any) -> str:
 
 def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
     """The rows of ``cfg``'s process list (``process == 1``), in list order, for the viewer."""
-    from .process_list import read_process_list
-    from .runner import build_contexts, production_heatmap_path, pyramid_heatmap_path
+    from .process_list import PREDICTION_COLUMN, read_process_list
+    from .rows import build_contexts, production_heatmap_path, pyramid_heatmap_path
 
     list_path = cfg.process_list_path
     if not list_path.is_file():
@@ -114,7 +115,7 @@ def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
         details = {
             str(k): text
             for k, v in ctx.row.items()
-            if _DETAIL_COLUMNS.match(str(k)) and (text := _text(v))
+            if (k in _DETAIL_COLUMNS or PREDICTION_COLUMN.match(str(k))) and (text := _text(v))
         }
         entries.append(
             ViewerEntry(

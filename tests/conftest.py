@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 
 #: ``../shared`` beside the checkout (CI clones main with shared/ beside it).
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+#: Test-only helper modules (e.g. ``stage_faults``), importable by name here and in the worker
+#: processes that unpickle test-defined stages (they inherit ``sys.path``).
+HELPERS = Path(__file__).resolve().parent / "helpers"
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
 
 
 @pytest.fixture(scope="session")

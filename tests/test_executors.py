@@ -2,8 +2,9 @@
 
 Unit tests use real spawned processes and real CSV files; the end-to-end tests run the demo
 project through every executor (a real ``distributed.LocalCluster`` included) and compare the
-outputs byte for byte with a serial run. Faults are injected only through ``FAULT_ENV`` (a worker
-``os._exit``s inside a chosen stage) or by SIGKILL-ing a real worker process.
+outputs byte for byte with a serial run. Faults are injected only through the test helper
+``stage_faults`` (a worker ``os._exit``s inside a chosen stage, the stages wrapped through the
+public registry) or by SIGKILL-ing a real worker process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import stage_faults  # tests/helpers, on sys.path via conftest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,21 +30,16 @@ from clam_heat import executors as ex
 from clam_heat.config import HeatmapConfig, load_config
 from clam_heat.errors import ConfigError, ProcessListError
 from clam_heat.executors import (
-    FAULT_ENV,
     DaskExecutor,
     ExecutorError,
     LocalExecutor,
-    find_shards,
     make_executor,
-    merge_process_list,
-    merge_shards,
-    parse_shard,
-    select_shard,
-    shard_frame,
-    shard_of,
-    shard_path,
 )
-from clam_heat.runner import RowContext
+from clam_heat.executors import base as ex_base
+from clam_heat.executors import local as ex_local
+from clam_heat.process_list import find_shards, merge_process_list, merge_shards, parse_shard
+from clam_heat.process_list.shards import select_shard, shard_frame, shard_of, shard_path
+from clam_heat.rows import RowContext
 
 # --------------------------------------------------------------------------------------------
 # pure helpers
@@ -148,8 +145,9 @@ def test_shard_path_and_find_shards(tmp_path: Path) -> None:
 
 
 def test_exit_reasons() -> None:
-    assert ex._exit_reason(-signal.SIGKILL) == "killed by SIGKILL"
-    assert ex._exit_reason(ex.FAULT_EXIT_CODE) == f"exit code {ex.FAULT_EXIT_CODE}"
+    assert ex_base._exit_reason(-signal.SIGKILL) == "killed by SIGKILL"
+    code = stage_faults.FAULT_EXIT_CODE
+    assert ex_base._exit_reason(code) == f"exit code {code}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +370,7 @@ def test_spawned_workers_where_there_is_no_fork_server(
 ) -> None:
     """macOS/Windows path: workers are spawned (they import everything themselves) and work."""
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert ex._start_method() == "spawn"
+    assert ex_local._start_method() == "spawn"
     with LocalExecutor(1) as pool:
         (worker,) = pool._pool
         assert type(worker.process).__name__ == "SpawnProcess"
@@ -383,16 +381,16 @@ def test_spawned_workers_where_there_is_no_fork_server(
 def test_shipped_contexts_carry_no_open_slide() -> None:
     ctx = _ctx("a")
     ctx._slide = object()
-    assert ex._shippable(ctx)._slide is None and ctx._slide is not None
+    assert ex_base._shippable(ctx)._slide is None and ctx._slide is not None
 
 
 def test_worker_device_override_only_touches_runner_device() -> None:
     ctx = _ctx("a")
-    pinned = ex._with_device(ctx, "cuda:1")
+    pinned = ex_base._with_device(ctx, "cuda:1")
     assert pinned.cfg.runner_arguments.device == "cuda:1"
     assert ctx.cfg.runner_arguments.device == "auto"
     assert pinned.cfg.block("heatmap_arguments") == ctx.cfg.block("heatmap_arguments")
-    assert ex._with_device(ctx, None) is ctx
+    assert ex_base._with_device(ctx, None) is ctx
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,10 +452,10 @@ def _run(cfg, executor=None, **kwargs):
 
 @pytest.fixture(scope="module")
 def fault_file(tmp_path_factory: pytest.TempPathFactory):
-    """Workers started in this module read their fault spec from this file (absent: no fault)."""
+    """Rows run in this module's workers read their fault spec from this file (absent: no fault):
+    every registered stage is wrapped by ``stage_faults`` until the module ends."""
     path = tmp_path_factory.mktemp("fault") / "fault.txt"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FAULT_ENV, f"@{path}")
+    with stage_faults.armed_from(path):
         yield path
 
 
@@ -588,8 +586,8 @@ def test_row_whose_worker_always_dies_is_reported_then_retried(
     slide = fresh.config_dir / "slides" / "demo_001.tiff"
     error = (
         f"slide {slide}: worker process died in stage infer 2 times (exit code "
-        f"{ex.FAULT_EXIT_CODE}); often out of memory: check the worker's memory limit and log, "
-        "then rerun with --retry-failed"
+        f"{stage_faults.FAULT_EXIT_CODE}); often out of memory: check the worker's memory limit "
+        "and log, then rerun with --retry-failed"
     )
     assert summary.failed == [("demo_001", error)]
     rows = pd.read_csv(fresh.process_list_path, dtype=str, keep_default_na=False)

@@ -17,8 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clam_heat.atomic import write_text_atomic
 from clam_heat.config import load_config
+from clam_heat.errors import ConfigError
+from clam_heat.ledger import file_identity
 from clam_heat.runner import run_pipeline
+from clam_heat.stages import Stage, StageRun, base_fingerprint, registry
 
 
 def _ledgers(cfg) -> dict[str, dict]:
@@ -223,11 +227,12 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
 
 
 def test_temp_csvs_of_a_killed_run_are_swept_and_others_kept(demo_project: Path) -> None:
-    """kill -9 during a CSV write leaves ``.<name>.<random>.tmp`` beside the list or results."""
+    """kill -9 during a CSV write leaves ``.<name>.<random>.tmp`` beside the list or results
+    (the names :func:`clam_heat.atomic.temp_path_for` makes)."""
     cfg = load_config(demo_project)
     lists, results = cfg.process_list_path.parent, cfg.results_csv_path.parent
     results.mkdir(parents=True, exist_ok=True)
-    stale = [lists / f".{cfg.process_list_path.name}.k1ll3d.tmp", results / ".demo.csv.x9.tmp"]
+    stale = [lists / f".{cfg.process_list_path.name}.k1ll3d.tmp", results / ".demo.csv.x9q2.tmp"]
     others = [lists / ".other.csv.live.tmp", lists / "notes.tmp"]
     for path in stale + others:
         path.write_text("half a csv")
@@ -405,3 +410,121 @@ def test_real_aperio_slide_from_pixels_to_samples(demo_project: Path, real_slide
     patches = list(Path(cfg.exp_arguments.production_save_dir).rglob("*_cmu_small_region_x_*.png"))
     assert patches and all(Image.open(p).size == (256, 256) for p in patches)
     assert run_pipeline(cfg).stage_seconds == {}  # resumes to nothing
+
+
+# --------------------------------------------------------------------------------------------
+# a stage defined here, registered through the public registry (no other module edited)
+# --------------------------------------------------------------------------------------------
+
+
+class _CountWords(Stage):
+    """Toy stage: counts the words of a text file beside the config into a raw-folder file."""
+
+    name = "count_words"
+    depends_on = ("segment",)
+
+    def fingerprint(self, ctx) -> dict:
+        source = ctx.cfg.config_dir / "words.txt"
+        return base_fingerprint(
+            words=source.read_text(), tissue=ctx.raw("_segmentation.geojson").name
+        )
+
+    def outputs(self, ctx) -> dict[str, Path]:
+        return {"count": ctx.raw("_words.txt")}
+
+    def run(self, ctx) -> StageRun:
+        text = (ctx.cfg.config_dir / "words.txt").read_text()
+        out = self.outputs(ctx)["count"]
+        write_text_atomic(out, str(len(text.split())))
+        return StageRun([out], {"words": len(text.split())})
+
+
+class _DoubleCount(Stage):
+    """Toy dependant: reads the count (its fingerprint holds the count file's identity)."""
+
+    name = "double_count"
+    depends_on = ("count_words",)
+
+    def fingerprint(self, ctx) -> dict:
+        return base_fingerprint(count=file_identity(ctx.raw("_words.txt")))
+
+    def outputs(self, ctx) -> dict[str, Path]:
+        return {"double": ctx.raw("_double.txt")}
+
+    def run(self, ctx) -> StageRun:
+        count = int(ctx.raw("_words.txt").read_text())
+        out = self.outputs(ctx)["double"]
+        write_text_atomic(out, str(2 * count))
+        return StageRun([out])
+
+
+def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: Path) -> None:
+    words = demo_project.parent / "words.txt"
+    words.write_text("one two three")
+    cfg = load_config(demo_project)
+    keep = pd.read_csv(cfg.process_list_path).head(2)  # two slides keep this test quick
+    keep.to_csv(cfg.process_list_path, index=False)
+    before = registry.names()
+    with registry.registered(_CountWords(), _DoubleCount(), after="segment"):
+        assert registry.names() == (
+            "segment", "count_words", "double_count", "infer", "overlap", "heatmap", "sample"
+        )  # fmt: skip
+        first = run_pipeline(cfg)
+        assert first.ok and first.counts == {"done": 2}, first.failed
+        assert {"count_words", "double_count", "segment", "heatmap"} <= set(first.stage_seconds)
+        ledger = json.loads(
+            next(Path(cfg.exp_arguments.raw_save_dir).rglob("*.ledger.json")).read_text()
+        )
+        # in order: each toy stage started after the stage before it finished
+        order = ["segment", "count_words", "double_count", "infer", "heatmap", "sample"]
+        starts = [ledger["stages"][name]["started_at"] for name in order]
+        assert starts == sorted(starts)
+        slide_dir = next(Path(cfg.exp_arguments.raw_save_dir).rglob("demo_000.ledger.json")).parent
+        assert (slide_dir / "demo_000_double.txt").read_text() == "6"
+
+        second = run_pipeline(cfg)  # resume: nothing to redo, the toy stages included
+        assert second.ok and second.stage_seconds == {}
+        done = _finished(cfg)
+
+        words.write_text("one two three four")  # the toy stage's fingerprint input changes
+        plan = next(iter(run_pipeline(cfg, dry_run=True).plans.values()))
+        assert plan["count_words"].startswith("changed: words")
+        assert plan["double_count"] == "upstream stage reruns: count_words"
+        third = run_pipeline(cfg)
+        assert set(third.stage_seconds) == {"count_words", "double_count"}
+        assert (slide_dir / "demo_000_double.txt").read_text() == "8"
+        after = _finished(cfg)
+        assert {key for key in after if done.get(key) != after[key]} == {
+            (slide, stage) for slide in ("demo_000", "demo_001")
+            for stage in ("count_words", "double_count")
+        }  # fmt: skip
+    assert registry.names() == before  # the registry is restored after the block
+
+
+def test_registering_removing_and_overriding_stages_is_undone(demo_project: Path) -> None:
+    before = registry.stages()
+    heatmap = registry.get("heatmap")
+
+    class _NoHeatmap(Stage):
+        name = "heatmap"
+
+        def fingerprint(self, ctx) -> dict:
+            return base_fingerprint()
+
+        def run(self, ctx) -> StageRun:
+            return StageRun([])
+
+    with registry.registered(_NoHeatmap()):  # same name: overridden in place
+        assert registry.names() == before_names(before)
+        assert isinstance(registry.get("heatmap"), _NoHeatmap)
+        registry.unregister("sample")
+        assert "sample" not in registry.names()
+        with pytest.raises(ValueError, match="depends on"):
+            registry.register(_DoubleCount())  # its input stage is not registered
+    assert registry.stages() == before and registry.get("heatmap") is heatmap
+    with pytest.raises(ConfigError, match="unknown stage 'nope'"):
+        registry.get("nope")
+
+
+def before_names(stages) -> tuple[str, ...]:
+    return tuple(s.name for s in stages)

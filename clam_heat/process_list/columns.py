@@ -1,16 +1,4 @@
-"""The process list: one CSV row per slide, CLAM's columns plus our status columns.
-
-CLAM's ``create_heatmaps.py`` builds this table from a folder listing or a user CSV, fills the
-segmentation/filter/vis/patch defaults from a preset (spec §2.1-2.2) and lets any row override
-them (§2.3). clam-heat keeps that file format, so a CLAM list works here and ours works in CLAM,
-and adds the bookkeeping CLAM lacks: ``status`` (tbp/running/done/failed/skipped, CLAM's 'tbp'
-kept), ``stage`` (last completed stage), ``error`` (one line), ``updated_at`` (ISO timestamp)
-and ``missing`` (the slide file is gone).
-
-Building is idempotent: a rerun merges with the list already on disk, so no status, user column
-or hand edit is lost, new slides are appended and vanished slides are flagged rather than
-dropped. Rendering is deterministic and writes are atomic, so an unchanged list stays
-byte-identical and a crash never leaves a half-written CSV.
+"""Process-list columns: CLAM's managed columns and dtypes, presets, per-row overrides, casting.
 
 Deliberate deviations from CLAM, each fixing a listed weakness (spec §10):
 
@@ -28,46 +16,19 @@ Deliberate deviations from CLAM, each fixing a listed weakness (spec §10):
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
-import os
-import tempfile
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from .errors import OutputError, ProcessListError
-
-__all__ = [
-    "CLAM_COLUMNS",
-    "FILTER_KEYS",
-    "PATCH_KEYS",
-    "PRESETS_DIR",
-    "PRESET_KEYS",
-    "SEG_KEYS",
-    "STATUSES",
-    "STATUS_COLUMNS",
-    "VIS_KEYS",
-    "build_process_list",
-    "build_process_list_from",
-    "builtin_defaults",
-    "failed_rows",
-    "initialize_columns",
-    "load_preset",
-    "normalize_slide_id",
-    "read_process_list",
-    "row_params",
-    "slide_path_for_row",
-    "status_summary",
-    "update_row",
-    "write_csv_atomic",
-]
+from ..errors import ProcessListError
+from .csvfile import read_csv
 
 #: CLAM's parameter groups, in CLAM's order (create_heatmaps' seg/filter/vis/patch dicts).
 SEG_KEYS = ("seg_level", "sthresh", "mthresh", "close", "use_otsu", "keep_ids", "exclude_ids")
@@ -82,7 +43,8 @@ PRESET_KEYS = SEG_KEYS + FILTER_KEYS + VIS_KEYS + PATCH_KEYS
 STATUSES = ("tbp", "running", "done", "failed", "skipped")
 
 #: The presets shipped with clam-heat (CLAM's three), as package data so that any install has them.
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+#: The presets shipped with clam-heat (CLAM's three), as package data so that any install has them.
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 _Kind = Literal["int", "float", "bool", "str", "ids"]
 
@@ -200,7 +162,7 @@ def load_preset(path: Path | str | None) -> dict[str, object]:
     if path is None:
         return builtin_defaults()
     path = _shipped_fallback(Path(path))
-    raw = _read_csv_text_columns(path, what="preset")
+    raw = read_csv(path, what="preset", dtype=str)
     if len(raw) == 0:
         raise ProcessListError(f"{path}: preset has a header but no data row; add one row")
     absent = [key for key in PRESET_KEYS if key not in raw.columns]
@@ -372,47 +334,6 @@ def normalize_slide_id(value: object, slide_ext: str) -> str:
     return text.removesuffix(slide_ext) if slide_ext else text
 
 
-def _validate_ids(ids: pd.Series, where: list[str], source: str) -> None:
-    """Refuse empty, duplicate or path-like ids: each id names an output folder.
-
-    ``where[i]`` says where row ``i`` came from (e.g. 'line 3' or a file path), for messages.
-    """
-    text = ids.astype(object)
-    empty = [i for i, v in enumerate(text) if _is_blank(v, "str")]
-    if empty:
-        raise ProcessListError(
-            f"{source}: {where[empty[0]]}: slide_id is empty; every row needs the slide's "
-            "file name (extension optional)"
-        )
-    for i, sid in enumerate(text):
-        sid = str(sid)
-        if "/" in sid or "\\" in sid or (os.altsep and os.altsep in sid):
-            raise ProcessListError(
-                f"{source}: {where[i]}: slide_id {sid!r} contains a path separator; ids name "
-                "output folders, so give the bare file name and put its folder in "
-                "data_arguments.data_dir"
-            )
-        if ".." in sid:
-            raise ProcessListError(
-                f"{source}: {where[i]}: slide_id {sid!r} contains '..'; ids name output "
-                "folders, so rename the slide file or edit the id"
-            )
-    dup = pd.Series(list(text)).duplicated(keep=False).to_numpy()
-    if dup.any():
-        first = int(np.flatnonzero(dup)[0])
-        twins = [i for i in np.flatnonzero(dup) if str(text.iloc[i]) == str(text.iloc[first])]
-        raise ProcessListError(
-            f"{source}: slide_id {str(text.iloc[first])!r} appears twice ({where[twins[0]]} "
-            f"and {where[twins[1]]}); ids must be unique because each names an output folder, "
-            "so remove or rename one"
-        )
-
-
-def _line_labels(n: int) -> list[str]:
-    """CSV line numbers of data rows (header is line 1)."""
-    return [f"line {i + 2}" for i in range(n)]
-
-
 # --------------------------------------------------------------------------------------------
 # columns and dtypes
 
@@ -515,338 +436,6 @@ def _type_known_columns(df: pd.DataFrame, source: str) -> pd.DataFrame:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# reading and writing
-
-
-def _read_csv(path: Path, *, what: str, all_text: bool) -> pd.DataFrame:
-    """Read a CSV (UTF-8, optional BOM, CRLF ok); only empty cells count as missing.
-
-    ``all_text`` keeps every cell as text, so user columns round-trip exactly when rewritten;
-    otherwise only ids and managed text columns are forced to text and pandas infers the rest.
-    """
-    dtype: Any = str if all_text else dict.fromkeys(_TEXT_COLUMNS, str)
-    try:
-        return pd.read_csv(
-            path, dtype=dtype, keep_default_na=False, na_values=[""], encoding="utf-8-sig"
-        )
-    except FileNotFoundError:
-        raise ProcessListError(f"{path}: {what} file not found; check the path") from None
-    except IsADirectoryError:
-        raise ProcessListError(f"{path}: {what} path is a folder; name a CSV file") from None
-    except pd.errors.EmptyDataError:
-        raise ProcessListError(f"{path}: {what} file is empty; it needs a header row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProcessListError(
-            f"{path}: {what} is not a readable UTF-8 CSV ({first}); re-save it as CSV"
-        ) from None
-    except OSError as err:
-        raise ProcessListError(
-            f"{path}: cannot read {what} ({err.strerror or err}); check permissions"
-        ) from None
-
-
-def _read_csv_text_columns(path: Path, *, what: str) -> pd.DataFrame:
-    return _read_csv(path, what=what, all_text=True)
-
-
-def _read_raw_list(path: Path, *, what: str, slide_ext: str) -> pd.DataFrame:
-    """A list as text cells with normalised, validated ids (the merge input)."""
-    raw = _read_csv(path, what=what, all_text=True)
-    if "slide_id" not in raw.columns:
-        raise ProcessListError(
-            f"{path}: no 'slide_id' column; the {what} needs one naming each slide file"
-        )
-    ids = [normalize_slide_id(v, slide_ext) for v in raw["slide_id"]]
-    raw["slide_id"] = pd.Series(ids, index=raw.index, dtype="str")
-    _validate_ids(raw["slide_id"], _line_labels(len(raw)), str(path))
-    return raw
-
-
-def read_process_list(path: Path | str) -> pd.DataFrame:
-    """Read a process list with its dtypes back.
-
-    ``slide_id`` and the text columns stay strings ("001" stays "001", keep_ids stays "0,3",
-    an empty ``error``/``stage`` is ""), managed numbers/booleans get CLAM's dtypes, other
-    columns are inferred by pandas ("NA" and "null" stay text; only empty cells are missing).
-    """
-    path = Path(path)
-    return _parse_typed(_read_csv(path, what="process list", all_text=False), str(path))
-
-
-def _parse_typed(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    if "slide_id" not in df.columns:
-        raise ProcessListError(f"{source}: no 'slide_id' column; add one naming each slide file")
-    df["slide_id"] = df["slide_id"].astype("str")
-    _validate_ids(df["slide_id"], _line_labels(len(df)), source)
-    return _type_known_columns(df, source)
-
-
-def _render(df: pd.DataFrame) -> bytes:
-    """The CSV bytes we write: UTF-8, LF, no index; deterministic for equal frames."""
-    return df.to_csv(index=False, lineterminator="\n").encode("utf-8")
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path | str) -> Path:
-    """Write ``df`` as CSV via a temp file in the same folder and ``os.replace``.
-
-    Readers see the old file or the new one, never a half-written one, and the temp file is
-    removed whatever fails. The folder is created; an existing file's permissions are kept.
-    """
-    path = Path(path)
-    data = _render(df)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise OutputError(
-            f"{path}: cannot create the file's folder or a temp file in it "
-            f"({err.strerror or err}); check the folder is writable"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OutputError(
-                f"{path}: cannot write the CSV ({err.strerror or err}); check the folder is "
-                "writable and has free space"
-            ) from None
-        raise
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# slide paths
-
-
-def _data_args(cfg_or_data_args: Any) -> Any:
-    return getattr(cfg_or_data_args, "data_arguments", cfg_or_data_args)
-
-
-def _key_text(value: object) -> str | None:
-    """A data_dir key cell as text (an integral number read as 1.0 becomes '1')."""
-    if _is_blank(value, "str"):
-        return None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_):
-        number = float(value)
-        if number.is_integer():
-            return str(int(number))
-    return str(value).strip()
-
-
-def slide_path_for_row(row: Mapping[str, Any] | pd.Series, cfg_or_data_args: Any) -> Path:
-    """Where a row's slide file lives (spec §0.5).
-
-    ``data_dir`` str → ``data_dir/slide_name``; dict → ``data_dir[row[data_dir_key]]/
-    slide_name``; ``slide_name`` = ``slide_id + slide_ext`` unless it already ends with it.
-    Accepts the whole config or its ``data_arguments``.
-    """
-    args = _data_args(cfg_or_data_args)
-    slide_ext: str = args.slide_ext
-    sid = str(row["slide_id"])
-    name = sid if sid.endswith(slide_ext) else sid + slide_ext
-    data_dir = args.data_dir
-    if isinstance(data_dir, Mapping):
-        key_col: str = args.data_dir_key or "source"
-        key = _key_text(row.get(key_col))
-        if key is None:
-            raise ProcessListError(
-                f"slide_id {sid!r}: column {key_col!r} (data_arguments.data_dir_key) is empty "
-                f"or absent; data_dir is a dict, so set it to one of {sorted(map(str, data_dir))}"
-            )
-        folders = {str(k): v for k, v in data_dir.items()}
-        if key not in folders:
-            raise ProcessListError(
-                f"slide_id {sid!r}: column {key_col!r} = {key!r} is not a data_arguments.data_dir "
-                f"key; use one of {sorted(folders)} or add {key!r} to data_dir"
-            )
-        return Path(folders[key]) / name
-    if isinstance(data_dir, list | tuple):
-        raise ProcessListError(
-            "data_arguments.data_dir is a list; give one folder or a dict of named folders"
-        )
-    return Path(data_dir) / name
-
-
-# --------------------------------------------------------------------------------------------
-# building
-
-
-def _list_folder(folder: Path, slide_ext: str, label: str) -> list[Path]:
-    """Slide files in ``folder``: names ending with ``slide_ext`` (no dot-files), sorted."""
-    if not folder.is_dir():
-        raise ProcessListError(
-            f"{label}: folder {folder} does not exist; fix the path in the config"
-        )
-    try:
-        entries = list(folder.iterdir())
-    except OSError as err:
-        raise ProcessListError(
-            f"{label}: cannot list {folder} ({err.strerror or err}); check permissions"
-        ) from None
-    files = [
-        p
-        for p in entries
-        if p.name.endswith(slide_ext) and not p.name.startswith(".") and p.is_file()
-    ]
-    return sorted(files, key=lambda p: p.name)
-
-
-def _enumerate_slides(
-    data_dir: Path | str | Mapping[str, Path | str], data_dir_key: str, slide_ext: str
-) -> pd.DataFrame:
-    """``slide_id`` (+ the data_dir_key column for a dict) for every slide file found."""
-    if isinstance(data_dir, Mapping):
-        ids: list[str] = []
-        keys: list[str] = []
-        where: list[str] = []
-        for key, folder in data_dir.items():
-            for p in _list_folder(Path(folder), slide_ext, f"data_arguments.data_dir[{key!r}]"):
-                ids.append(p.name.removesuffix(slide_ext))
-                keys.append(str(key))
-                where.append(f"{p}")
-        frame = pd.DataFrame(
-            {"slide_id": pd.Series(ids, dtype="str"), data_dir_key: pd.Series(keys, dtype="str")}
-        )
-        _validate_ids(frame["slide_id"], where, "data_arguments.data_dir")
-        return frame
-    if isinstance(data_dir, list | tuple):
-        raise ProcessListError(
-            "data_arguments.data_dir is a list; give one folder or a dict of named folders"
-        )
-    files = _list_folder(Path(data_dir), slide_ext, "data_arguments.data_dir")
-    frame = pd.DataFrame(
-        {"slide_id": pd.Series([p.name.removesuffix(slide_ext) for p in files], dtype="str")}
-    )
-    _validate_ids(frame["slide_id"], [str(p) for p in files], "data_arguments.data_dir")
-    return frame
-
-
-def _merge(existing: pd.DataFrame | None, base: pd.DataFrame) -> pd.DataFrame:
-    """Existing rows first, untouched and in order; then base rows with new ids.
-
-    Columns the base has and the existing list lacks are added, filled per slide from the base.
-    """
-    if existing is None:
-        return base
-    merged = existing.copy()
-    by_id = base.set_index("slide_id")
-    for col in base.columns:
-        if col != "slide_id" and col not in merged.columns:
-            merged[col] = merged["slide_id"].map(by_id[col])
-    new = base[~base["slide_id"].isin(merged["slide_id"])]
-    if len(new) == 0:
-        return merged
-    new = new.reindex(columns=merged.columns)
-    for col in merged.columns:  # concat of all-NaN columns must not change existing dtypes
-        if new[col].isna().all():
-            new[col] = new[col].astype(object)
-    parts = [merged.astype(object), new.astype(object)]
-    return pd.concat(parts, ignore_index=True)
-
-
-def build_process_list_from(
-    *,
-    data_dir: Path | str | Mapping[str, Path | str],
-    list_path: Path | str,
-    defaults: Mapping[str, object],
-    slide_ext: str = ".svs",
-    data_dir_key: str = "source",
-    source_csv: Path | str | None = None,
-    write: bool = True,
-) -> tuple[pd.DataFrame, Path]:
-    """Build or update the process list at ``list_path`` from plain values.
-
-    Rows come from ``source_csv`` when it is given and exists (CLAM's configured process list;
-    needs ``slide_id``), else from listing ``data_dir``. They are merged with the list already
-    at ``list_path``: existing rows, their status and every user column or edit are kept, new
-    slides are appended with status 'tbp', and ``missing`` is set for rows whose slide file is
-    not found (cleared when it returns; status untouched). Managed columns are filled and typed
-    by :func:`initialize_columns`. The file is rewritten only when its bytes would change, so a
-    rerun on an unchanged folder leaves it byte-identical. Returns the typed frame (as
-    :func:`read_process_list` would read it) and the list's path.
-    """
-    list_path = Path(list_path)
-    source = Path(source_csv) if source_csv is not None else None
-    if source is not None and source.exists():
-        base = _read_raw_list(source, what="process list", slide_ext=slide_ext)
-        if isinstance(data_dir, Mapping) and data_dir_key not in base.columns:
-            raise ProcessListError(
-                f"{source}: no {data_dir_key!r} column (data_arguments.data_dir_key); "
-                "data_dir is a dict, so each row must name its folder's key"
-            )
-        same = list_path.exists() and list_path.resolve() == source.resolve()
-    else:
-        base = _enumerate_slides(data_dir, data_dir_key, slide_ext)
-        same = False
-    existing = None
-    if list_path.exists() and not same:
-        existing = _read_raw_list(list_path, what="process list", slide_ext=slide_ext)
-    if existing is None and len(base) == 0:
-        raise ProcessListError(
-            f"{source}: the process list has no rows; add one row per slide"
-            if source is not None and source.exists()
-            else f"data_arguments.data_dir: no files ending in {slide_ext!r} in {data_dir}; "
-            "check data_dir and slide_ext"
-        )
-    merged = _merge(existing, base)
-    table = initialize_columns(merged, defaults, source=str(list_path))
-    args = _PlainDataArgs(data_dir=data_dir, data_dir_key=data_dir_key, slide_ext=slide_ext)
-    records = table.to_dict("records")
-    gone = [not slide_path_for_row(record, args).exists() for record in records]
-    table["missing"] = pd.Series(gone, index=table.index, dtype="bool")
-    data = _render(table)
-    if write:
-        old = list_path.read_bytes() if list_path.is_file() else None
-        if old != data:
-            write_csv_atomic(table, list_path)
-    typed = pd.read_csv(
-        io.BytesIO(data),
-        dtype=dict.fromkeys(_TEXT_COLUMNS, str),
-        keep_default_na=False,
-        na_values=[""],
-    )
-    return _parse_typed(typed, str(list_path)), list_path
-
-
-@dataclass(frozen=True)
-class _PlainDataArgs:
-    """The three data_arguments fields slide_path_for_row needs, from plain values."""
-
-    data_dir: Any
-    data_dir_key: str
-    slide_ext: str
-
-
-def build_process_list(cfg: Any, *, write: bool = True) -> tuple[pd.DataFrame, Path]:
-    """The ``clam-heat list CONFIG`` library call: build/update ``cfg.process_list_path``.
-
-    Uses ``cfg.data_arguments`` (data_dir, data_dir_key, process_list, preset, slide_ext); see
-    :func:`build_process_list_from` for the merge rules.
-    """
-    args = cfg.data_arguments
-    list_path = Path(cfg.process_list_path)
-    source = list_path if args.process_list is not None else None
-    return build_process_list_from(
-        data_dir=args.data_dir,
-        list_path=list_path,
-        defaults=load_preset(args.preset),
-        slide_ext=args.slide_ext,
-        data_dir_key=args.data_dir_key or "source",
-        source_csv=source,
-        write=write,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # per-row parameters and status
 
 
@@ -899,43 +488,6 @@ def row_params(row: Mapping[str, Any] | pd.Series, defaults: Mapping[str, object
     return out
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def update_row(df: pd.DataFrame, slide_id: str, **fields: Any) -> pd.DataFrame:
-    """A copy of ``df`` with one row's fields set (``status='done', stage='heatmap'`` ...).
-
-    ``status`` must be one of :data:`STATUSES`; ``error`` is collapsed to one line;
-    ``updated_at`` is set to now (UTC, ISO 8601) unless given. Unknown fields become new
-    columns (e.g. ``bag_size``). Unknown slide ids raise ProcessListError.
-    """
-    mask = (df["slide_id"].astype(str) == str(slide_id)).to_numpy()
-    if not mask.any():
-        raise ProcessListError(f"slide_id {slide_id!r} is not in the process list")
-    status = fields.get("status")
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-    if "error" in fields and fields["error"] is not None:
-        fields["error"] = " ".join(str(fields["error"]).split())
-    fields.setdefault("updated_at", _now_iso())
-    out = df.copy()
-    for name, value in fields.items():
-        spec = _SPECS.get(name)
-        if spec is not None and spec.dtype == "str":
-            value = "" if value is None else str(value)
-        elif spec is not None and spec.kind == "bool":
-            value = bool(value)
-        if name not in out.columns:
-            out[name] = pd.Series([None] * len(out), index=out.index, dtype=object)
-        try:
-            out.loc[mask, name] = value
-        except (TypeError, ValueError):  # pandas 3 refuses values foreign to a column's dtype
-            out[name] = out[name].astype(object)
-            out.loc[mask, name] = value
-    return out
-
-
 def status_summary(df: pd.DataFrame) -> dict[str, int]:
     """Rows per status: the five known statuses (zeros included) then any others, sorted.
 
@@ -955,3 +507,49 @@ def failed_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "status" not in df.columns:
         return df.iloc[0:0].copy()
     return df.loc[df["status"].astype(str) == "failed"].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# result columns (written by the run; defined here once)
+
+#: Columns the run writes besides the status columns: CLAM's results columns (``bag_size`` then
+#: rank-ordered ``Pred_c``/``p_c``) and our attention statistics.
+PREDICTION_COLUMN = re.compile(r"^(bag_size|Pred_\d+|p_\d+)$")
+ATTENTION_COLUMNS = ("attention_mean", "attention_std")
+#: Process-list columns a run writes; everything else belongs to the user and is never merged.
+RUN_COLUMNS: tuple[str, ...] = ("status", "stage", "error", "updated_at")
+
+
+def is_result_column(name: str) -> bool:
+    """True for the prediction and attention columns a run adds.
+
+    >>> [is_result_column(c) for c in ("bag_size", "p_1", "Pred_0", "attention_std", "label")]
+    [True, True, True, True, False]
+    """
+    return bool(PREDICTION_COLUMN.match(name)) or name in ATTENTION_COLUMNS
+
+
+def is_run_column(name: str) -> bool:
+    """True for columns the runner owns (status and results), False for user columns.
+
+    >>> [is_run_column(c) for c in ("status", "p_1", "Pred_0", "label", "x1", "process")]
+    [True, True, True, False, False, False]
+    """
+    return name in RUN_COLUMNS or is_result_column(name)
+
+
+def result_columns(result: Mapping[str, Any], n_classes: int) -> dict[str, Any]:
+    """CLAM's results columns: bag_size then rank-ordered Pred_c/p_c, plus attention stats.
+
+    ``result`` is the infer stage's ledger result; empty gives no columns.
+    """
+    if not result:
+        return {}
+    cols: dict[str, Any] = {"bag_size": result["bag_size"]}
+    names, probs = result["top_names"], result["top_probs"]
+    for c in range(n_classes):
+        cols[f"Pred_{c}"] = names[c]
+        cols[f"p_{c}"] = round(float(probs[c]), 6)
+    for name in ATTENTION_COLUMNS:
+        cols[name] = round(result[name], 6)
+    return cols

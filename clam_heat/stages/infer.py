@@ -1,0 +1,153 @@
+"""``infer``: the bag's attention scores and prediction (CLAM's ``_blockmap.h5``).
+
+The bag comes from the provided feature H5, or (``extract_features``) from our own encoder pass
+over CLAM's non-overlapping in-tissue grid, cached as ``<raw>/<id>.h5``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import HeatmapConfig
+from ..errors import FeatureError, SlideError
+from ..ledger import file_identity
+from ..rows import RowContext, blockmap_h5_path, features_cache_path, segmentation_geojson_path
+from .base import Stage, StageRun, base_fingerprint
+from .resources import encode_kwargs, encoder_fingerprint, grid, model_for
+
+
+def _features_path(ctx: RowContext) -> Path:
+    from ..features import find_features_file
+
+    try:
+        return find_features_file(
+            ctx.slide_id, features_dir=ctx.cfg.runner_arguments.features_dir, raw_dir=ctx.raw_dir
+        )
+    except FeatureError:
+        if ctx.cfg.runner_arguments.extract_features:
+            return features_cache_path(ctx)  # CLAM's raw feature cache, written by the infer stage
+        raise
+
+
+def _extracting(ctx: RowContext) -> bool:
+    """True when the bag's features come from our own encoder pass (no H5 was provided)."""
+    return ctx.cfg.runner_arguments.extract_features and _features_path(ctx) == features_cache_path(
+        ctx
+    )
+
+
+def _extract_bag_features(ctx: RowContext) -> None:
+    """CLAM's blocky pass: encode the non-overlapping in-tissue grid into ``<raw>/<id>.h5``."""
+    from ..encoders import encode_patches, write_features_h5
+
+    coords, side = grid(ctx, 0.0, None)
+    kwargs = encode_kwargs(ctx.cfg)
+    features = encode_patches(ctx.slide_path, coords, **kwargs)
+    write_features_h5(
+        features_cache_path(ctx),
+        features,
+        coords,
+        attrs={"encoder": json.dumps(kwargs["encoder"].fingerprint(), default=str)},
+        coords_attrs={"patch_size_level0": side},
+    )
+
+
+class InferStage(Stage):
+    name = "infer"
+    depends_on = ("segment",)  # only when it extracts features itself
+    preload = ("clam_heat.features", "clam_heat.models", "h5py")
+
+    def upstream(self, cfg: HeatmapConfig) -> tuple[str, ...]:
+        return self.depends_on if cfg.runner_arguments.extract_features else ()
+
+    def fingerprint(self, ctx: RowContext) -> dict[str, Any]:
+        model = ctx.cfg.model_arguments
+        extra: dict[str, Any] = {}
+        try:
+            path = _features_path(ctx)
+            features = file_identity(path)
+            if _extracting(ctx):
+                extra["encoder"] = encoder_fingerprint(ctx.cfg)
+                extra["tissue"] = file_identity(segmentation_geojson_path(ctx))
+                features = {"path": str(path)}  # our own cache: identified by the encoder + tissue
+        except FeatureError as err:
+            features = {"error": str(err)}
+        return base_fingerprint(
+            **extra,
+            model={
+                "model_type": model.model_type,
+                "model_size": model.model_size,
+                "embed_dim": model.embed_dim,
+                "n_classes": ctx.cfg.exp_arguments.n_classes,
+            },
+            patch_size_level0=ctx.cfg.runner_arguments.patch_size_level0,
+            checkpoint=file_identity(Path(model.ckpt_path)),
+            features=features,
+        )
+
+    def outputs(self, ctx: RowContext) -> dict[str, Path]:
+        outs = {"blockmap": blockmap_h5_path(ctx)}
+        try:
+            if _extracting(ctx):
+                outs["features"] = features_cache_path(ctx)
+        except FeatureError:
+            pass
+        return outs
+
+    def run(self, ctx: RowContext) -> StageRun:
+        from ..features import load_bag
+        from ..models import run_attention
+
+        path = _features_path(ctx)
+        if _extracting(ctx):
+            _extract_bag_features(ctx)
+        slide = None
+        try:
+            slide = ctx.slide()
+        except SlideError:
+            slide = None  # the patch size can usually be resolved from the H5 alone
+        bag = load_bag(
+            path,
+            slide=slide,
+            patch_size_level0_override=ctx.cfg.runner_arguments.patch_size_level0,
+            patches_dir=ctx.cfg.runner_arguments.patches_dir,
+        )
+        model, device = model_for(ctx.cfg)
+        try:
+            out = run_attention(model, bag.features, device=device)
+        except FeatureError as err:  # run_attention's messages do not name the file; add it
+            raise FeatureError(f"{path}: {err}") from None
+        names = ctx.cfg.data_arguments.label_names()
+        result = {
+            "bag_size": int(bag.features.shape[0]),
+            "pred": out.pred,
+            "top_ids": [int(i) for i in out.top_ids],
+            "top_names": [names.get(int(i), str(i)) for i in out.top_ids],
+            "top_probs": [float(out.probs[i]) for i in out.top_ids],
+            "probs": [float(p) for p in out.probs],
+            "attention_mean": float(np.mean(out.attention)),
+            "attention_std": float(np.std(out.attention)),
+            "patch_size_level0": int(bag.patch_size_l0),
+            "patch_size_rule": bag.patch_size_rule,
+            "features_path": str(path),
+        }
+        _write_blockmap(blockmap_h5_path(ctx), out.attention, bag.coords_l0, result)
+        return StageRun(list(self.outputs(ctx).values()), result)
+
+
+def _write_blockmap(path: Path, scores: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+    """CLAM's ``_blockmap.h5`` (attention_scores (N, 1) float32, coords (N, 2) int64), atomic,
+    with the prediction stored beside the scores as provenance."""
+    from ..encoders import write_scores_h5
+
+    write_scores_h5(
+        path,
+        scores,
+        coords,
+        attrs={"prediction": json.dumps(attrs)},
+        coords_attrs={"patch_size_level0": int(attrs["patch_size_level0"])},
+    )

@@ -1,0 +1,122 @@
+"""One row through its stages, following the ledger protocol.
+
+For each stage: compute its fingerprint (the config keys it reads, the identity of its input
+files, the package version) and ask the slide's :class:`~clam_heat.ledger.Ledger` whether it
+is up to date; a stale stage is *marked started*, run (its outputs are written atomically),
+outputs it no longer writes are removed, and only then is it *marked done* with a fresh
+fingerprint. A kill at any point leaves either the old complete output or none.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClamHeatError
+from ..ledger import Ledger, Reason, Timer
+from ..rows import RowContext
+from . import registry
+from .base import Stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RowOutcome", "plan_row", "process_row", "resolve"]
+
+
+@dataclass
+class RowOutcome:
+    """Result of one row, returned by a worker to the driver."""
+
+    slide_id: str
+    status: str  # done | failed
+    stage: str = ""
+    error: str = ""
+    ran: dict[str, float] = field(default_factory=dict)  # stage -> seconds, for stages that ran
+    reasons: dict[str, str] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _one_line(err: BaseException, ctx: RowContext) -> str:
+    if isinstance(err, ClamHeatError):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err} (slide {ctx.slide_path}; unexpected, see the run log)"
+    return " ".join(text.split())
+
+
+def resolve(stages: Sequence[Stage | str] | None) -> tuple[Stage, ...]:
+    """Stage objects for ``stages`` (names are looked up in the registry; None: all)."""
+    if stages is None:
+        return registry.stages()
+    return tuple(registry.get(s) if isinstance(s, str) else s for s in stages)
+
+
+def plan_row(
+    ctx: RowContext, stages: Sequence[Stage | str] | None = None
+) -> dict[str, Reason | None]:
+    """Why each stage would run now (None = up to date); a stage whose inputs rerun also reruns."""
+    ledger = Ledger.load(ctx.ledger_path)
+    plan: dict[str, Reason | None] = {}
+    for stage in resolve(stages):
+        name = stage.name
+        try:
+            reason = ledger.reason(name, stage.fingerprint(ctx), stage.outputs(ctx).values())
+        except ClamHeatError as err:
+            reason = Reason("changed", f"cannot fingerprint ({err})")
+        if reason is None:
+            rerun = [dep for dep in stage.upstream(ctx.cfg) if plan.get(dep) is not None]
+            if rerun:
+                reason = Reason("upstream", ", ".join(rerun))
+        plan[name] = reason
+    return plan
+
+
+def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) -> RowOutcome:
+    """Run the stale stages of one row; never raises for a bad slide (returns a failed outcome)."""
+    timer = Timer()
+    outcome = RowOutcome(ctx.slide_id, "done")
+    ledger = Ledger.load(ctx.ledger_path)
+    try:
+        for stage in resolve(stages):
+            name = stage.name
+            reason = ledger.reason(name, stage.fingerprint(ctx), stage.outputs(ctx).values())
+            if reason is not None:
+                outcome.reasons[name] = str(reason)
+                stage_timer = Timer()
+                old_outputs = set((ledger.record(name) or {}).get("outputs", []))
+                ledger.mark_started(name)
+                run = stage.run(ctx)
+                for stale in old_outputs - {str(p) for p in run.outputs}:
+                    Path(stale).unlink(missing_ok=True)
+                # fingerprint again: the stage may have created inputs of its own fingerprint
+                ledger.mark_done(
+                    name,
+                    stage.fingerprint(ctx),
+                    run.outputs,
+                    seconds=stage_timer.seconds,
+                    result=run.result,
+                )
+                outcome.ran[name] = stage_timer.seconds
+                log.info(
+                    "%s: %s done in %.2fs (%s)", ctx.slide_id, name, stage_timer.seconds, reason
+                )
+            rec = ledger.record(name) or {}
+            outcome.stage = name
+            outcome.warnings.extend(rec.get("result", {}).get("warnings", []))
+        infer = ledger.record("infer")
+        if infer:
+            outcome.result = dict(infer.get("result", {}))
+    except Exception as err:  # noqa: BLE001 - one bad slide must never stop the run
+        outcome.status = "failed"
+        outcome.error = _one_line(err, ctx)
+        log.error("%s failed: %s\n%s", ctx.slide_id, outcome.error, traceback.format_exc())
+    finally:
+        ctx.close()
+        outcome.seconds = timer.seconds
+    return outcome
