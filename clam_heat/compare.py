@@ -29,6 +29,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import ClamHeatError
+from .h5io import read_scores
 from .heatmap import apply_colormap, to_percentiles
 
 __all__ = [
@@ -248,13 +249,14 @@ class RunOutput:
 def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
     """Slides whose ``infer`` stage is done in the run of ``config_path``, by slide id.
 
-    Built on the runner's own row contexts (same process list, same folders), so a run whose
-    outputs were moved with their config still resolves; the prediction is the ledger's.
+    Built on the run's own row contexts (:mod:`clam_heat.rows`: same process list, same
+    folders), so a run whose outputs were moved with their config still resolves; the
+    prediction is the ledger's.
     """
     from .config import load_config
     from .ledger import Ledger
     from .process_list import read_process_list
-    from .runner import build_contexts
+    from .rows import blockmap_h5_path, build_contexts
 
     cfg = load_config(config_path)
     if not cfg.process_list_path.is_file():
@@ -265,24 +267,13 @@ def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
     found: dict[str, RunOutput] = {}
     for ctx in build_contexts(cfg, read_process_list(cfg.process_list_path)):
         record = Ledger.load(ctx.ledger_path).record("infer") or {}
-        blockmap = ctx.raw("_blockmap.h5")
+        blockmap = blockmap_h5_path(ctx)
         if record.get("state") != "done" or not blockmap.is_file():
             continue
         result = record.get("result", {})
         names = result.get("top_names") or [str(result.get("pred", ""))]
         found[ctx.slide_id] = RunOutput(ctx.slide_id, ctx.slide_path, blockmap, str(names[0]))
     return found
-
-
-def read_blockmap(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """CLAM's ``_blockmap.h5``: scores (N,) float32, level-0 coords (N, 2) int64, patch size."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        scores = np.asarray(h5["attention_scores"][:], dtype=np.float32).reshape(-1)
-        coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
-        size = int(h5["coords"].attrs["patch_size_level0"])
-    return scores, coords, size
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,8 +317,8 @@ def compare_slide(
     a: RunOutput, b: RunOutput, *, topk: int | None = None
 ) -> tuple[SlideComparison, dict[str, Any]]:
     """Metrics of one slide, plus the matched arrays the picture needs."""
-    scores_a, coords_a, size_a = read_blockmap(a.blockmap)
-    scores_b, coords_b, size_b = read_blockmap(b.blockmap)
+    scores_a, coords_a, size_a = read_scores(a.blockmap)
+    scores_b, coords_b, size_b = read_scores(b.blockmap)
     idx_a, idx_b = match_coords(coords_a, coords_b)
     sa, sb = scores_a[idx_a], scores_b[idx_b]
     k = default_topk(len(idx_a), topk)

@@ -22,7 +22,8 @@ from .errors import FeatureError
 
 __all__ = [
     "as_coords",
-    "overlap_h5_name",
+    "read_scores",
+    "write_blockmap",
     "write_features_h5",
     "write_scores_h5",
 ]
@@ -40,17 +41,6 @@ def as_coords(coords_l0: np.ndarray) -> np.ndarray:
     ):
         raise FeatureError("coords must be whole level-0 pixel positions")
     return np.ascontiguousarray(coords, dtype=np.int64)
-
-
-def overlap_h5_name(slide_id: str, overlap: float | int | str, use_roi: bool) -> str:
-    """CLAM's name of the overlapping-pass file: overlap as written in the YAML, roi True/False.
-
-    >>> overlap_h5_name("C3L-01663-21", 0.5, False)
-    'C3L-01663-21_0.5_roi_False.h5'
-    >>> overlap_h5_name("s1", 0, 1)
-    's1_0_roi_True.h5'
-    """
-    return f"{slide_id}_{overlap}_roi_{bool(use_roi)}.h5"
 
 
 def _attr_value(value: Any) -> Any:
@@ -133,6 +123,27 @@ def write_scores_h5(
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Blockmap (``<id>_blockmap.h5``) read/write: moves here from runner.py at merge time.
-# ---------------------------------------------------------------------------------------------
+def write_blockmap(
+    path: str | Path, scores: np.ndarray, coords: np.ndarray, prediction: Mapping[str, Any]
+) -> Path:
+    """CLAM's ``_blockmap.h5`` with the prediction stored beside the scores as provenance
+    (``prediction`` attribute, JSON) and the patch size on ``coords``."""
+    return write_scores_h5(
+        path,
+        scores,
+        coords,
+        attrs={"prediction": json.dumps(dict(prediction))},
+        coords_attrs={"patch_size_level0": int(prediction["patch_size_level0"])},
+    )
+
+
+def read_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores (N,) float32, level-0 coords (N, 2) int64 and the level-0 patch size of a score
+    file (blockmap or overlap H5)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        scores = np.asarray(h5["attention_scores"][:], dtype=np.float32).reshape(-1)
+        coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
+        size = int(h5["coords"].attrs["patch_size_level0"])
+    return scores, coords, size

@@ -44,7 +44,6 @@ from clam_heat.encoders import (
     encoder_backend,
     find_encoder_weights,
     load_weights_file,
-    overlap_h5_name,
     overlap_scores,
     resample_abs_pos_embed,
     write_features_h5,
@@ -810,6 +809,8 @@ def test_percentiles_match_scipy_rank_percentileofscore() -> None:
 
 
 def test_overlap_h5_name_is_clams() -> None:
+    from clam_heat.rows import overlap_h5_name
+
     assert overlap_h5_name("C3L-01663-21", 0.5, False) == "C3L-01663-21_0.5_roi_False.h5"
     assert overlap_h5_name("s", 0, True) == "s_0_roi_True.h5"
 

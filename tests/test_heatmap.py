@@ -23,21 +23,19 @@ from clam_heat.heatmap import (
     apply_colormap,
     binarize_threshold,
     blend,
-    blockmap_name,
     colormap_index,
     gaussian_ksize,
     heatmap_image,
-    orig_name,
     paint_mask,
     patch_values,
     percentile_of_scores,
-    production_heatmap_name,
     render_heatmap,
     save_orig,
     to_percentiles,
     vis_geometry,
     write_attention_geojson,
 )
+from clam_heat.rows import blockmap_name, orig_name, production_heatmap_name
 from clam_heat.segmentation import TissueContours, rasterize_tissue
 from clam_heat.slide import ArraySlide, open_slide
 

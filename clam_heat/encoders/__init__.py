@@ -22,7 +22,7 @@ CLAM's HDF5 layouts (:func:`write_features_h5`, :func:`write_scores_h5`) live in
 
 from __future__ import annotations
 
-from ..h5io import overlap_h5_name, write_features_h5, write_scores_h5
+from ..h5io import write_features_h5, write_scores_h5
 from .build import ENCODER_BACKENDS, Encoder, build_encoder, encoder_backend
 from .dataset import PatchDataset, encode_patches
 from .networks import ResNet50Trunk, TinyCNN, VisionTransformer, resample_abs_pos_embed
@@ -59,7 +59,6 @@ __all__ = [
     "find_encoder_weights",
     "hf_cache_root",
     "load_weights_file",
-    "overlap_h5_name",
     "overlap_scores",
     "resample_abs_pos_embed",
     "write_features_h5",

@@ -34,7 +34,6 @@ and the number of patches, not with its area.
 
 Layout (imports go down the list; nothing here imports the runner or the stages):
 
-* :mod:`~clam_heat.heatmap.names`: CLAM's output file names (to move to ``clam_heat.rows``);
 * :mod:`~clam_heat.heatmap.maths`: CLAM's rules as pure functions, no I/O;
 * :mod:`~clam_heat.heatmap.cells`: exact overlap accumulation on the cell grid;
 * :mod:`~clam_heat.heatmap.writers`: sinks by file extension (a new format = a new sink) and
@@ -60,7 +59,6 @@ from .maths import (
     to_percentiles,
     vis_geometry,
 )
-from .names import blockmap_name, orig_name, production_heatmap_name
 from .plan import MASK_TILE, HeatmapSpec, RenderResult
 from .render import heatmap_image, render_heatmap, save_orig
 from .writers import JPEG_MAX_SIDE, TIFF_TILE, write_attention_geojson
@@ -76,17 +74,14 @@ __all__ = [
     "apply_colormap",
     "binarize_threshold",
     "blend",
-    "blockmap_name",
     "colormap_index",
     "colormap_lut",
     "gaussian_ksize",
     "l0_to_read",
     "heatmap_image",
-    "orig_name",
     "paint_mask",
     "patch_values",
     "percentile_of_scores",
-    "production_heatmap_name",
     "render_heatmap",
     "save_orig",
     "to_percentiles",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..h5io import read_scores
 from ..ledger import file_identity
 from ..rows import (
     RowContext,
@@ -19,7 +20,6 @@ from ..rows import (
     segmentation_geojson_path,
 )
 from .base import Stage, StageRun, base_fingerprint
-from .resources import read_scores
 
 
 def _vis_level(ctx: RowContext, configured: int) -> int:

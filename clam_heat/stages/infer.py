@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import HeatmapConfig
 from ..errors import FeatureError, SlideError
+from ..h5io import write_blockmap
 from ..ledger import file_identity
 from ..rows import RowContext, blockmap_h5_path, features_cache_path, segmentation_geojson_path
 from .base import Stage, StageRun, base_fingerprint
@@ -135,19 +136,5 @@ class InferStage(Stage):
             "patch_size_rule": bag.patch_size_rule,
             "features_path": str(path),
         }
-        _write_blockmap(blockmap_h5_path(ctx), out.attention, bag.coords_l0, result)
+        write_blockmap(blockmap_h5_path(ctx), out.attention, bag.coords_l0, result)
         return StageRun(list(self.outputs(ctx).values()), result)
-
-
-def _write_blockmap(path: Path, scores: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
-    """CLAM's ``_blockmap.h5`` (attention_scores (N, 1) float32, coords (N, 2) int64), atomic,
-    with the prediction stored beside the scores as provenance."""
-    from ..encoders import write_scores_h5
-
-    write_scores_h5(
-        path,
-        scores,
-        coords,
-        attrs={"prediction": json.dumps(attrs)},
-        coords_attrs={"patch_size_level0": int(attrs["patch_size_level0"])},
-    )

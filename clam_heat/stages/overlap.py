@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HeatmapConfig
+from ..h5io import read_scores
 from ..ledger import Ledger, file_identity
 from ..rows import RowContext, blockmap_h5_path, overlap_h5_path, segmentation_geojson_path
 from .base import Stage, StageRun, base_fingerprint
-from .resources import encode_kwargs, encoder_fingerprint, grid, model_for, read_scores
+from .resources import encode_kwargs, encoder_fingerprint, grid, model_for
 
 
 class OverlapStage(Stage):

@@ -23,7 +23,6 @@ __all__ = [
     "grid",
     "model_for",
     "patch_geometry",
-    "read_scores",
 ]
 
 
@@ -151,14 +150,3 @@ def model_for(cfg: HeatmapConfig) -> tuple[Any, Any]:
             device=device,
         )
     return _MODEL_CACHE[key], device
-
-
-def read_scores(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Scores (N,) float32, level-0 coords (N, 2) and patch size of a blockmap/overlap H5."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        scores = h5["attention_scores"][:].reshape(-1).astype(np.float32)
-        coords = h5["coords"][:].astype(np.int64)
-        size = int(h5["coords"].attrs["patch_size_level0"])
-    return scores, coords, size

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..h5io import read_scores
 from ..ledger import Ledger, file_identity
 from ..rows import RowContext, blockmap_h5_path, sampled_patches_dir
 from .base import Stage, StageRun, base_fingerprint
-from .resources import read_scores
 
 
 class SampleStage(Stage):
