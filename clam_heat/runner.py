@@ -21,6 +21,7 @@ from typing import Any
 from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
+from .preflight import preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .rows import (
     RowContext,
@@ -113,6 +114,7 @@ def run_pipeline(
     """
     start = time.perf_counter()
     plan = stages_for(cfg, stages)
+    preflight(cfg, plan, dry_run=dry_run)  # output roots and global inputs, exit 2 if bad
     summary = RunSummary()
     df, list_path = build_process_list(cfg, write=not dry_run)
     results_csv = results_csv_path(cfg)
