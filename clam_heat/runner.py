@@ -23,6 +23,7 @@ from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
 from .preflight import preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
+from .process_list.build import missing_slide_reason
 from .rows import (
     RowContext,
     build_contexts,
@@ -144,11 +145,7 @@ def run_pipeline(
         ) as recorder:
             # say why on the row; the next `list`/`run` picks it up once the file is back
             recorder.skipped(
-                {
-                    ctx.slide_id: f"slide file not found: {ctx.slide_path} "
-                    "(restore it, or set process to 0 for this row)"
-                    for ctx in vanished
-                }
+                {ctx.slide_id: missing_slide_reason(ctx.slide_path) for ctx in vanished}
             )
             if on_start:
                 on_start(len(pending))

@@ -4,9 +4,9 @@ own client, W&B in offline mode with its run files checked on disk; mocks only i
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
