@@ -318,6 +318,13 @@ def _run_with_progress(
     log_file = (
         Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
     )
+    if not dry_run:  # the log file lives under an output root: check them all first
+        from .preflight import check_output_roots, output_folders
+
+        try:
+            check_output_roots(output_folders(cfg))
+        except ClamHeatError as err:
+            _fail(err)
     _setup_logging(None if dry_run else log_file, quiet, cfg.runner_arguments.log_level)
     progress = Progress(
         TextColumn("[bold]clam-heat"),
