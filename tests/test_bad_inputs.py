@@ -416,7 +416,7 @@ def plain_pickle_checkpoint(p: Path, mp) -> Case:
 def wrong_architecture_checkpoint(p: Path, mp) -> Case:
     from clam_heat.models import ABMIL
 
-    torch.save(ABMIL(n_classes=2, embed_dim=64).state_dict(), _ckpt(p))
+    torch.save(ABMIL(64, 2).state_dict(), _ckpt(p))
     return Case(2, ("s_0_checkpoint.pt", "does not fit clam_sb", "likely cause"))
 
 
@@ -468,13 +468,14 @@ def disk_full_root(p: Path, mp) -> Case:
     full = p / "full"
     if _mount_tmpfs(full, "size=256k"):
         _MOUNTS.append(full)
-        with open(full / "filler", "wb") as fh:  # fill it
-            try:
-                while True:
-                    fh.write(b"\0" * 4096)
-                    fh.flush()
-            except OSError:
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # fill it
+            while os.write(fd, b"\0" * 4096):
                 pass
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
     else:
         _inject(mp, full, errno.ENOSPC)
     args = _set(f"exp_arguments.production_save_dir={full / 'prod'}")
