@@ -177,8 +177,10 @@ def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
     blocker = demo_project.parent / "blocker"
     blocker.write_text("a file, not a folder")
     cfg = load_config(demo_project, overrides=[f"exp_arguments.raw_save_dir={blocker / 'raw'}"])
-    with pytest.raises(OutputError, match="output folder is not writable"):
+    with pytest.raises(OutputError, match=r"raw_save_dir .*blocker is a file, not a folder") as err:
         run_pipeline(cfg)
+    assert err.value.exit_code == 2  # bad input found before any work
+    assert not cfg.process_list_path.with_suffix(".csv").read_text().count("running")
 
 
 def _valid(path: Path) -> bool:

@@ -243,6 +243,8 @@ def unusable_slide_reason(path: Path) -> str | None:
     """Why a slide entry cannot be used (a dangling symbolic link, an unreadable file), as a
     one-line reason naming it and the fix; None when it is a readable file, "" for a folder."""
     try:
+        if not path.exists() and not path.is_symlink():
+            return None  # plainly missing: the caller says "not found"
         if path.is_symlink() and not path.exists():
             return (
                 f"{path}: symbolic link to {os.readlink(path)}, which does not exist; "
