@@ -564,3 +564,37 @@ def test_bad_input(
             assert lines[0] == f"failed bad: {error['bad']}"
         assert all(status[s] == "done" for s in GOOD), status
     assert not (project.parent / "outside").exists() and not Path("/tmp/elsewhere").exists()
+
+
+def test_status_names_the_demo_list_one_folder_down(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """After `clam-heat demo` the list is under clam_heat_demo/: say so instead of 'not found'."""
+    shutil.copytree(finished, tmp_path / "clam_heat_demo")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["status", "process_lists/demo.csv"]) == 2
+    err = capfd.readouterr().err
+    assert err == (
+        "error: process_lists/demo.csv: process list file not found; did you mean "
+        "clam-heat status clam_heat_demo/process_lists/demo.csv?\n"
+    )
+    assert cli_main(["status", "clam_heat_demo/process_lists/demo.csv"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("clam_heat_demo/process_lists/demo.csv: 5 rows (5 done)")
+
+
+def test_unexpected_error_is_one_line_with_the_traceback_in_a_file(
+    finished: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """A bug (here injected into the list builder) is one line naming where its traceback is."""
+    import clam_heat.runner as runner
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(runner, "build_process_list", bug)
+    assert cli_main(["run", str(finished / "config.yaml"), "-q"]) == 1
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unexpected ZeroDivisionError: injected")
+    log = Path(lines[0].rsplit("traceback is in ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()

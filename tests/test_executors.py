@@ -516,8 +516,8 @@ def local_pool(fault_file: Path):
 def dask_cluster(fault_file: Path):
     """A real LocalCluster: 2 worker processes, 1 thread each. Dask gives up on a task at the
     first worker death (allowed-failures 0), so the executor's own resubmission is exercised."""
-    distributed = pytest.importorskip("distributed")
     import dask
+    import distributed  # in the test extra: missing it is a failure, never a skip
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(
