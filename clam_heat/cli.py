@@ -7,15 +7,22 @@ goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns progr
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from .cli_output import (
+    EXIT_BAD_INPUT,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    ToRunLog,
+    UserWarnings,
+    error_line,
+    unexpected,
+)
 from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
@@ -45,16 +52,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 
 
 def _fail(err: ClamHeatError) -> None:
-    _error_line(str(err))
+    error_line(str(err))
     raise typer.Exit(err.exit_code)
-
-
-def _error_line(text: str) -> None:
-    """Write ``error: text`` on stderr: one line per problem, never wrapped (greppable)."""
-    lines = [" ".join(part.split()) for part in str(text).splitlines()]
-    head, rest = lines[0], [line for line in lines[1:] if line]
-    sys.stderr.write(f"error: {head}\n" + "".join(f"  {line}\n" for line in rest))
-    sys.stderr.flush()
 
 
 def _load(
@@ -503,62 +502,6 @@ def demo(
         raise typer.Exit(1)
 
 
-#: Exit codes (README "Exit codes and errors"): all rows done; some rows failed; bad input
-#: found before any work (config, list, flags, checkpoint, output folders); stopped by Ctrl-C
-#: (SIGINT) or SIGTERM.
-EXIT_DONE, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-
-
-class _ToRunLog(logging.Handler):
-    """Hands third-party log records and Python warnings to the ``clam_heat`` logger, whose
-    only handler is the run's log file: nothing from a library reaches the terminal."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        target = logging.getLogger("clam_heat")
-        if target.handlers and record.levelno >= logging.INFO:
-            for handler in target.handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
-
-
-class _UserWarnings(logging.Handler):
-    """``warning: ...`` on stderr, one line each, for the records our code means for the user
-    (the process list's skipped folder entries)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sys.stderr.write("warning: " + " ".join(record.getMessage().split()) + "\n")
-
-
-def _log_path() -> Path | None:
-    for handler in logging.getLogger("clam_heat").handlers:
-        if isinstance(handler, logging.FileHandler):
-            return Path(handler.baseFilename)
-    return None
-
-
-def _unexpected(err: BaseException) -> int:
-    """One line for a bug or an unforeseen OS failure; the traceback goes to the run log (or to
-    a file in the temp folder when the run log is not open yet)."""
-    import tempfile
-    import traceback
-
-    from .errors import os_error_advice
-
-    path = _log_path()
-    if path is not None:
-        logging.getLogger("clam_heat").error("unexpected error", exc_info=err)
-    else:
-        path = Path(tempfile.gettempdir()) / f"clam_heat-error-{os.getpid()}.log"
-        with contextlib.suppress(OSError):
-            path.write_text("".join(traceback.format_exception(err)), encoding="utf-8")
-    if isinstance(err, OSError) and err.filename:
-        text = f"{err.filename}: {os_error_advice(err.filename, err)} (traceback in {path})"
-    else:
-        text = f"unexpected {type(err).__name__}: {err} (a bug; the traceback is in {path})"
-    _error_line(text)
-    return EXIT_ROWS_FAILED
-
-
 def cli_main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (what :func:`main` exits with).
 
@@ -572,8 +515,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - older typer on the real click
         import click  # type: ignore[no-redef]
 
-    forward = _ToRunLog()
-    user = _UserWarnings(logging.WARNING)
+    forward = ToRunLog()
+    user = UserWarnings(logging.WARNING)
     shown = logging.getLogger("clam_heat.process_list")
     root = logging.getLogger()
     root.addHandler(forward)
@@ -591,19 +534,19 @@ def cli_main(argv: list[str] | None = None) -> int:
                 return EXIT_BAD_INPUT  # the help was printed (on stdout) as the error was made
             except click.exceptions.UsageError as err:
                 command = err.ctx.command_path if err.ctx else "clam-heat"
-                _error_line(f"{err.format_message()} (see {command} --help)")
+                error_line(f"{err.format_message()} (see {command} --help)")
                 return EXIT_BAD_INPUT
             except click.exceptions.ClickException as err:
-                _error_line(err.format_message())
+                error_line(err.format_message())
                 return err.exit_code
             except (typer.Abort, KeyboardInterrupt):
                 sys.stderr.write("interrupted; rerun the same command to continue\n")
                 return EXIT_INTERRUPTED
             except ClamHeatError as err:
-                _error_line(str(err))
+                error_line(str(err))
                 return err.exit_code
             except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a line
-                return _unexpected(err)
+                return unexpected(err)
             finally:
                 logging.captureWarnings(False)
     finally:
