@@ -65,7 +65,7 @@ class HeatmapStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..heatmap import HeatmapSpec, render_heatmap, save_orig, write_attention_geojson
-        from ..segmentation import load_geojson
+        from ..tissue import load_geojson
 
         hm = ctx.cfg.heatmap_arguments
         runner = ctx.cfg.runner_arguments
