@@ -70,7 +70,7 @@ def test_demo_project_passes_with_every_check_named(demo_project: Path, tmp_path
         "rough" in by_name["time estimate"].detail and "5 rows" in by_name["time estimate"].detail
     )
     assert any(c.name.startswith("output ") and c.ok for c in report), text
-    assert any("--output-dir out/ (to be created)" in c.detail for c in report), text
+    assert any("--output-dir out/; the run creates them" in c.detail for c in report), text
     assert not (tmp_path / "out").exists(), "the doctor must not create output folders"
     assert text.splitlines()[-1].startswith("ready:")
 

@@ -65,9 +65,7 @@ def run_doctor(
     wanted = cfg.runner_arguments.device if cfg is not None else "auto"
     check_torch(report, torch, wanted)
     if torch is not None:
-        check_encoder_backend(
-            report, cfg.encoder_arguments.model_name if cfg is not None else "resnet50_trunc"
-        )
+        check_encoder_backend(report)
     report.checks.extend(config_checks)
     need: int | None = None
     folders: dict[str, Path] = {}

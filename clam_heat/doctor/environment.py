@@ -244,23 +244,23 @@ def check_torch(report: DoctorReport, torch: Any, wanted: str = "auto") -> None:
         report.add(f"forward on {dev}", True, f"ok in {1e3 * (time.perf_counter() - start):.0f} ms")
 
 
-def check_encoder_backend(report: DoctorReport, model_name: str) -> None:
-    """timm builds CLAM's encoders when it imports; otherwise the built-in networks do."""
+def check_encoder_backend(report: DoctorReport) -> None:
+    """timm builds CLAM's timm encoders when it imports; otherwise the built-in networks do."""
     try:
         from clam_heat.encoders import encoder_backend
 
-        backend = encoder_backend(model_name)
+        backend = encoder_backend("resnet50_trunc")  # one that CLAM builds with timm
     except Exception as err:  # noqa: BLE001 - report, never crash the doctor
         report.add("timm", None, f"cannot tell the encoder backend ({first_line(err)})")
         return
     if backend.startswith("timm"):
         report.add("timm", True, f"{backend.split('==')[-1]}: encoders built with timm, as CLAM")
-    elif importlib.util.find_spec("timm") is not None and backend == "builtin":
+    elif importlib.util.find_spec("timm") is not None:
         detail = "installed but does not import; built-in networks in use (same outputs)"
         fix = "pip install the torchvision that matches your torch, or pip uninstall timm"
         report.add("timm", None, detail, fix)
     else:
-        detail = f"not installed: built-in networks (timm's layouts) in use for {model_name}"
+        detail = "not installed: CLAM's encoders use the built-in networks (timm's layouts)"
         report.add("timm", True, detail)
 
 
@@ -301,15 +301,19 @@ def check_outputs(
     the same existing folder share one line.
     """
     groups: dict[Path, list[str]] = {}
+    to_create: set[Path] = set()
     for label, folder in folders.items():
         existing = existing_parent(Path(folder))
         if existing != Path(folder) and existing.is_dir():
-            label += f" {Path(folder).relative_to(existing)}/ (to be created)"
+            label += f" {Path(folder).relative_to(existing)}/"
+            to_create.add(existing)
         groups.setdefault(existing, []).append(label)
     other = "choose another folder (--output-dir, or the config's save dirs), or fix permissions"
     for existing, labels in groups.items():
         name = f"output {existing}"
-        whose = f" (for {', '.join(labels)})"
+        whose = f" (for {', '.join(labels)}" + (
+            "; the run creates them)" if existing in to_create else ")"
+        )
         problem = _probe(existing)
         if problem is not None:
             report.add(name, False, problem + whose, other)
