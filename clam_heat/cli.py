@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import cli_tools
 from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
@@ -470,6 +471,11 @@ def demo(
     )
     if not summary.ok:
         raise typer.Exit(1)
+
+
+# the tools around a run (doctor, compare, video) live in cli_tools
+for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
+    app.command()(_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

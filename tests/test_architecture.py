@@ -54,7 +54,8 @@ LAYERS: dict[str, int] = {
     "video": 11,
     "viewer": 11,
     "doctor": 11,
-    "cli": 12,
+    "cli_tools": 12,
+    "cli": 13,
 }
 ALLOWED_UPWARD = {("config", "clam_heat.models.registry")}
 MAX_LINES = 600
