@@ -61,17 +61,6 @@ def load_config_checked(path: Path) -> tuple[Any, list[Check]]:
     return cfg, [Check("config", True, detail)]
 
 
-def _grouping(row: dict[str, Any], names: dict[int, str]) -> str:
-    """CLAM's per-row raw sub-folder (the label's name), where extracted features are cached."""
-    text = str(row.get("label", "") or "").strip()
-    if text in ("", "nan", "None"):
-        return "Unspecified"
-    try:
-        return names.get(int(float(text)), text)
-    except ValueError:
-        return text
-
-
 def _to_process(value: Any) -> bool:
     """The runner's rule: a row runs when ``process`` reads as the number 1."""
     try:
@@ -123,6 +112,7 @@ def check_rows(report: DoctorReport, cfg: Any) -> list[Row]:
     from clam_heat.errors import ClamHeatError
     from clam_heat.features import find_features_file
     from clam_heat.process_list import build_process_list, slide_path_for_row
+    from clam_heat.rows import grouping_for
 
     try:
         df, list_path = build_process_list(cfg, write=False)
@@ -156,7 +146,7 @@ def check_rows(report: DoctorReport, cfg: Any) -> list[Row]:
             problem = _inspect_slide(row, cfg.heatmap_arguments.vis_level)
             if problem:
                 broken.append(problem)
-        raw_dir = Path(exp.raw_save_dir) / exp.save_exp_code / _grouping(record, names)
+        raw_dir = Path(exp.raw_save_dir) / exp.save_exp_code / grouping_for(record, names)
         raw_dir = raw_dir / row.slide_id
         try:
             h5 = find_features_file(row.slide_id, features_dir=runner.features_dir, raw_dir=raw_dir)
