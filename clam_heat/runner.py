@@ -274,8 +274,9 @@ def _run_locked(
         df = shard_frame(df, list_path, *shard)
         list_path = shard_path(list_path, *shard)
         results_csv = shard_path(results_csv, *shard)
-        with stop.held():
-            write_csv_atomic(df, list_path)  # the recorder merges into the file on disk
+        if len(df):  # the recorder merges into the file on disk (an empty shard writes none)
+            with stop.held():
+                write_csv_atomic(df, list_path)
     summary.process_list = list_path
     pending, vanished = _pending_rows(cfg, df, retry_failed, summary)
     with executor:  # a local pool loads its libraries now
