@@ -1,8 +1,10 @@
 """``clam-heat`` command line: each command parses options and calls one library function.
 
 Errors derived from :class:`~clam_heat.errors.ClamHeatError` print one line and exit with their
-code (2 for config/process-list problems, 1 otherwise); tracebacks go to the run log. Progress
-goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
+code (2 for config/process-list problems and for a list another run holds, 1 otherwise);
+tracebacks go to the run log. A run stopped by SIGTERM/SIGINT prints one line and exits
+143/130. Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns
+progress bars off.
 """
 
 from __future__ import annotations
@@ -328,6 +330,11 @@ def _run_with_progress(
             )
     except ClamHeatError as err:
         _fail(err)
+    if getattr(summary, "stopped_by", None) is not None:  # SIGTERM/SIGINT: one line, 143/130
+        from .runner import stop_line
+
+        typer.echo(stop_line(summary), err=True)
+        raise typer.Exit(128 + summary.stopped_by)
     if dry_run:
         for slide_id, plan in summary.plans.items():
             parts = [
@@ -374,13 +381,15 @@ def merge(
     """Fold `run --shard i/n` results back into the process list (and, given a config, the
     results CSV); status columns of newer shard rows win, user columns are never touched."""
     from .process_list import merge_process_list
+    from .process_list.lock import list_lock
 
     try:
         path, results = Path(target), None
         if path.suffix.lower() in {".yaml", ".yml"}:
             cfg = _load(target, None, None, None)
             path, results = cfg.process_list_path, cfg.results_csv_path
-        report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
+        with list_lock(path):  # never under a live run of the list or of one of its shards
+            report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
     except ClamHeatError as err:
         _fail(err)
     typer.echo(

@@ -119,6 +119,7 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
             "extract_features": False,
             "loader_workers": 0,
             "amp": False,
+            "flush_seconds": 30.0,
             "log_level": "INFO",
         },
     }

@@ -330,6 +330,12 @@ class RunnerArguments(_Block):
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader workers reading patches.")
     amp: Bool = Field(False, description="Mixed precision for the encoder on CUDA.")
+    flush_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Write the process list and results CSV at most this often during a run "
+        "(row outcomes are journaled at once; 0: after every row).",
+    )
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)
     ] = Field("INFO", description="Logging level.")
