@@ -21,6 +21,7 @@ from typing import Any
 from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
+from .phases import map_rows
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .rows import (
     RowContext,
@@ -154,7 +155,7 @@ def run_pipeline(
             def started(rows: Sequence[RowContext]) -> None:
                 recorder.start(ctx.slide_id for ctx in rows)
 
-            for outcome in executor.map_rows(pending, plan, started):
+            for outcome in map_rows(executor, cfg, df, pending, plan, started):
                 recorder.record(outcome)
                 summary.add(outcome)
                 if on_row:
