@@ -32,6 +32,7 @@ from .rows import (
 )
 from .stages.registry import stages_for
 from .stages.row import RowOutcome, plan_row
+from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,11 @@ def run_pipeline(
     with executor:  # a local pool loads its libraries now
         _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
         summary.results_csv = results_csv
-        with Recorder(
-            df, list_path, results_csv, n_classes=cfg.exp_arguments.n_classes
-        ) as recorder:
+        tracking = RunTracking(cfg, pending, results_csv=results_csv, shard=shard)
+        with (
+            tracking,
+            Recorder(df, list_path, results_csv, n_classes=cfg.exp_arguments.n_classes) as recorder,
+        ):
             # say why on the row; the next `list`/`run` picks it up once the file is back
             recorder.skipped(
                 {
@@ -157,6 +160,7 @@ def run_pipeline(
 
             for outcome in map_rows(executor, cfg, df, pending, plan, started):
                 recorder.record(outcome)
+                tracking.on_row(outcome)
                 summary.add(outcome)
                 if on_row:
                     on_row(outcome)
