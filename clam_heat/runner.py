@@ -32,6 +32,7 @@ from typing import Any
 from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
+from .phases import map_rows
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .process_list.csvfile import write_csv_atomic
 from .process_list.lock import list_lock
@@ -45,6 +46,7 @@ from .rows import (
 )
 from .stages.registry import stages_for
 from .stages.row import RowOutcome, plan_row
+from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +284,7 @@ def _run_locked(
     with executor:  # a local pool loads its libraries now
         _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
         summary.results_csv = results_csv
+        tracking = RunTracking(cfg, pending, results_csv=results_csv, shard=shard)
         recorder = Recorder(
             df,
             list_path,
@@ -290,39 +293,42 @@ def _run_locked(
             flush_seconds=cfg.runner_arguments.flush_seconds,
         )
         outcomes: Iterator[RowOutcome] | None = None
-        try:
-            with stop.held():
-                recorder.journal.open()
-                # say why on the row; the next `list`/`run` picks it up once the file is back
-                recorder.skipped(
-                    {
-                        ctx.slide_id: f"slide file not found: {ctx.slide_path} "
-                        "(restore it, or set process to 0 for this row)"
-                        for ctx in vanished
-                    }
-                )
-            if on_start:
-                on_start(len(pending))
-
-            def started(rows: Sequence[RowContext]) -> None:
+        # the tracker closes after the recorder: the results CSV it logs is complete
+        with tracking:
+            try:
                 with stop.held():
-                    recorder.start(ctx.slide_id for ctx in rows)
+                    recorder.journal.open()
+                    # say why on the row; the next `list`/`run` picks it up once the file is back
+                    recorder.skipped(
+                        {
+                            ctx.slide_id: f"slide file not found: {ctx.slide_path} "
+                            "(restore it, or set process to 0 for this row)"
+                            for ctx in vanished
+                        }
+                    )
+                if on_start:
+                    on_start(len(pending))
 
-            outcomes = executor.map_rows(pending, plan, started)
-            for outcome in outcomes:
+                def started(rows: Sequence[RowContext]) -> None:
+                    with stop.held():
+                        recorder.start(ctx.slide_id for ctx in rows)
+
+                outcomes = map_rows(executor, cfg, df, pending, plan, started)
+                for outcome in outcomes:
+                    with stop.held():
+                        recorder.record(outcome)
+                        tracking.on_row(outcome)
+                        summary.add(outcome)
+                        if on_row:
+                            on_row(outcome)
+                    if stop.signum is not None:
+                        raise StopRequested
+            except StopRequested:
+                _stop(stop, summary, recorder, executor, outcomes)
+                raise
+            finally:
                 with stop.held():
-                    recorder.record(outcome)
-                    summary.add(outcome)
-                    if on_row:
-                        on_row(outcome)
-                if stop.signum is not None:
-                    raise StopRequested
-        except StopRequested:
-            _stop(stop, summary, recorder, executor, outcomes)
-            raise
-        finally:
-            with stop.held():
-                recorder.close()
+                    recorder.close()
 
 
 def _stop(
