@@ -159,7 +159,7 @@ def _headless_checkpoint(tmp_path: Path) -> Path:
         (
             lambda p: {**p, "ckpt": p["ckpt"].with_name("nope.pt")},
             "error: --ckpt {ckpt}: no such file; pass your trained model's state dict (CLAM "
-            "s_<fold>_checkpoint.pt)",
+            "s_<fold>_checkpoint.pt, model.safetensors or a save_pretrained folder)",
         ),
         (
             lambda p: {**p, "h5": p["slides"]},
