@@ -472,11 +472,30 @@ def merge(
 
 @app.command()
 def view(
-    config: ConfigArg,
+    config: Annotated[
+        str | None,
+        typer.Argument(help="YAML config of a run (omit with --slide FILE --heatmap IMAGE)."),
+    ] = None,
     save_exp_code: SaveExpOpt = None,
     set_: SetOpt = None,
     slide: Annotated[
-        str | None, typer.Option("--slide", help="Open this slide_id first (default: the list).")
+        str | None,
+        typer.Option(
+            "--slide", help="Open this slide_id first; with --heatmap, the slide file to view."
+        ),
+    ] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmap", help="A heatmap image (PNG, JPEG, TIFF, pyramid) to view beside --slide."
+        ),
+    ] = None,
+    cmap: Annotated[
+        str, typer.Option("--cmap", help="With --heatmap: the colormap it was drawn with.")
+    ] = "jet",
+    compare: Annotated[
+        str | None,
+        typer.Option("--compare", help="A second run's config: show A | B | A - B panes."),
     ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0 to share on a network).")
@@ -486,21 +505,46 @@ def view(
         bool, typer.Option("--open", help="Open the page in the default web browser.")
     ] = False,
 ) -> None:
-    """Serve the run's slides and heatmaps side by side, panning and zooming together."""
+    """Serve the run's slides and heatmaps side by side, panning and zooming together; or one
+    slide beside one heatmap image (--slide FILE --heatmap IMAGE); or two runs (--compare)."""
     from urllib.parse import quote
 
-    from .viewer import ViewerServer, viewer_entries
+    from .viewer import ViewerServer, compare_entries, legend, pair_entry, viewer_entries
 
     try:
-        cfg = _load(config, save_exp_code, None, set_)
-        entries = viewer_entries(cfg)
-        if slide is not None and slide not in {e.slide_id for e in entries}:
-            raise ProcessListError(
-                f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
+        if heatmap is not None or config is None:
+            if heatmap is None or slide is None or config is not None:
+                raise ProcessListError(
+                    "view: pass a run's CONFIG, or --slide SLIDE_FILE --heatmap IMAGE (not both)"
+                )
+            entries = [pair_entry(Path(slide), heatmap)]
+            slide = entries[0].slide_id
+            legends = [legend(cmap, "attention", "low", "high")]
+            title, hint, alpha = heatmap.name, "clam-heat quick", 0.4
+        else:
+            cfg = _load(config, save_exp_code, None, set_)
+            entries = viewer_entries(cfg)
+            if slide is not None and slide not in {e.slide_id for e in entries}:
+                raise ProcessListError(
+                    f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
+                )
+            heat = cfg.heatmap_arguments
+            legends = [legend(heat.cmap, "attention percentile", "0", "100")]
+            title, hint, alpha = (
+                cfg.exp_arguments.save_exp_code,
+                f"clam-heat run {config}",
+                heat.alpha,
             )
+            if compare is not None:
+                from .compare import DIFF_CMAP
+                from .config import find_config
+
+                cfg_b = _load(compare, None, None, None)
+                entries = compare_entries(entries, cfg_b, find_config(config), find_config(compare))
+                legends.append(legend(DIFF_CMAP, "A \u2212 B percentile", "-100", "+100"))
         server = ViewerServer(
-            entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
-            run_hint=f"clam-heat run {config}",
+            entries, host=host, port=port, title=title, run_hint=hint, legends=legends,
+            alpha=alpha, compare=compare is not None,
         )  # fmt: skip
     except ClamHeatError as err:
         _fail(err)

@@ -454,7 +454,7 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
 def test_open_slides_are_bounded_by_count_and_decoded_bytes(
     viewed_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clam_heat.viewer as viewer
+    import clam_heat.viewer.server as viewer
 
     entries = viewer_entries(load_config(viewed_run))
     with ViewerServer(entries, port=0) as server:
