@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import ClamHeatError, ProcessListError
+from .errors import ClamHeatError
 
 app = typer.Typer(
     add_completion=False,
@@ -509,42 +509,13 @@ def view(
     slide beside one heatmap image (--slide FILE --heatmap IMAGE); or two runs (--compare)."""
     from urllib.parse import quote
 
-    from .viewer import ViewerServer, compare_entries, legend, pair_entry, viewer_entries
+    from .viewer import open_viewer
 
     try:
-        if heatmap is not None or config is None:
-            if heatmap is None or slide is None or config is not None:
-                raise ProcessListError(
-                    "view: pass a run's CONFIG, or --slide SLIDE_FILE --heatmap IMAGE (not both)"
-                )
-            entries = [pair_entry(Path(slide), heatmap)]
-            slide = entries[0].slide_id
-            legends = [legend(cmap, "attention", "low", "high")]
-            title, hint, alpha = heatmap.name, "clam-heat quick", 0.4
-        else:
-            cfg = _load(config, save_exp_code, None, set_)
-            entries = viewer_entries(cfg)
-            if slide is not None and slide not in {e.slide_id for e in entries}:
-                raise ProcessListError(
-                    f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
-                )
-            heat = cfg.heatmap_arguments
-            legends = [legend(heat.cmap, "attention percentile", "0", "100")]
-            title, hint, alpha = (
-                cfg.exp_arguments.save_exp_code,
-                f"clam-heat run {config}",
-                heat.alpha,
-            )
-            if compare is not None:
-                from .compare import DIFF_CMAP
-                from .config import find_config
-
-                cfg_b = _load(compare, None, None, None)
-                entries = compare_entries(entries, cfg_b, find_config(config), find_config(compare))
-                legends.append(legend(DIFF_CMAP, "A \u2212 B percentile", "-100", "+100"))
-        server = ViewerServer(
-            entries, host=host, port=port, title=title, run_hint=hint, legends=legends,
-            alpha=alpha, compare=compare is not None,
+        server, slide, entries = open_viewer(
+            config, slide=slide, heatmap=heatmap, cmap=cmap, compare=compare, host=host,
+            port=port, load=lambda name, exp=None, sets=None: _load(name, exp, None, sets),
+            save_exp_code=save_exp_code, sets=set_,
         )  # fmt: skip
     except ClamHeatError as err:
         _fail(err)

@@ -7,6 +7,7 @@ from .server import (
     ViewerEntry,
     ViewerServer,
     compare_entries,
+    open_viewer,
     pair_entry,
     viewer_entries,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "compare_entries",
     "difference_layer",
     "legend",
+    "open_viewer",
     "open_heatmap_layer",
     "pair_entry",
     "viewer_entries",

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ViewerEntry",
+    "open_viewer",
     "ViewerServer",
     "compare_entries",
     "pair_entry",
@@ -458,6 +459,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "max-age=300" if cache else "no-store")
         self.end_headers()
         self.wfile.write(data)
+
+
+def open_viewer(
+    config: str | None,
+    *,
+    slide: str | None,
+    heatmap: Path | None,
+    cmap: str,
+    compare: str | None,
+    host: str,
+    port: int,
+    load: Any,
+    save_exp_code: str | None = None,
+    sets: list[str] | None = None,
+) -> tuple[ViewerServer, str | None, list[ViewerEntry]]:
+    """``clam-heat view``'s three modes -> (server, slide id to open first, entries).
+
+    A run (``config``), a pair (``slide`` file + ``heatmap`` image, no config) or two runs
+    (``config`` + ``compare``). ``load(name, save_exp_code, sets)`` loads a config as the CLI
+    does (overrides included).
+    """
+    from ..errors import ProcessListError
+    from .tiles import legend
+
+    if heatmap is not None or config is None:
+        if heatmap is None or slide is None or config is not None:
+            raise ProcessListError(
+                "view: pass a run's CONFIG, or --slide SLIDE_FILE --heatmap IMAGE (not both)"
+            )
+        entries = [pair_entry(Path(slide), heatmap)]
+        server = ViewerServer(
+            entries, host=host, port=port, title=heatmap.name, run_hint="clam-heat quick",
+            legends=[legend(cmap, "attention", "low", "high")],
+        )  # fmt: skip
+        return server, entries[0].slide_id, entries
+    cfg = load(config, save_exp_code, sets)
+    entries = viewer_entries(cfg)
+    if slide is not None and slide not in {e.slide_id for e in entries}:
+        raise ProcessListError(
+            f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
+        )
+    heat = cfg.heatmap_arguments
+    legends = [legend(heat.cmap, "attention percentile", "0", "100")]
+    if compare is not None:
+        from ..compare import DIFF_CMAP
+        from ..config import find_config
+
+        entries = compare_entries(entries, load(compare), find_config(config), find_config(compare))
+        legends.append(legend(DIFF_CMAP, "A \u2212 B percentile", "-100", "+100"))
+    server = ViewerServer(
+        entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
+        run_hint=f"clam-heat run {config}", legends=legends, alpha=heat.alpha,
+        compare=compare is not None,
+    )  # fmt: skip
+    return server, slide, entries
 
 
 # ---------------------------------------------------------------------------------- pages
