@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .errors import ClamHeatError, ProcessListError
+from .errors import ClamHeatError
 
 app = typer.Typer(
     add_completion=False,
@@ -209,35 +209,99 @@ def run(
 @app.command()
 def quick(
     ckpt: Annotated[
-        Path, typer.Option("--ckpt", help="Trained model state dict (CLAM s_<fold>_checkpoint.pt).")
+        Path,
+        typer.Option(
+            "--ckpt",
+            "--checkpoint",
+            help="Trained model: CLAM s_<fold>_checkpoint.pt, model.safetensors or a MIL-Lab "
+            "save_pretrained folder.",
+        ),
     ],
     h5_dir: Annotated[
         Path,
-        typer.Option("--h5-dir", help="Feature files <slide_id>.h5 (TRIDENT or CLAM)."),
+        typer.Option("--h5-dir", "--h5_dir", help="Feature files <slide_id>.h5 (TRIDENT or CLAM)."),
     ],
-    slide_dir: Annotated[Path, typer.Option("--slide-dir", help="Folder of the slides.")],
+    slide_dir: Annotated[
+        Path, typer.Option("--slide-dir", "--slide_dir", help="Folder of the slides.")
+    ],
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder (config.yaml, process list, heatmaps).")
+        Path,
+        typer.Option(
+            "--out",
+            "--output_dir",
+            "--output-dir",
+            help="Output folder (config.yaml, process list, heatmaps, heatmap_results.csv).",
+        ),
     ],
     model_type: Annotated[
-        str, typer.Option("--model-type", help="clam_sb, clam_mb, abmil, a MIL-Lab name, ...")
+        str,
+        typer.Option(
+            "--model-type",
+            "--model_type",
+            "--model_name",
+            "--model-name",
+            help="clam_sb, clam_mb, abmil, a MIL-Lab name (abmil.base.uni_v2.pc108-24k), ...",
+        ),
     ] = "clam_sb",
     model_size: Annotated[str, typer.Option("--model-size", help="small or big.")] = "small",
     n_classes: Annotated[
         int | None,
-        typer.Option("--n-classes", min=2, help="Classes (default: read from the checkpoint)."),
+        typer.Option(
+            "--n-classes",
+            "--num_classes",
+            "--num-classes",
+            min=2,
+            help="Classes (default: read from the checkpoint).",
+        ),
     ] = None,
     embed_dim: Annotated[
         int | None,
-        typer.Option("--embed-dim", min=1, help="Feature width (default: read from the H5s)."),
+        typer.Option(
+            "--embed-dim", "--embed_dim", min=1, help="Feature width (default: read from the H5s)."
+        ),
     ] = None,
     slide_ext: Annotated[
         str | None,
-        typer.Option("--slide-ext", help="Slide extension (default: the one the slides share)."),
+        typer.Option(
+            "--slide-ext",
+            "--slide_ext",
+            help="Slide extension (default: the one the slides share).",
+        ),
     ] = None,
     labels: Annotated[
         Path | None, typer.Option("--labels", help="CSV slide_id,label (default: no labels).")
     ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Only the first N slides, in sorted order."),
+    ] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Only the slide ids in this CSV's slide_id column (its label column, "
+            "if any, sets labels).",
+        ),
+    ] = None,
+    cmap: Annotated[
+        str | None, typer.Option("--cmap", help="Matplotlib colormap (default: jet).")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide (0.4)."),
+    ] = None,
+    vis_level: Annotated[
+        int | None,
+        typer.Option(
+            "--vis-level", "--vis_level", min=-1, help="Slide level of the heatmap image (1)."
+        ),
+    ] = None,
+    no_segment: Annotated[
+        bool,
+        typer.Option(
+            "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local worker processes.")] = 1,
     set_: SetOpt = None,
     retry_failed: Annotated[
@@ -249,11 +313,15 @@ def quick(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run without YAML: infer the config from the files, save it as OUT/config.yaml, run it."""
+    """Run without YAML: infer the config from the files, save it as OUT/config.yaml, run it.
+
+    Takes MIL-Lab generate_heatmaps.py's flags too, and writes its outputs
+    (OUT/<slide_id>_heatmap.png, OUT/heatmap_results.csv) beside CLAM's layout.
+    """  # fmt: skip
     import functools
 
     from .executors import make_executor
-    from .quick import QuickOptions, prepare_quick
+    from .quick import QuickOptions, prepare_quick, write_mil_lab_outputs
     from .runner import run_pipeline
 
     options = QuickOptions(
@@ -269,6 +337,12 @@ def quick(
         labels=labels,
         workers=workers,
         sets=set_ or [],
+        limit=limit,
+        csv=csv,
+        cmap=cmap,
+        alpha=alpha,
+        vis_level=vis_level,
+        no_segment=no_segment,
     )
     try:
         plan = prepare_quick(options)
@@ -282,6 +356,12 @@ def quick(
     summary = _run_with_progress(
         plan.config, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
     )
+    if not dry_run:
+        try:
+            written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
+        except ClamHeatError as err:
+            _fail(err)
+        typer.echo(f"MIL-Lab results: {written.csv_path} ({written.rows} slides)")
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -402,11 +482,30 @@ def merge(
 
 @app.command()
 def view(
-    config: ConfigArg,
+    config: Annotated[
+        str | None,
+        typer.Argument(help="YAML config of a run (omit with --slide FILE --heatmap IMAGE)."),
+    ] = None,
     save_exp_code: SaveExpOpt = None,
     set_: SetOpt = None,
     slide: Annotated[
-        str | None, typer.Option("--slide", help="Open this slide_id first (default: the list).")
+        str | None,
+        typer.Option(
+            "--slide", help="Open this slide_id first; with --heatmap, the slide file to view."
+        ),
+    ] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmap", help="A heatmap image (PNG, JPEG, TIFF, pyramid) to view beside --slide."
+        ),
+    ] = None,
+    cmap: Annotated[
+        str, typer.Option("--cmap", help="With --heatmap: the colormap it was drawn with.")
+    ] = "jet",
+    compare: Annotated[
+        str | None,
+        typer.Option("--compare", help="A second run's config: show A | B | A - B panes."),
     ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0 to share on a network).")
@@ -416,21 +515,17 @@ def view(
         bool, typer.Option("--open", help="Open the page in the default web browser.")
     ] = False,
 ) -> None:
-    """Serve the run's slides and heatmaps side by side, panning and zooming together."""
+    """Serve the run's slides and heatmaps side by side, panning and zooming together; or one
+    slide beside one heatmap image (--slide FILE --heatmap IMAGE); or two runs (--compare)."""
     from urllib.parse import quote
 
-    from .viewer import ViewerServer, viewer_entries
+    from .viewer import open_viewer
 
     try:
-        cfg = _load(config, save_exp_code, None, set_)
-        entries = viewer_entries(cfg)
-        if slide is not None and slide not in {e.slide_id for e in entries}:
-            raise ProcessListError(
-                f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
-            )
-        server = ViewerServer(
-            entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
-            run_hint=f"clam-heat run {config}",
+        server, slide, entries = open_viewer(
+            config, slide=slide, heatmap=heatmap, cmap=cmap, compare=compare, host=host,
+            port=port, load=lambda name, exp=None, sets=None: _load(name, exp, None, sets),
+            save_exp_code=save_exp_code, sets=set_,
         )  # fmt: skip
     except ClamHeatError as err:
         _fail(err)
