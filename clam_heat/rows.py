@@ -256,6 +256,15 @@ def overlap_h5_name(slide_id: str, overlap: float | int | str, use_roi: bool) ->
 # --------------------------------------------------------------------------------------------
 
 
+#: MIL-Lab's results file name in ``quick``'s output folder.
+MIL_LAB_CSV = "heatmap_results.csv"
+
+
+def mil_lab_heatmap_path(out: Path, slide_id: str) -> Path:
+    """``OUT/<slide_id>_heatmap.png``, MIL-Lab's per-slide image name (``quick``)."""
+    return Path(out) / f"{slide_id}_heatmap.png"
+
+
 def segmentation_geojson_path(ctx: RowContext) -> Path:
     """The segment stage's tissue contours."""
     return ctx.raw("_segmentation.geojson")

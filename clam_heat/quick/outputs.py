@@ -18,16 +18,9 @@ import cv2
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..config import HeatmapConfig
 from ..errors import OutputError
+from ..rows import MIL_LAB_CSV, mil_lab_heatmap_path
 
 __all__ = ["MIL_LAB_CSV", "MilLabOutputs", "mil_lab_heatmap_path", "write_mil_lab_outputs"]
-
-#: MIL-Lab's results file name in the output folder.
-MIL_LAB_CSV = "heatmap_results.csv"
-
-
-def mil_lab_heatmap_path(out: Path, slide_id: str) -> Path:
-    """``OUT/<slide_id>_heatmap.png``, MIL-Lab's per-slide image name."""
-    return Path(out) / f"{slide_id}_heatmap.png"
 
 
 @dataclass(frozen=True)
