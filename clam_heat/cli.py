@@ -1,8 +1,10 @@
 """``clam-heat`` command line: each command parses options and calls one library function.
 
 Errors derived from :class:`~clam_heat.errors.ClamHeatError` print one line and exit with their
-code (2 for config/process-list problems, 1 otherwise); tracebacks go to the run log. Progress
-goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns progress bars off.
+code (2 for config/process-list problems and for a list another run holds, 1 otherwise);
+tracebacks go to the run log. A run stopped by SIGTERM/SIGINT prints one line and exits
+143/130. Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns
+progress bars off.
 """
 
 from __future__ import annotations
@@ -14,15 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_output import (
-    EXIT_BAD_INPUT,
-    EXIT_DONE,
-    EXIT_INTERRUPTED,
-    ToRunLog,
-    UserWarnings,
-    error_line,
-    unexpected,
-)
+from . import cli_tools
+from .cli_output import error_line, missing_list_text, run_app
 from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
@@ -120,18 +115,6 @@ def list_(
     )
 
 
-def _missing_list_text(path: Path) -> str:
-    """'no such file' for a process list, naming a same-named list one folder down (the demo
-    writes clam_heat_demo/process_lists/demo.csv) or the config form of the command."""
-    near = sorted(Path().glob(f"*/{path}")) if not path.is_absolute() else []
-    hint = (
-        f"did you mean clam-heat status {near[0]}?"
-        if near
-        else "pass the list's path, or the run's YAML config (clam-heat status CONFIG)"
-    )
-    return f"{path}: process list file not found; {hint}"
-
-
 def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "empty"
 
@@ -148,7 +131,7 @@ def status(
         if path.suffix.lower() in {".yaml", ".yml"}:
             path = _load(target, None, None, None).process_list_path
         if not path.exists():
-            raise ProcessListError(_missing_list_text(path))
+            raise ProcessListError(missing_list_text(path))
         df = read_process_list(path)
     except ClamHeatError as err:
         _fail(err)
@@ -229,35 +212,99 @@ def run(
 @app.command()
 def quick(
     ckpt: Annotated[
-        Path, typer.Option("--ckpt", help="Trained model state dict (CLAM s_<fold>_checkpoint.pt).")
+        Path,
+        typer.Option(
+            "--ckpt",
+            "--checkpoint",
+            help="Trained model: CLAM s_<fold>_checkpoint.pt, model.safetensors or a MIL-Lab "
+            "save_pretrained folder.",
+        ),
     ],
     h5_dir: Annotated[
         Path,
-        typer.Option("--h5-dir", help="Feature files <slide_id>.h5 (TRIDENT or CLAM)."),
+        typer.Option("--h5-dir", "--h5_dir", help="Feature files <slide_id>.h5 (TRIDENT or CLAM)."),
     ],
-    slide_dir: Annotated[Path, typer.Option("--slide-dir", help="Folder of the slides.")],
+    slide_dir: Annotated[
+        Path, typer.Option("--slide-dir", "--slide_dir", help="Folder of the slides.")
+    ],
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder (config.yaml, process list, heatmaps).")
+        Path,
+        typer.Option(
+            "--out",
+            "--output_dir",
+            "--output-dir",
+            help="Output folder (config.yaml, process list, heatmaps, heatmap_results.csv).",
+        ),
     ],
     model_type: Annotated[
-        str, typer.Option("--model-type", help="clam_sb, clam_mb, abmil, a MIL-Lab name, ...")
+        str,
+        typer.Option(
+            "--model-type",
+            "--model_type",
+            "--model_name",
+            "--model-name",
+            help="clam_sb, clam_mb, abmil, a MIL-Lab name (abmil.base.uni_v2.pc108-24k), ...",
+        ),
     ] = "clam_sb",
     model_size: Annotated[str, typer.Option("--model-size", help="small or big.")] = "small",
     n_classes: Annotated[
         int | None,
-        typer.Option("--n-classes", min=2, help="Classes (default: read from the checkpoint)."),
+        typer.Option(
+            "--n-classes",
+            "--num_classes",
+            "--num-classes",
+            min=2,
+            help="Classes (default: read from the checkpoint).",
+        ),
     ] = None,
     embed_dim: Annotated[
         int | None,
-        typer.Option("--embed-dim", min=1, help="Feature width (default: read from the H5s)."),
+        typer.Option(
+            "--embed-dim", "--embed_dim", min=1, help="Feature width (default: read from the H5s)."
+        ),
     ] = None,
     slide_ext: Annotated[
         str | None,
-        typer.Option("--slide-ext", help="Slide extension (default: the one the slides share)."),
+        typer.Option(
+            "--slide-ext",
+            "--slide_ext",
+            help="Slide extension (default: the one the slides share).",
+        ),
     ] = None,
     labels: Annotated[
         Path | None, typer.Option("--labels", help="CSV slide_id,label (default: no labels).")
     ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Only the first N slides, in sorted order."),
+    ] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Only the slide ids in this CSV's slide_id column (its label column, "
+            "if any, sets labels).",
+        ),
+    ] = None,
+    cmap: Annotated[
+        str | None, typer.Option("--cmap", help="Matplotlib colormap (default: jet).")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide (0.4)."),
+    ] = None,
+    vis_level: Annotated[
+        int | None,
+        typer.Option(
+            "--vis-level", "--vis_level", min=-1, help="Slide level of the heatmap image (1)."
+        ),
+    ] = None,
+    no_segment: Annotated[
+        bool,
+        typer.Option(
+            "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local worker processes.")] = 1,
     set_: SetOpt = None,
     retry_failed: Annotated[
@@ -269,11 +316,15 @@ def quick(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run without YAML: infer the config from the files, save it as OUT/config.yaml, run it."""
+    """Run without YAML: infer the config from the files, save it as OUT/config.yaml, run it.
+
+    Takes MIL-Lab generate_heatmaps.py's flags too, and writes its outputs
+    (OUT/<slide_id>_heatmap.png, OUT/heatmap_results.csv) beside CLAM's layout.
+    """  # fmt: skip
     import functools
 
     from .executors import make_executor
-    from .quick import QuickOptions, prepare_quick
+    from .quick import QuickOptions, prepare_quick, write_mil_lab_outputs
     from .runner import run_pipeline
 
     options = QuickOptions(
@@ -289,6 +340,12 @@ def quick(
         labels=labels,
         workers=workers,
         sets=set_ or [],
+        limit=limit,
+        csv=csv,
+        cmap=cmap,
+        alpha=alpha,
+        vis_level=vis_level,
+        no_segment=no_segment,
     )
     try:
         plan = prepare_quick(options)
@@ -302,6 +359,12 @@ def quick(
     summary = _run_with_progress(
         plan.config, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
     )
+    if not dry_run:
+        try:
+            written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
+        except ClamHeatError as err:
+            _fail(err)
+        typer.echo(f"MIL-Lab results: {written.csv_path} ({written.rows} slides)")
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -357,6 +420,11 @@ def _run_with_progress(
             )
     except ClamHeatError as err:
         _fail(err)
+    if getattr(summary, "stopped_by", None) is not None:  # SIGTERM/SIGINT: one line, 143/130
+        from .runner import stop_line
+
+        typer.echo(stop_line(summary), err=True)
+        raise typer.Exit(128 + summary.stopped_by)
     if dry_run:
         for slide_id, plan in summary.plans.items():
             parts = [
@@ -403,13 +471,15 @@ def merge(
     """Fold `run --shard i/n` results back into the process list (and, given a config, the
     results CSV); status columns of newer shard rows win, user columns are never touched."""
     from .process_list import merge_process_list
+    from .process_list.lock import list_lock
 
     try:
         path, results = Path(target), None
         if path.suffix.lower() in {".yaml", ".yml"}:
             cfg = _load(target, None, None, None)
             path, results = cfg.process_list_path, cfg.results_csv_path
-        report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
+        with list_lock(path):  # never under a live run of the list or of one of its shards
+            report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
     except ClamHeatError as err:
         _fail(err)
     typer.echo(
@@ -422,11 +492,30 @@ def merge(
 
 @app.command()
 def view(
-    config: ConfigArg,
+    config: Annotated[
+        str | None,
+        typer.Argument(help="YAML config of a run (omit with --slide FILE --heatmap IMAGE)."),
+    ] = None,
     save_exp_code: SaveExpOpt = None,
     set_: SetOpt = None,
     slide: Annotated[
-        str | None, typer.Option("--slide", help="Open this slide_id first (default: the list).")
+        str | None,
+        typer.Option(
+            "--slide", help="Open this slide_id first; with --heatmap, the slide file to view."
+        ),
+    ] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmap", help="A heatmap image (PNG, JPEG, TIFF, pyramid) to view beside --slide."
+        ),
+    ] = None,
+    cmap: Annotated[
+        str, typer.Option("--cmap", help="With --heatmap: the colormap it was drawn with.")
+    ] = "jet",
+    compare: Annotated[
+        str | None,
+        typer.Option("--compare", help="A second run's config: show A | B | A - B panes."),
     ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0 to share on a network).")
@@ -436,21 +525,17 @@ def view(
         bool, typer.Option("--open", help="Open the page in the default web browser.")
     ] = False,
 ) -> None:
-    """Serve the run's slides and heatmaps side by side, panning and zooming together."""
+    """Serve the run's slides and heatmaps side by side, panning and zooming together; or one
+    slide beside one heatmap image (--slide FILE --heatmap IMAGE); or two runs (--compare)."""
     from urllib.parse import quote
 
-    from .viewer import ViewerServer, viewer_entries
+    from .viewer import open_viewer
 
     try:
-        cfg = _load(config, save_exp_code, None, set_)
-        entries = viewer_entries(cfg)
-        if slide is not None and slide not in {e.slide_id for e in entries}:
-            raise ProcessListError(
-                f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
-            )
-        server = ViewerServer(
-            entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
-            run_hint=f"clam-heat run {config}",
+        server, slide, entries = open_viewer(
+            config, slide=slide, heatmap=heatmap, cmap=cmap, compare=compare, host=host,
+            port=port, load=lambda name, exp=None, sets=None: _load(name, exp, None, sets),
+            save_exp_code=save_exp_code, sets=set_,
         )  # fmt: skip
     except ClamHeatError as err:
         _fail(err)
@@ -502,58 +587,15 @@ def demo(
         raise typer.Exit(1)
 
 
+# the tools around a run (doctor, compare, video) live in cli_tools
+for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
+    app.command()(_command)
+
+
 def cli_main(argv: list[str] | None = None) -> int:
-    """Run the command line and return its exit code (what :func:`main` exits with).
-
-    Errors are one ``error:`` line on stderr (usage errors included); Python warnings and
-    library logging go to the run log, never the terminal.
-    """
-    import warnings
-
-    try:
-        from typer import _click as click  # typer vendors its own click (0.2x and later)
-    except ImportError:  # pragma: no cover - older typer on the real click
-        import click  # type: ignore[no-redef]
-
-    forward = ToRunLog()
-    user = UserWarnings(logging.WARNING)
-    shown = logging.getLogger("clam_heat.process_list")
-    root = logging.getLogger()
-    root.addHandler(forward)
-    shown.addHandler(user)
-    warnings_logger = logging.getLogger("py.warnings")
-    warnings_logger.addHandler(forward)
-    warnings_logger.propagate = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            logging.captureWarnings(True)
-            try:
-                code = app(args=argv, prog_name="clam-heat", standalone_mode=False)
-            except click.exceptions.NoArgsIsHelpError:
-                return EXIT_BAD_INPUT  # the help was printed (on stdout) as the error was made
-            except click.exceptions.UsageError as err:
-                command = err.ctx.command_path if err.ctx else "clam-heat"
-                error_line(f"{err.format_message()} (see {command} --help)")
-                return EXIT_BAD_INPUT
-            except click.exceptions.ClickException as err:
-                error_line(err.format_message())
-                return err.exit_code
-            except (typer.Abort, KeyboardInterrupt):
-                sys.stderr.write("interrupted; rerun the same command to continue\n")
-                return EXIT_INTERRUPTED
-            except ClamHeatError as err:
-                error_line(str(err))
-                return err.exit_code
-            except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a line
-                return unexpected(err)
-            finally:
-                logging.captureWarnings(False)
-    finally:
-        root.removeHandler(forward)
-        shown.removeHandler(user)
-        warnings_logger.removeHandler(forward)
-    return code if isinstance(code, int) else EXIT_DONE
+    """Run the command line and return its exit code (what :func:`main` exits with); see
+    :func:`clam_heat.cli_output.run_app`."""
+    return run_app(app, argv)
 
 
 def main() -> None:  # pragma: no cover - console entry

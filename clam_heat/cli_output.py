@@ -12,6 +12,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from .errors import ClamHeatError
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -22,6 +25,8 @@ __all__ = [
     "ToRunLog",
     "UserWarnings",
     "error_line",
+    "missing_list_text",
+    "run_app",
     "unexpected",
 ]
 
@@ -88,3 +93,71 @@ def unexpected(err: BaseException) -> int:
         text = f"unexpected {type(err).__name__}: {err} (a bug; the traceback is in {path})"
     error_line(text)
     return EXIT_ROWS_FAILED
+
+
+def missing_list_text(path: Path) -> str:
+    """'no such file' for a process list, naming a same-named list one folder down (the demo
+    writes clam_heat_demo/process_lists/demo.csv) or the config form of the command."""
+    near = sorted(Path().glob(f"*/{path}")) if not path.is_absolute() else []
+    hint = (
+        f"did you mean clam-heat status {near[0]}?"
+        if near
+        else "pass the list's path, or the run's YAML config (clam-heat status CONFIG)"
+    )
+    return f"{path}: process list file not found; {hint}"
+
+
+def run_app(app: Any, argv: list[str] | None = None) -> int:
+    """Run the Typer ``app`` on ``argv`` and return its exit code.
+
+    Errors are one ``error:`` line on stderr (usage errors included); Python warnings and
+    library logging go to the run log, never the terminal.
+    """
+    import warnings
+
+    import typer
+
+    try:
+        from typer import _click as click  # typer vendors its own click (0.2x and later)
+    except ImportError:  # pragma: no cover - older typer on the real click
+        import click  # type: ignore[no-redef]
+
+    forward = ToRunLog()
+    user = UserWarnings(logging.WARNING)
+    shown = logging.getLogger("clam_heat.process_list")
+    root = logging.getLogger()
+    root.addHandler(forward)
+    shown.addHandler(user)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.addHandler(forward)
+    warnings_logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            logging.captureWarnings(True)
+            try:
+                code = app(args=argv, prog_name="clam-heat", standalone_mode=False)
+            except click.exceptions.NoArgsIsHelpError:
+                return EXIT_BAD_INPUT  # the help was printed (on stdout) as the error was made
+            except click.exceptions.UsageError as err:
+                command = err.ctx.command_path if err.ctx else "clam-heat"
+                error_line(f"{err.format_message()} (see {command} --help)")
+                return EXIT_BAD_INPUT
+            except click.exceptions.ClickException as err:
+                error_line(err.format_message())
+                return err.exit_code
+            except (typer.Abort, KeyboardInterrupt):
+                sys.stderr.write("interrupted; rerun the same command to continue\n")
+                return EXIT_INTERRUPTED
+            except ClamHeatError as err:
+                error_line(str(err))
+                return err.exit_code
+            except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a line
+                return unexpected(err)
+            finally:
+                logging.captureWarnings(False)
+    finally:
+        root.removeHandler(forward)
+        shown.removeHandler(user)
+        warnings_logger.removeHandler(forward)
+    return code if isinstance(code, int) else EXIT_DONE

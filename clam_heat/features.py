@@ -369,11 +369,15 @@ def _check_features(path: Path, raw: np.ndarray) -> np.ndarray:
 
 
 def _check_coords(path: Path, coords_path: Path, raw: np.ndarray, n_features: int) -> np.ndarray:
-    """(N, 2) int64 level-0 coords or a FeatureError naming both counts on a mismatch."""
+    """(N, 2) int64 level-0 coords or a FeatureError naming both counts on a mismatch; a
+    legacy (1, N, 2) array is squeezed like a (1, N, D) bag."""
     where = "" if coords_path == path else f" (from {coords_path})"
+    if raw.ndim == 3 and raw.shape[0] == 1:
+        raw = raw[0]
     if raw.ndim != 2 or raw.shape[1] != 2:
         raise FeatureError(
-            f"{path}: 'coords'{where} has shape {raw.shape}, expected (N, 2) level-0 (x, y) "
+            f"{path}: 'coords'{where} has shape {raw.shape}, expected (N, 2) or (1, N, 2) "
+            "level-0 (x, y) "
             "(re-run patching)"
         )
     if raw.dtype.kind not in "fiu":
@@ -406,7 +410,8 @@ def _read_companion(path: Path, *, with_coords: bool) -> _Companion | None:
         if not isinstance(node, h5py.Dataset):
             return None
         coords = _read_dataset(path, handle, "coords") if with_coords else None
-        n_rows = int(node.shape[0]) if node.shape else 0
+        shape = tuple(node.shape)
+        n_rows = int(shape[1] if len(shape) == 3 and shape[0] == 1 else shape[0] if shape else 0)
         return _Companion(path, _read_attrs(node.attrs), n_rows, coords)
 
 

@@ -49,7 +49,8 @@ def now_iso() -> str:
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    """Identity of an input file: sha256 for small files, size + mtime for large ones.
+    """Identity of an input file: sha256 for small files, size + mtime for large ones; a
+    folder (a ``save_pretrained`` checkpoint) is identified by its files.
 
     Content hashes mean a rerun that rewrites identical bytes does not invalidate downstream
     stages; huge slides are identified cheaply.
@@ -59,6 +60,9 @@ def file_identity(path: Path) -> dict[str, Any]:
         stat = path.stat()
     except FileNotFoundError:
         return {"path": str(path), "missing": True}
+    if path.is_dir():  # a checkpoint saved as a folder (save_pretrained): its files' identities
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return {"path": str(path), "files": {p.name: file_identity(p) for p in files}}
     ident: dict[str, Any] = {"path": str(path), "size": stat.st_size}
     if stat.st_size <= HASH_LIMIT_BYTES:
         ident["sha256"] = _sha256(path, stat)

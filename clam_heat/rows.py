@@ -10,6 +10,11 @@ CLAM's folder layout, kept so CLAM's tools read our outputs::
     <production_save_dir>/<save_exp_code>/<grouping>/                 production_dir:
         <CLAM's long heatmap name>, _heatmap_pyramid.tiff, _attention.geojson, _orig_<l>.<ext>
     <production_save_dir>/<save_exp_code>/sampled_patches/label_<l>_pred_<p>/<sampler>/
+        <slide_id>/ (threshold mode): PNGs or <slide_id>_patches.h5, manifest.csv,
+        <slide_id>_patches.geojson
+    <raw_save_dir>/<save_exp_code>/cohort_scores.h5                   score_scale: cohort
+    raw_dir/<slide_id>_class_<name>_blockmap.h5, production_dir/<slide_id>_class_<name>.<ext>
+                                                                      classes: all | [names]
 
 ``<grouping>`` is the row's label (:func:`grouping_for`). Stages, the viewer and the runner
 take every path from here, so a name changes in one place.
@@ -35,6 +40,9 @@ __all__ = [
     "blockmap_name",
     "blockmap_png_path",
     "build_contexts",
+    "class_heatmap_path",
+    "class_scores_h5_path",
+    "cohort_scores_path",
     "features_cache_path",
     "grouping_for",
     "mask_jpg_path",
@@ -50,6 +58,8 @@ __all__ = [
     "results_csv_path",
     "sampled_patches_dir",
     "segmentation_geojson_path",
+    "threshold_export_dir",
+    "threshold_file_names",
 ]
 
 
@@ -246,6 +256,15 @@ def overlap_h5_name(slide_id: str, overlap: float | int | str, use_roi: bool) ->
 # --------------------------------------------------------------------------------------------
 
 
+#: MIL-Lab's results file name in ``quick``'s output folder.
+MIL_LAB_CSV = "heatmap_results.csv"
+
+
+def mil_lab_heatmap_path(out: Path, slide_id: str) -> Path:
+    """``OUT/<slide_id>_heatmap.png``, MIL-Lab's per-slide image name (``quick``)."""
+    return Path(out) / f"{slide_id}_heatmap.png"
+
+
 def segmentation_geojson_path(ctx: RowContext) -> Path:
     """The segment stage's tissue contours."""
     return ctx.raw("_segmentation.geojson")
@@ -307,6 +326,48 @@ def sampled_patches_dir(ctx: RowContext, pred: int, sampler: str) -> Path:
     return ctx.production_root / "sampled_patches" / f"label_{ctx.label}_pred_{pred}" / sampler
 
 
+def threshold_export_dir(ctx: RowContext, pred: int, sampler: str) -> Path:
+    """A threshold sampler's per-slide folder (many patches per slide: one folder each)."""
+    return sampled_patches_dir(ctx, pred, sampler) / ctx.slide_id
+
+
+def threshold_file_names(slide_id: str) -> dict[str, str]:
+    """File names inside :func:`threshold_export_dir`.
+
+    >>> threshold_file_names("s1")["h5"]
+    's1_patches.h5'
+    """
+    return {
+        "h5": f"{slide_id}_patches.h5",
+        "manifest": "manifest.csv",
+        "geojson": f"{slide_id}_patches.geojson",
+    }
+
+
+def _safe_class(name: str) -> str:
+    """A class name made safe for a file name (letters, digits, '-', '_', '.'; others '_')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def class_scores_h5_path(ctx: RowContext, class_name: str) -> Path:
+    """One class's bag attention (CLAM's score layout), for ``heatmap_arguments.classes``.
+
+    >>> from clam_heat.config import HeatmapConfig
+    >>> ctx = RowContext(HeatmapConfig(), "s1", {}, Path("s1.svs"), "LUAD", {})
+    >>> class_scores_h5_path(ctx, "LSCC").name
+    's1_class_LSCC_blockmap.h5'
+    """
+    return ctx.raw(f"_class_{_safe_class(class_name)}_blockmap.h5")
+
+
+def class_heatmap_path(ctx: RowContext, class_name: str) -> Path:
+    """One class's heatmap, named with the class (``heatmap_arguments.classes``)."""
+    ext = ctx.cfg.heatmap_arguments.save_ext
+    return ctx.production_dir / f"{ctx.slide_id}_class_{_safe_class(class_name)}.{ext}"
+
+
 # --------------------------------------------------------------------------------------------
 # Paths of one run's files
 # --------------------------------------------------------------------------------------------
@@ -316,6 +377,12 @@ def resolved_config_path(cfg: HeatmapConfig) -> Path:
     """The resolved config a run saves beside its raw results."""
     exp = cfg.exp_arguments
     return Path(exp.raw_save_dir) / exp.save_exp_code / "config.yaml"
+
+
+def cohort_scores_path(cfg: HeatmapConfig) -> Path:
+    """The run's sorted cohort scores (``heatmap_arguments.score_scale: cohort``)."""
+    exp = cfg.exp_arguments
+    return Path(exp.raw_save_dir) / exp.save_exp_code / "cohort_scores.h5"
 
 
 def results_csv_path(cfg: HeatmapConfig) -> Path:

@@ -6,14 +6,25 @@ the stages once (:func:`~clam_heat.stages.registry.stages_for`), hands the rows 
 :func:`~clam_heat.stages.row.process_row`) and gives every outcome to the one
 :class:`~clam_heat.process_list.Recorder`, which writes status, last completed stage, error and
 results back to the CSVs. A row's failure never stops the others.
+
+One run per list: the driver holds the list's lock (:mod:`clam_heat.process_list.lock`) from
+before it replays a killed run's journal until its last CSV write, so the start-up temp sweep
+never meets a live run's files. SIGTERM/SIGINT stop it cleanly (:class:`StopSignals`): no more
+rows are handed out, unfinished rows go back to their old status, both CSVs are flushed, the
+workers are stopped, and :attr:`RunSummary.stopped_by` tells the CLI to say so and exit
+128 + signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +32,13 @@ from typing import Any
 from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
+from .phases import map_rows
 from .preflight import preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .process_list.build import missing_slide_reason
+from .process_list.csvfile import write_csv_atomic
+from .process_list.lock import list_lock
+from .process_list.record import replay_journal
 from .rows import (
     RowContext,
     build_contexts,
@@ -33,10 +48,19 @@ from .rows import (
 )
 from .stages.registry import stages_for
 from .stages.row import RowOutcome, plan_row
+from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunSummary", "check_writable", "clean_outputs", "run_pipeline"]
+__all__ = [
+    "RunSummary",
+    "StopRequested",
+    "StopSignals",
+    "check_writable",
+    "clean_outputs",
+    "run_pipeline",
+    "stop_line",
+]
 
 
 @dataclass
@@ -51,6 +75,10 @@ class RunSummary:
     process_list: Path | None = None
     results_csv: Path | None = None
     seconds: float = 0.0
+    #: set when SIGTERM/SIGINT stopped the run: the signal, rows finished, rows put back
+    stopped_by: int | None = None
+    finished: int = 0
+    returned: int = 0
 
     @property
     def ok(self) -> bool:
@@ -61,12 +89,91 @@ class RunSummary:
 
     def add(self, outcome: RowOutcome) -> None:
         """One finished row's numbers."""
+        self.finished += 1
         self.count(outcome.status)
         for name, secs in outcome.ran.items():
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + secs
         self.slowest.append((outcome.slide_id, outcome.seconds))
         if outcome.status == "failed":
             self.failed.append((outcome.slide_id, outcome.error))
+
+
+class StopRequested(BaseException):
+    """Raised by :class:`StopSignals` into the waiting driver (a BaseException, so the
+    ``except Exception`` that keeps a bad row from stopping the run does not swallow it)."""
+
+
+class StopSignals:
+    """SIGTERM/SIGINT -> a clean stop of the driver; a second signal forces the exit.
+
+    The handler only records the signal while the driver records an outcome (``held``), and
+    raises :class:`StopRequested` while it waits for the executor, builds the list or starts
+    workers, so a stop is prompt and never lands inside a CSV or journal write. Installed only
+    in the main thread (Python delivers signals there).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.stopping = False
+        self._armed = True
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and self.stopping:
+            name = signal.Signals(signum).name
+            os.write(2, f"stopped by {name} again: forced exit\n".encode())
+            os._exit(128 + signum)
+        if self.signum is None:
+            self.signum = signum
+        if self._armed:
+            self._armed = False
+            raise StopRequested
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block a signal must not interrupt (a signal that came during it stops the run as
+        the block ends)."""
+        self._armed = False
+        try:
+            yield
+        except BaseException:
+            self._armed = not self.stopping
+            raise
+        self._armed = not self.stopping
+        if self.signum is not None and not self.stopping:
+            self._armed = False
+            raise StopRequested
+
+    def begin_stop(self) -> None:
+        """From now on: no raising; a second signal forces the exit."""
+        self._armed = False
+        self.stopping = True
+
+
+def stop_line(summary: RunSummary) -> str:
+    """The one line a stopped run prints.
+
+    >>> stop_line(RunSummary(stopped_by=15, finished=812, returned=3))
+    'stopped by SIGTERM: 812 done, 3 back to pending; run the same command to resume'
+    """
+    name = signal.Signals(summary.stopped_by or signal.SIGTERM).name
+    return (
+        f"stopped by {name}: {summary.finished} done, {summary.returned} back to pending; "
+        "run the same command to resume"
+    )
 
 
 def _save_resolved_config(cfg: HeatmapConfig) -> Path:
@@ -117,16 +224,13 @@ def run_pipeline(
     plan = stages_for(cfg, stages)
     preflight(cfg, plan, dry_run=dry_run)  # output roots and global inputs, exit 2 if bad
     summary = RunSummary()
-    df, list_path = build_process_list(cfg, write=not dry_run)
-    results_csv = results_csv_path(cfg)
-    if shard is not None:
-        df = shard_frame(df, list_path, *shard)
-        list_path = shard_path(list_path, *shard)
-        results_csv = shard_path(results_csv, *shard)
-    summary.process_list = list_path
-    pending, vanished = _pending_rows(cfg, df, retry_failed, summary)
-
     if dry_run:
+        df, list_path = build_process_list(cfg, write=False)
+        if shard is not None:
+            df = shard_frame(df, list_path, *shard)
+            list_path = shard_path(list_path, *shard)
+        summary.process_list = list_path
+        pending, _vanished = _pending_rows(cfg, df, retry_failed, summary)
         for ctx in pending:
             reasons = plan_row(ctx, plan)
             summary.plans[ctx.slide_id] = {k: (str(v) if v else None) for k, v in reasons.items()}
@@ -134,34 +238,120 @@ def run_pipeline(
         summary.seconds = time.perf_counter() - start
         return summary
 
+    list_path, results_csv = Path(cfg.process_list_path), results_csv_path(cfg)
+    run_list, run_results = list_path, results_csv
+    if shard is not None:
+        run_list, run_results = shard_path(list_path, *shard), shard_path(results_csv, *shard)
     if executor is None:
         workers = cfg.runner_arguments.workers
         executor = LocalExecutor(workers) if workers > 1 else SerialExecutor()
-    with executor:  # a local pool loads its libraries now
-        _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
-        summary.results_csv = results_csv
-        with Recorder(
-            df, list_path, results_csv, n_classes=cfg.exp_arguments.n_classes
-        ) as recorder:
-            # say why on the row; the next `list`/`run` picks it up once the file is back
-            recorder.skipped(
-                {ctx.slide_id: missing_slide_reason(ctx.slide_path) for ctx in vanished}
-            )
-            if on_start:
-                on_start(len(pending))
-
-            def started(rows: Sequence[RowContext]) -> None:
-                recorder.start(ctx.slide_id for ctx in rows)
-
-            for outcome in executor.map_rows(pending, plan, started):
-                recorder.record(outcome)
-                summary.add(outcome)
-                if on_row:
-                    on_row(outcome)
-
+    with contextlib.ExitStack() as held, StopSignals() as stop:
+        try:
+            if shard is not None:  # shards side by side; never under a whole-list run
+                held.enter_context(list_lock(list_path, shared=True))
+            held.enter_context(list_lock(run_list))
+            replay_journal(run_list, run_results)  # a killed run's finished rows first
+            _run_locked(cfg, plan, executor, summary, stop, shard, retry_failed, on_row, on_start)
+        except StopRequested:
+            pass
+        if stop.signum is not None:
+            summary.stopped_by = stop.signum
     summary.slowest = sorted(summary.slowest, key=lambda item: -item[1])[:5]
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run_locked(
+    cfg: HeatmapConfig,
+    plan: Sequence[Any],
+    executor: Any,
+    summary: RunSummary,
+    stop: StopSignals,
+    shard: tuple[int, int] | None,
+    retry_failed: bool,
+    on_row: Callable[[RowOutcome], None] | None,
+    on_start: Callable[[int], None] | None,
+) -> None:
+    """The run proper, holding the list's lock; a stop ends it through :func:`_stop`."""
+    df, list_path = build_process_list(cfg, write=True)
+    results_csv = results_csv_path(cfg)
+    if shard is not None:
+        df = shard_frame(df, list_path, *shard)
+        list_path = shard_path(list_path, *shard)
+        results_csv = shard_path(results_csv, *shard)
+        if len(df):  # the recorder merges into the file on disk (an empty shard writes none)
+            with stop.held():
+                write_csv_atomic(df, list_path)
+    summary.process_list = list_path
+    pending, vanished = _pending_rows(cfg, df, retry_failed, summary)
+    with executor:  # a local pool loads its libraries now
+        _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
+        summary.results_csv = results_csv
+        tracking = RunTracking(cfg, pending, results_csv=results_csv, shard=shard)
+        recorder = Recorder(
+            df,
+            list_path,
+            results_csv,
+            n_classes=cfg.exp_arguments.n_classes,
+            flush_seconds=cfg.runner_arguments.flush_seconds,
+        )
+        outcomes: Iterator[RowOutcome] | None = None
+        # the tracker closes after the recorder: the results CSV it logs is complete
+        with tracking:
+            try:
+                with stop.held():
+                    recorder.journal.open()
+                    # say why on the row; the next `list`/`run` picks it up once the file is back
+                    recorder.skipped(
+                        {ctx.slide_id: missing_slide_reason(ctx.slide_path) for ctx in vanished}
+                    )
+                if on_start:
+                    on_start(len(pending))
+
+                def started(rows: Sequence[RowContext]) -> None:
+                    with stop.held():
+                        recorder.start(ctx.slide_id for ctx in rows)
+
+                outcomes = map_rows(executor, cfg, df, pending, plan, started)
+                for outcome in outcomes:
+                    with stop.held():
+                        recorder.record(outcome)
+                        tracking.on_row(outcome)
+                        summary.add(outcome)
+                        if on_row:
+                            on_row(outcome)
+                    if stop.signum is not None:
+                        raise StopRequested
+            except StopRequested:
+                _stop(stop, summary, recorder, executor, outcomes)
+                raise
+            finally:
+                with stop.held():
+                    recorder.close()
+
+
+def _stop(
+    stop: StopSignals,
+    summary: RunSummary,
+    recorder: Recorder,
+    executor: Any,
+    outcomes: Iterator[RowOutcome] | None,
+) -> None:
+    """A clean stop: unfinished rows back to pending, both CSVs written, workers stopped."""
+    stop.begin_stop()
+    summary.returned = recorder.release()
+    recorder.close()
+    if outcomes is not None and hasattr(outcomes, "close"):
+        outcomes.close()  # a Dask run cancels its tasks here
+    abort = getattr(executor, "abort", None)
+    if abort is not None:
+        abort()
+    log.warning(
+        "stopped by signal %s: %d rows finished, %d back to pending",
+        stop.signum,
+        summary.finished,
+        summary.returned,
+    )
 
 
 def _pending_rows(

@@ -29,14 +29,17 @@ if TYPE_CHECKING:
     from .slide import Slide
 
 __all__ = [
+    "MANIFEST_COLUMNS",
     "SampleMode",
+    "export_threshold",
+    "threshold_indices",
     "sample_indices",
     "sample_patches",
     "sampled_patch_name",
     "save_sampled_patches",
 ]
 
-SampleMode = Literal["topk", "reverse_topk", "range_sample"]
+SampleMode = Literal["topk", "reverse_topk", "range_sample", "threshold"]
 MODES: tuple[str, ...] = ("topk", "reverse_topk", "range_sample")
 
 
@@ -228,3 +231,146 @@ def sample_patches(
         slide, xy[idx], pct[idx], folder, slide_id, patch_level, patch_size
     )
     return paths, warning
+
+
+# --------------------------------------------------------------------------------------------
+# threshold export: every patch at or above a score, with a manifest and a QuPath GeoJSON
+# --------------------------------------------------------------------------------------------
+
+#: Columns of a threshold export's ``manifest.csv``, in order.
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "slide_id", "x", "y", "level", "patch_size", "score", "percentile", "path",
+)  # fmt: skip
+
+
+def threshold_indices(scores: np.ndarray, threshold: float, score: str) -> np.ndarray:
+    """Indices of the patches scoring at or above ``threshold``, highest first (ties by index).
+
+    ``score="percentile"`` compares CLAM's rank percentile on a 0-1 scale (0.9 keeps the top
+    10 %); ``"raw"`` compares the raw attention score.
+
+    >>> s = np.array([0.1, 0.9, 0.5, 0.7])
+    >>> threshold_indices(s, 0.75, "percentile")
+    array([1, 3])
+    >>> threshold_indices(s, 0.5, "raw")
+    array([1, 3, 2])
+    """
+    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if score not in ("percentile", "raw"):
+        raise ValueError(f"score {score!r} is not percentile or raw")
+    values = to_percentiles(flat) / 100 if score == "percentile" else flat
+    keep = np.flatnonzero(values >= threshold)
+    return keep[np.argsort(-flat[keep], kind="stable")].astype(np.int64)
+
+
+def _patch_geojson(xy: np.ndarray, scores: np.ndarray, pct: np.ndarray, side_l0: int) -> str:
+    """QuPath GeoJSON: one level-0 square annotation per exported patch, with its scores."""
+    import json
+
+    features = []
+    for (x, y), s, p in zip(xy.tolist(), scores.tolist(), pct.tolist(), strict=True):
+        ring = [[x, y], [x + side_l0, y], [x + side_l0, y + side_l0], [x, y + side_l0], [x, y]]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"x_{x}_y_{y}",
+                    "measurements": {"attention": s, "percentile": p},
+                },
+            }
+        )
+    return json.dumps({"type": "FeatureCollection", "features": features}) + "\n"
+
+
+def _write_patches_h5(
+    slide: Slide, xy: np.ndarray, level: int, size: int, path: Path, attrs: dict[str, Any]
+) -> None:
+    """One HDF5 of patches, ``imgs`` (M, size, size, 3) uint8 chunked per patch, filled patch by
+    patch (never all patches in memory), then moved into place."""
+    import h5py
+
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        imgs = h5.create_dataset(
+            "imgs",
+            shape=(len(xy), size, size, 3),
+            dtype=np.uint8,
+            chunks=(1, size, size, 3) if len(xy) else None,
+        )
+        for i, (x, y) in enumerate(xy.tolist()):
+            imgs[i] = slide.read_region((x, y), level, (size, size))
+        h5.create_dataset("coords", data=np.asarray(xy, dtype=np.int64).reshape(-1, 2))
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+
+
+def export_threshold(
+    slide: Slide,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    *,
+    spec: Any,
+    slide_id: str,
+    folder: str | os.PathLike[str],
+    patch_level: int,
+    patch_size_level0: int,
+    file_names: dict[str, str],
+) -> tuple[list[Path], str | None]:
+    """Export every patch at or above ``spec.threshold`` (``spec.score``: percentile or raw).
+
+    Writes into ``folder`` (one per slide and sampler): the patches (``spec.format`` png: one
+    CLAM-named PNG each; h5: one HDF5), ``manifest.csv`` (:data:`MANIFEST_COLUMNS`; ``path``
+    relative to ``folder``, ``<h5 name>#<row>`` for HDF5; ``percentile`` on a 0-1 scale) and a
+    QuPath GeoJSON of the exported squares. ``file_names`` maps ``h5``, ``manifest`` and
+    ``geojson`` to the file names (from :mod:`clam_heat.rows`).
+
+    Returns
+    -------
+    (paths written, warning or None)
+    """
+    import csv
+    import io
+
+    from .atomic import write_text_atomic
+
+    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if len(flat) != len(xy):
+        raise ValueError(f"{len(flat)} scores for {len(xy)} coords; they must pair up")
+    idx = threshold_indices(flat, float(spec.threshold), spec.score)
+    warning = None
+    if len(idx) == 0:
+        warning = f"threshold: no patch has a {spec.score} score >= {_num(spec.threshold)}"
+    slide.check_level(patch_level)
+    patch_size = max(1, int(round(patch_size_level0 / slide.level_downsamples[patch_level][0])))
+    pct = to_percentiles(flat)[idx] / 100 if len(flat) else np.zeros(0)
+    out_dir = Path(folder)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot create folder ({err.strerror or err})") from None
+    written: list[Path] = []
+    if spec.format == "h5":
+        h5_path = out_dir / file_names["h5"]
+        attrs = {"slide_id": slide_id, "level": patch_level, "patch_size": patch_size}
+        _write_patches_h5(slide, xy[idx], patch_level, patch_size, h5_path, attrs)
+        written.append(h5_path)
+        rel = [f"{h5_path.name}#{i}" for i in range(len(idx))]
+    else:
+        written += save_sampled_patches(
+            slide, xy[idx], pct * 100, out_dir, slide_id, patch_level, patch_size
+        )
+        rel = [p.name for p in written]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for (x, y), s, p, path in zip(xy[idx].tolist(), flat[idx], pct, rel, strict=True):
+        row = [slide_id, x, y, patch_level, patch_size, repr(float(s)), repr(float(p)), path]
+        writer.writerow(row)
+    written.append(write_text_atomic(out_dir / file_names["manifest"], text.getvalue()))
+    geojson = _patch_geojson(xy[idx], flat[idx], pct, int(patch_size_level0))
+    written.append(write_text_atomic(out_dir / file_names["geojson"], geojson))
+    return written, warning

@@ -365,7 +365,7 @@ def make_flythrough(
     ``zoom_patches`` is how many patches wide a region's close-up is; ``alpha`` the overlay's
     full strength; ``cmap`` defaults to the run's ``heatmap_arguments.cmap``.
     """
-    from .compare import read_blockmap
+    from .h5io import read_scores
     from .slide import open_slide
 
     fw, fh = int(size[0]), int(size[1])
@@ -375,7 +375,7 @@ def make_flythrough(
     if n_frames < 2:
         raise VideoError(f"seconds x fps must give at least 2 frames, got {seconds} x {fps}")
     slide_path, blockmap, run_cmap = _video_inputs(config_path, slide_id)
-    scores, coords, patch_l0 = read_blockmap(blockmap)
+    scores, coords, patch_l0 = read_scores(blockmap)
     if len(scores) == 0:
         raise VideoError(f"{blockmap}: no patches, nothing to fly over")
     target = Path(out)

@@ -91,6 +91,8 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
             "binary_thresh": -1.0,
             "custom_downsample": 1,
             "cmap": "jet",
+            "score_scale": "slide",
+            "classes": "predicted",
         },
         "sample_arguments": {
             "samples": [
@@ -102,6 +104,9 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
                     "mode": "topk",
                     "score_start": 0.0,
                     "score_end": 1.0,
+                    "threshold": 0.9,
+                    "score": "percentile",
+                    "format": "png",
                 }
             ]
         },
@@ -119,6 +124,9 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
             "extract_features": False,
             "loader_workers": 0,
             "amp": False,
+            "flush_seconds": 30.0,
+            "tracker": "none",
+            "tracker_uri": None,
             "log_level": "INFO",
         },
     }
@@ -257,7 +265,7 @@ def test_all_problems_reported_together_in_line_order(cwd: Path) -> None:
         "config.yaml:12 heatmap_arguments.save_ext = 'gif': must be one of jpg, jpeg, png, "
         "tiff, tif (did you mean 'tif'?)",
         "config.yaml:15 sample_arguments.samples[0].mode = 'top': must be one of 'topk', "
-        "'reverse_topk' or 'range_sample'",
+        "'reverse_topk', 'range_sample' or 'threshold'",
         "config.yaml:15 sample_arguments.samples[0].k = 0: must be >= 1",
         "config.yaml:16 sample_arguments.samples[1].name: missing required key",
         "config.yaml:16 sample_arguments.samples[1].mdoe: unknown key (did you mean 'mode'?)",
@@ -529,8 +537,8 @@ def test_set_override_errors_name_the_override(cwd: Path) -> None:
         "--set heatmap_argument.alpha=0.5: unknown block (did you mean 'heatmap_arguments'?)",
         "--set alpha=0.5: expected BLOCK.KEY=VALUE (e.g. heatmap_arguments.alpha=0.5)",
         "--set sample_arguments.samples=[{name: x, mode: top}]: "
-        "sample_arguments.samples[0].mode = 'top': must be one of 'topk', 'reverse_topk' or "
-        "'range_sample'",
+        "sample_arguments.samples[0].mode = 'top': must be one of 'topk', 'reverse_topk', "
+        "'range_sample' or 'threshold'",
     ]
 
 

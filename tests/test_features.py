@@ -311,6 +311,34 @@ def test_other_feature_ranks_are_rejected(tmp_path: Path, shape: tuple[int, ...]
     )
 
 
+def test_three_d_coords_are_squeezed_like_three_d_features(tmp_path: Path) -> None:
+    """Legacy CLAM/MIL-Lab files store coords as (1, N, 2) next to (1, N, D) features."""
+    path = write_h5(
+        tmp_path / "s1.h5",
+        features=feats()[None],
+        coords=grid()[None].astype(np.int32),
+        coords_attrs={"patch_size_level0": 256},
+    )
+    bag = load_bag(path)
+    assert bag.coords_l0.shape == (12, 2) and bag.coords_l0.dtype == np.int64
+    np.testing.assert_array_equal(bag.coords_l0, grid())
+    # a 3-D companion (TRIDENT-style patches file) is squeezed too, and its row count is N
+    cfg = tmp_path / "job"
+    features_path = write_h5(cfg / "features_uni_v1" / "s2.h5", features=feats())
+    write_h5(
+        cfg / "patches" / "s2_patches.h5",
+        coords=grid(step=512)[None],
+        coords_attrs={"patch_size_level0": 512},
+    )
+    companion_bag = load_bag(features_path)
+    np.testing.assert_array_equal(companion_bag.coords_l0, grid(step=512))
+    assert companion_bag.patch_size_l0 == 512
+    # more than one leading bag is not a legacy layout
+    bad = write_h5(tmp_path / "s3.h5", features=feats(), coords=np.zeros((2, 12, 2), np.int64))
+    with pytest.raises(FeatureError, match=r"'coords' has shape \(2, 12, 2\), expected"):
+        load_bag(bad)
+
+
 def test_float_coords_are_rounded_to_int64(tmp_path: Path) -> None:
     coords = grid().astype(np.float64) + 0.4
     path = write_h5(
@@ -417,7 +445,8 @@ def test_coords_wrong_shape(tmp_path: Path) -> None:
     with pytest.raises(FeatureError) as err:
         load_bag(path)
     assert str(err.value) == (
-        f"{path}: 'coords' has shape (12, 3), expected (N, 2) level-0 (x, y) (re-run patching)"
+        f"{path}: 'coords' has shape (12, 3), expected (N, 2) or (1, N, 2) level-0 (x, y) "
+        "(re-run patching)"
     )
 
 

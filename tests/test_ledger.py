@@ -106,3 +106,18 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypa
         write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_a_checkpoint_folder_is_identified_by_its_files(tmp_path: Path) -> None:
+    """Catches: a save_pretrained folder crashing the fingerprint (IsADirectoryError) or a
+    changed weights file inside it not changing the identity (the infer stage would not rerun)."""
+    from clam_heat.ledger import file_identity
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"a")
+    before = file_identity(folder)
+    assert set(before["files"]) == {"config.json", "model.safetensors"}
+    (folder / "model.safetensors").write_bytes(b"b")
+    assert file_identity(folder) != before

@@ -987,3 +987,46 @@ def test_attention_logits_dsmil_branch_is_that_class_column() -> None:
     with pytest.raises(CheckpointError, match="model has 3 attention branches; .* got None"):
         attention_logits(model, h, branch=None)
     assert pred in range(3)
+
+
+# ============================================================================================
+# checkpoints as MIL-Lab's save_pretrained writes them
+
+
+def test_safetensors_file_and_save_pretrained_folder_load(tmp_path: Path) -> None:
+    """A bare ``model.safetensors`` and a ``save_pretrained`` folder (config.json +
+    model.safetensors) load into ABMIL with the same outputs as the reference forward."""
+    from safetensors.torch import save_file
+
+    model = randomise(build_model("abmil", n_classes=3, embed_dim=D, **SMALL["abmil"]), seed=11)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    h = bag(25, seed=6)
+    logits, raw = gated_reference(
+        np_state(state), h.astype(np.float64), "model.patch_embed.0", "model.global_attn",
+        "model.classifier",
+    )  # fmt: skip
+    bare = tmp_path / "model.safetensors"
+    save_file(state, str(bare))
+    folder = tmp_path / "abmil.base.uni_v2.pc108-24k"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "abmil", "num_classes": 3}))
+    save_file({f"module.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
+    for path in (bare, folder):
+        loaded = load_model(path, "abmil", n_classes=3, embed_dim=D)
+        out = run_attention(loaded, h)
+        np.testing.assert_allclose(out.logits, logits, atol=1e-5, err_msg=str(path))
+        np.testing.assert_allclose(out.attention, raw, atol=1e-5, err_msg=str(path))
+    from clam_heat.models import checkpoint_n_classes
+
+    assert checkpoint_n_classes(load_checkpoint_state(folder)) == 3
+
+
+def test_bad_safetensors_and_empty_folder_are_one_line_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot be read as safetensors"):
+        load_checkpoint_state(junk)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: folder without model.safetensors"):
+        load_checkpoint_state(empty)

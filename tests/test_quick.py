@@ -6,6 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -159,7 +161,7 @@ def _headless_checkpoint(tmp_path: Path) -> Path:
         (
             lambda p: {**p, "ckpt": p["ckpt"].with_name("nope.pt")},
             "error: --ckpt {ckpt}: no such file; pass your trained model's state dict (CLAM "
-            "s_<fold>_checkpoint.pt)",
+            "s_<fold>_checkpoint.pt, model.safetensors or a save_pretrained folder)",
         ),
         (
             lambda p: {**p, "h5": p["slides"]},
@@ -212,3 +214,120 @@ def test_quick_ambiguous_slide_extension_asks_for_slide_ext(inputs: dict[str, Pa
     picked = runner.invoke(app, _quick(inputs, "--slide-ext", ".svs", "--dry-run"))
     assert picked.exit_code == 0, picked.output
     assert "demo_002: segment: no previous run" in picked.output
+
+
+# ------------------------------------------------------------------------------ MIL-Lab flags
+
+
+def _mil_lab_inputs(demo_source: Path, tmp_path: Path) -> dict[str, Path]:
+    """MIL-Lab's layout: all five demo slides and features, and a slides.csv naming three
+    of them (one with its extension) plus one id that has no slide."""
+    (tmp_path / "slides.csv").write_text(
+        "slide_id,label\ndemo_004.tiff,tumour\ndemo_001,normal\ndemo_002,tumour\ndemo_999,normal\n"
+    )
+    return {
+        "ckpt": demo_source / "ckpts" / "s_0_checkpoint.pt",
+        "h5": demo_source / "features",
+        "slides": demo_source / "slides",
+        "out": tmp_path / "heatmaps" / "panda_results",
+        "csv": tmp_path / "slides.csv",
+    }
+
+
+def test_mil_lab_flags_write_the_scripts_outputs_and_resume(
+    demo_source: Path, tmp_path: Path
+) -> None:
+    """The script's own command line, underscores then dashes; --csv picks and labels slides,
+    --limit takes the first N in sorted order, drawing flags reach the config."""
+    p = _mil_lab_inputs(demo_source, tmp_path)
+    underscores = [
+        "quick", "--checkpoint", str(p["ckpt"]), "--h5_dir", str(p["h5"]),
+        "--slide_dir", str(p["slides"]), "--output_dir", str(p["out"]), "--slide_ext", ".tiff",
+        "--limit", "2", "--csv", str(p["csv"]), "--cmap", "plasma", "--alpha", "0.5",
+        "--vis_level", "2", "--num_classes", "2", "--model_name", "clam_sb", "--no_segment", "-q",
+    ]  # fmt: skip
+    first = runner.invoke(app, underscores)
+    assert first.exit_code == 0, first.output
+    assert "have no slide and H5 pair, skipped: demo_999" in first.output
+    out = p["out"]
+    cfg = load_config(out / "config.yaml")
+    heat = cfg.heatmap_arguments
+    assert (heat.cmap, heat.alpha, heat.vis_level) == ("plasma", 0.5, 2)
+    assert cfg.runner_arguments.segment_heatmap is False
+    assert cfg.model_arguments.model_type == "clam_sb" and cfg.exp_arguments.n_classes == 2
+    # --csv {004, 001, 002} -> sorted -> --limit 2 -> 001, 002; labels from its label column
+    plist = pd.read_csv(out / "process_list.csv", dtype={"slide_id": str})
+    assert dict(zip(plist["slide_id"], plist["label"], strict=True)) == {
+        "demo_001": "normal", "demo_002": "tumour"
+    }  # fmt: skip
+    table = pd.read_csv(out / "heatmap_results.csv", dtype={"slide_id": str})
+    assert list(table.columns) == [
+        "slide_id", "num_patches", "prediction", "probabilities",
+        "attention_mean", "attention_std", "heatmap_path",
+    ]  # fmt: skip
+    assert table["slide_id"].tolist() == ["demo_001", "demo_002"]
+    results = pd.read_csv(out / "results" / "process_list.csv", dtype={"slide_id": str})
+    names = ["normal", "tumour"]  # label_dict order: class 0, class 1
+    for row, res in zip(table.itertuples(), results.itertuples(), strict=True):
+        probs = [float(v) for v in row.probabilities.strip("[]").split(",")]
+        # class order, not CLAM's rank order: prob_<label> columns, in label_dict index order
+        assert probs == pytest.approx([res.prob_normal, res.prob_tumour], abs=1e-6)
+        assert row.prediction == names[int(np.argmax(probs))] == res.Pred_0
+        assert res.p_0 == pytest.approx(max(probs), abs=1e-6)  # p_0 is the TOP probability
+        assert row.num_patches == res.bag_size
+        assert row.attention_mean == pytest.approx(res.attention_mean)
+        png = out / f"{row.slide_id}_heatmap.png"
+        assert row.heatmap_path == str(png)
+        prod = list((out / "heatmap_production_results" / "quick").glob(
+            f"*/{row.slide_id}_0.5_roi_0_blur_0_rs_1_bc_0_a_0.5_l_2_*.jpg"
+        ))  # fmt: skip
+        assert len(prod) == 1
+        assert np.array_equal(cv2.imread(str(png)), cv2.imread(str(prod[0])))  # same pixels
+    # one slide is predicted class 1: there p_0 is NOT class 0's probability
+    assert (results["Pred_0"] == "tumour").any()
+    tumour = results.loc[results["Pred_0"] == "tumour"].iloc[0]
+    assert tumour["p_0"] == tumour["prob_tumour"] != tumour["prob_normal"]
+    assert (
+        not (out / "demo_000_heatmap.png").exists() and not (out / "demo_004_heatmap.png").exists()
+    )
+
+    # the dash spellings, --limit 3: the two finished slides are not redone, the third runs
+    before = {s: _png_time(out, s) for s in ("demo_001", "demo_002")}
+    dashes = [a.replace("_", "-") if a.startswith("--") else a for a in underscores]
+    dashes[dashes.index("--limit") + 1] = "3"
+    again = runner.invoke(app, dashes)
+    assert again.exit_code == 0, again.output
+    assert "rows: 1 done, 2 already done" in again.output or "rows: 3 done" in again.output
+    assert {s: _png_time(out, s) for s in before} == before  # not re-encoded
+    table = pd.read_csv(out / "heatmap_results.csv", dtype={"slide_id": str})
+    assert table["slide_id"].tolist() == ["demo_001", "demo_002", "demo_004"]
+    # without --csv and --limit every matched slide is selected again
+    everything = [a for a in dashes if a not in ("--limit", "3", "--csv", str(p["csv"]))]
+    assert runner.invoke(app, everything).exit_code == 0
+    plist = pd.read_csv(out / "process_list.csv", dtype={"slide_id": str})
+    assert (plist["process"] == 1).all() and len(plist) == 5
+
+
+def _png_time(out: Path, slide_id: str) -> int:
+    return (out / f"{slide_id}_heatmap.png").stat().st_mtime_ns
+
+
+def test_csv_without_a_known_slide_and_bad_limit_are_clear_errors(
+    demo_source: Path, tmp_path: Path
+) -> None:
+    p = _mil_lab_inputs(demo_source, tmp_path)
+    p["csv"].write_text("slide_id\nnope_1\nnope_2\n")
+    base = [
+        "quick", "--checkpoint", str(p["ckpt"]), "--h5_dir", str(p["h5"]),
+        "--slide_dir", str(p["slides"]), "--output_dir", str(p["out"]), "-q",
+    ]  # fmt: skip
+    result = runner.invoke(app, [*base, "--csv", str(p["csv"])])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: --csv {p['csv']}: none of its 2 slide_id(s) (nope_1, nope_2) has both a slide "
+        "and an H5; check the ids and --slide-dir / --h5-dir"
+    )
+    p["csv"].write_text("id,label\na,b\n")
+    result = runner.invoke(app, [*base, "--csv", str(p["csv"])])
+    assert result.exit_code == 2 and "no 'slide_id' column" in result.output
+    assert runner.invoke(app, [*base, "--limit", "0"]).exit_code == 2

@@ -24,6 +24,8 @@ from clam_heat.training import (
     HeatmapSkippedWarning,
     attention_scores,
     grid_attention_map,
+    log_validation_attention,
+    model_attention,
     normalize_attention,
     open_summary_writer,
     spatial_attention_map,
@@ -351,19 +353,113 @@ def test_logger_h5_without_coords_dataset_falls_back_to_grid(tmp_path: Path) -> 
         )
 
 
-def test_logger_missing_h5_is_one_warning_and_no_image(tmp_path: Path) -> None:
+def test_logger_missing_h5_falls_back_to_the_grid_map(tmp_path: Path) -> None:
+    """CLAM's seed: a slide without an H5 still gets a map (the grid), with one warning."""
     writer = SummaryWriter(str(tmp_path / "tb"))
     logger = AttentionHeatmapLogger(writer, features_dir=tmp_path)
-    with pytest.warns(HeatmapSkippedWarning) as record:
-        assert logger.log(np.arange(6.0), step=0, slide_id="nope") is None
-        assert logger.log(np.arange(6.0), step=0, slide_id="second") is None  # not retried
+    with pytest.warns(GridFallbackWarning) as record:
+        assert logger.log(np.arange(6.0), step=0, slide_id="nope") == "val/grid_attention_heatmap"
+        assert logger.log(np.arange(6.0), step=0, slide_id="second") is None  # one per epoch
     writer.close()
     assert len(record) == 1
-    assert str(record[0].message).startswith(
-        "attention heatmap for step 0 (slide 'nope') skipped: FeatureError: "
+    message = str(record[0].message)
+    assert (
+        message.startswith("slide 'nope', step 0: ") and "no feature H5 for slide 'nope'" in message
     )
-    assert "no feature H5 for slide 'nope'" in str(record[0].message)
-    assert read_images(tmp_path / "tb") == {}
+    assert "coords missing: 6 attention scores, 0 coordinates" in message
+    [(step, width, height, pixels)] = read_images(tmp_path / "tb")["val/grid_attention_heatmap"]
+    assert step == 0
+    with pytest.warns(GridFallbackWarning):
+        grid = grid_attention_map(np.arange(6.0))
+    np.testing.assert_array_equal(pixels, grid)
+
+
+def test_smoothing_interpolates_between_patch_centres() -> None:
+    """Two patches side by side, scores low and high: flat squares without smoothing; with it
+    the pixels between the two centres rise monotonically, the centres keep their colours."""
+    coords = [[0, 0], [512, 0]]
+    flat = spatial_attention_map([0.0, 1.0], coords, patch_size=512, downsample=64, cmap="gray",
+                                 normalize="minmax")  # fmt: skip
+    smooth = spatial_attention_map([0.0, 1.0], coords, patch_size=512, downsample=64,
+                                   cmap="gray", normalize="minmax", smooth=True)  # fmt: skip
+    assert flat.shape == smooth.shape == (8, 16, 3)
+    assert set(flat[0, :, 0].tolist()) == {0, 255}
+    row = smooth[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255  # outside the centres: the patch's own value
+    assert np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 4  # a ramp, not two blocks
+    # an uncovered gap stays background
+    gap = spatial_attention_map([0.0, 1.0], [[0, 0], [1024, 0]], patch_size=512, downsample=64,
+                                cmap="gray", normalize="minmax", smooth=True)  # fmt: skip
+    assert gap[0, 8:16].tolist() == [[128, 128, 128]] * 8
+
+
+class _ClamSplit(torch.utils.data.Dataset):
+    """CLAM's Generic_Split as validate_clam sees it: slide_data, data_dir, (features, label)."""
+
+    def __init__(self, data_dir: Path, bags: dict[str, torch.Tensor]) -> None:
+        import pandas as pd
+
+        self.data_dir = str(data_dir)
+        self.slide_data = pd.DataFrame({"slide_id": list(bags), "label": [0] * len(bags)})
+        self.bags = list(bags.values())
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.bags[i], 0
+
+
+def _collate_mil(batch: list) -> list:
+    """CLAM's collate_MIL: features concatenated, labels as a LongTensor."""
+    return [torch.cat([b[0] for b in batch]), torch.LongTensor([b[1] for b in batch])]
+
+
+def test_log_validation_attention_is_a_one_call_hook_for_validate_clam(
+    tmp_path: Path, sb_model: ClamSB
+) -> None:
+    coords = grid_coords(4, 3, step=512)
+    (tmp_path / "feat" / "h5_files").mkdir(parents=True)
+    write_trident_h5(tmp_path / "feat" / "h5_files" / "slide_0.h5", coords, patch_size_level0=512.0)
+    torch.manual_seed(5)
+    bags = {"slide_0": torch.randn(12, EMBED), "slide_1": torch.randn(7, EMBED)}
+    loader = torch.utils.data.DataLoader(
+        _ClamSplit(tmp_path / "feat", bags), batch_size=1, collate_fn=_collate_mil
+    )
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for epoch in range(2):  # validate_clam's two added lines, once per epoch
+        tag = log_validation_attention(writer, sb_model, loader, epoch)
+        assert tag == "val/spatial_attention_heatmap"
+    writer.close()
+    logged = read_images(tmp_path / "tb")["val/spatial_attention_heatmap"]
+    assert [step for step, *_ in logged] == [0, 1]
+    want = spatial_attention_map(
+        model_attention(sb_model, bags["slide_0"]), coords, patch_size=512, downsample=32
+    )
+    np.testing.assert_array_equal(logged[0][3], want)  # slide 0's map, its H5 coords and size
+    # a split whose first slide has no H5: the grid map, and training is never interrupted
+    empty = torch.utils.data.DataLoader(
+        _ClamSplit(tmp_path / "nowhere", {"slide_x": torch.randn(5, EMBED)}),
+        batch_size=1, collate_fn=_collate_mil,
+    )  # fmt: skip
+    with pytest.warns(GridFallbackWarning, match="slide 'slide_x'"):
+        assert log_validation_attention(_Recorder(), sb_model, empty, 0) == (
+            "val/grid_attention_heatmap"
+        )
+    assert log_validation_attention(None, sb_model, loader, 0) is None  # writer off in CLAM
+    with pytest.warns(HeatmapSkippedWarning, match="step 3"):
+        broken = torch.utils.data.DataLoader(_ClamSplit(tmp_path, {}), batch_size=1)
+        assert log_validation_attention(_Recorder(), sb_model, broken, 3) is None
+
+
+class _Recorder:
+    """An ImageWriter that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.images: list[tuple[str, np.ndarray, int]] = []
+
+    def add_image(self, tag: str, image: np.ndarray, global_step: int, dataformats: str) -> None:
+        self.images.append((tag, image, global_step))
 
 
 def test_raising_coords_loader_does_not_stop_training(tmp_path: Path) -> None:

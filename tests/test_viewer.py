@@ -454,7 +454,7 @@ def test_browser_panes_pan_and_zoom_together(viewed_run: Path, browser: _DevTool
 def test_open_slides_are_bounded_by_count_and_decoded_bytes(
     viewed_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clam_heat.viewer as viewer
+    import clam_heat.viewer.server as viewer
 
     entries = viewer_entries(load_config(viewed_run))
     with ViewerServer(entries, port=0) as server:
@@ -534,14 +534,21 @@ def _raw_get(port: int, host_header: str | None) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_foreign_host_header_is_refused(viewed_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_foreign_host_header_is_refused(viewed_run: Path) -> None:
     """DNS rebinding: evil.example resolving to 127.0.0.1 must not read the run's slides."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("clam_heat")  # the viewer's records reach it, whatever the CLI did
+    logger.addHandler(catcher)
     entries = viewer_entries(load_config(viewed_run))
     with ViewerServer(entries, port=0) as server:
         port = int(server.url.rsplit(":", 1)[1].strip("/"))
         for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
             assert _raw_get(port, good)[0] == 200, good
-        with caplog.at_level("WARNING", logger="clam_heat.viewer"):
+        try:
             status, body = _raw_get(port, f"evil.example:{port}")
             assert status == 421 and b"demo_000" not in body
             assert (
@@ -549,6 +556,201 @@ def test_foreign_host_header_is_refused(viewed_run: Path, caplog: pytest.LogCapt
             )
             assert _raw_get(port, f"127.0.0.1:{port + 1}")[0] == 421  # another port
             assert _raw_get(port, None)[0] == 400
-        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        finally:
+            logger.removeHandler(catcher)
+        refused = [r.getMessage() for r in records if "refused" in r.getMessage()]
         assert len(refused) == 3 and all("\n" not in line for line in refused)
         assert "evil.example" in refused[0]
+
+
+# ------------------------------------------------------------------------------ pair viewer
+
+
+def _jet_ramp(path: Path, size: tuple[int, int] = (160, 120), cmap: str = "plasma") -> np.ndarray:
+    """A heatmap-like image (colormap ramp left to right) written to ``path``; returns its RGB."""
+    from clam_heat.heatmap import apply_colormap
+
+    w, h = size
+    rgb = apply_colormap(np.tile(np.linspace(0, 1, w), (h, 1)), cmap)
+    rgb[: h // 3] = apply_colormap(np.full((h // 3, w), 0.9), cmap)  # a band of high values
+    if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+        cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    else:
+        import tifffile
+
+        tifffile.imwrite(path, rgb)
+    return rgb
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tiff"])
+def test_pair_entry_places_any_image_by_size(
+    demo_source: Path, tmp_path: Path, suffix: str
+) -> None:
+    from clam_heat.viewer import pair_entry
+
+    slide_path = demo_source / "slides" / "demo_000.tiff"
+    image = tmp_path / f"demo_000_heatmap{suffix}"
+    rgb = _jet_ramp(image)
+    entry = pair_entry(slide_path, image)
+    assert (entry.slide_id, entry.heatmap_path, entry.l0_box) == ("demo_000", image, None)
+    with open_slide(slide_path) as slide:
+        layer = open_heatmap_layer(image, slide.dimensions)
+        assert layer.info()["levels"][0]["downsample"] == pytest.approx(
+            [slide.dimensions[0] / 160, slide.dimensions[1] / 120]
+        )
+    tile = layer.tile(0, 0, 0)
+    assert tile.shape == rgb.shape and _mad(tile, rgb) < (4 if suffix == ".jpg" else 0.01)
+    with pytest.raises(OutputError, match=r"--heatmap .*nope.png: no such file"):
+        pair_entry(slide_path, tmp_path / "nope.png")
+
+
+def test_cli_pair_mode_runs_verbatim(demo_source: Path, tmp_path: Path) -> None:
+    """`clam-heat view --slide SLIDE --heatmap IMAGE`, MIL-Lab's view_heatmap_sync.py line."""
+    cli = [str(Path(sys.executable).with_name("clam-heat"))]
+    image = tmp_path / "demo_001_heatmap.png"
+    _jet_ramp(image)
+    slide_path = demo_source / "slides" / "demo_001.tiff"
+    bad = subprocess.run([*cli, "view", "--heatmap", str(image), "--port", "0"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--slide SLIDE_FILE --heatmap IMAGE" in bad.stderr
+    proc = subprocess.Popen(
+        [*cli, "view", "--slide", str(slide_path), "--heatmap", str(image), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        match = re.match(
+            r"viewer: (http://127\.0\.0\.1:\d+/)view/demo_001 \(1 slides, 1 with", line
+        )
+        assert match, line
+        info = json.loads(_get(match.group(1) + "api/slides/demo_001")[1])
+        assert info["error"] is None and info["heatmap_file"] == image.name
+        assert info["legends"][0]["cmap"] == "jet" and len(info["legends"][0]["colors"]) == 256
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_browser_pair_mode_legend_and_overlay(
+    demo_source: Path, tmp_path: Path, browser: _DevTools
+) -> None:
+    """The colour bar shows the colormap's own colours; the overlay toggle turns the slide pane
+    into (1 - a) * slide + a * heatmap at the slider's opacity."""
+    from clam_heat.heatmap import apply_colormap
+    from clam_heat.viewer import legend, pair_entry
+
+    image = tmp_path / "demo_002_heatmap.png"
+    _jet_ramp(image)
+    entry = pair_entry(demo_source / "slides" / "demo_002.tiff", image)
+    bar = legend("plasma", "attention", "low", "high")
+    with ViewerServer([entry], port=0, legends=[bar], alpha=0.4) as server:
+        browser.call("Page.navigate", url=server.url + "view/demo_002")
+        browser.wait_idle()
+        assert browser.evaluate("window.clamHeat.failed()") == 0
+        # the colour bar: title, ends, and its pixels are the colormap's, low to high
+        text = browser.evaluate("document.querySelector('.legend').innerText")
+        assert "attention (plasma)" in text and "low" in text and "high" in text
+        x, y, w, h = (round(v) for v in browser.evaluate(
+            "(() => { const r = document.querySelector('.legend canvas').getBoundingClientRect();"
+            " return [r.left, r.top, r.width, r.height]; })()"
+        ))  # fmt: skip
+        shot = browser.screenshot()
+        strip = shot[y + h // 2, x : x + w].astype(np.float32)
+        want = apply_colormap((np.arange(w) + 0.5) / w, "plasma").astype(np.float32)
+        assert np.abs(strip - want).mean() < 3
+        jet = apply_colormap((np.arange(w) + 0.5) / w, "jet").astype(np.float32)
+        assert np.abs(strip - jet).mean() > 30  # the check can tell colormaps apart
+        assert browser.evaluate("document.getElementById('opacity').value") == "40"
+
+        (lx, ly, pw, ph), (rx, ry, _, _) = browser.pane_rects()
+        # the panes' pixels without their labels: title (top), scale bar and colour bar (bottom)
+        top, bottom = ly + 32, ly + ph - 90
+        shot = browser.screenshot()
+        slide_only, heat = shot[top:bottom, lx : lx + pw], shot[top:bottom, rx : rx + pw]
+        browser.evaluate("window.clamHeat.setOverlay(true, 0.5)")
+        browser.wait_idle()
+        blended = browser.screenshot()[top:bottom, lx : lx + pw]
+        want = 0.5 * slide_only.astype(np.float32) + 0.5 * heat.astype(np.float32)
+        assert _mad(blended, want) < 2
+        assert _mad(blended, slide_only) > 10  # the toggle visibly changed the pane
+        browser.evaluate("window.clamHeat.setOverlay(true, 0.2)")
+        browser.wait_idle()
+        light = browser.screenshot()[top:bottom, lx : lx + pw]
+        assert _mad(light, 0.8 * slide_only.astype(np.float32) + 0.2 * heat) < 2
+        browser.evaluate("window.clamHeat.setOverlay(false)")
+        browser.wait_idle()
+        assert _mad(browser.screenshot()[top:bottom, lx : lx + pw], slide_only) < 0.5
+
+
+# ------------------------------------------------------------------------------ compare pane
+
+
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) -> Path:
+    """The demo run again with the attention head negated: a planted, total disagreement."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("viewer_b") / "demo"
+    shutil.copytree(demo_source, folder)
+    ckpt = folder / "ckpts" / "s_0_checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for key in [k for k in state if "attention_c" in k]:
+        state[key] = -state[key]
+    torch.save(state, ckpt)
+    config = folder / "config.yaml"
+    assert run_pipeline(load_config(config)).ok
+    return config
+
+
+def test_browser_compare_mode_shows_a_b_and_the_difference(
+    viewed_run: Path, run_b: Path, browser: _DevTools
+) -> None:
+    from clam_heat.compare import DIFF_CMAP, run_outputs
+    from clam_heat.h5io import read_scores
+    from clam_heat.heatmap import apply_colormap, to_percentiles
+    from clam_heat.viewer import compare_entries, legend
+
+    entries = compare_entries(
+        viewer_entries(load_config(viewed_run)), load_config(run_b), viewed_run, run_b
+    )
+    entry = entries[0]
+    assert entry.compare_path is not None and entry.compare_path.is_file()
+    legends = [legend("jet", "attention percentile", "0", "100"),
+               legend(DIFF_CMAP, "A - B percentile", "-100", "+100")]  # fmt: skip
+    with ViewerServer(entries, port=0, legends=legends, compare=True) as server:
+        layer = server.opened(entry.slide_id).difference
+        # the difference layer, checked against the blockmaps: a patch's colour is
+        # RdBu_r((pct_A - pct_B) / 100 / 2 + 1/2); negated attention ranks every patch oppositely
+        scores_a, coords, size = read_scores(run_outputs(viewed_run)[entry.slide_id].blockmap)
+        scores_b, _, _ = read_scores(run_outputs(run_b)[entry.slide_id].blockmap)
+        diff = (to_percentiles(scores_a) - to_percentiles(scores_b)) / 100.0
+        assert np.abs(diff).mean() > 0.3
+        ds = layer.info()["levels"][0]["downsample"][0]
+        image = layer.slide.read_region((0, 0), 0, layer.slide.dimensions)
+        for i in (int(np.argmax(diff)), int(np.argmin(diff))):
+            cx, cy = ((coords[i] + size / 2) / ds).astype(int)
+            want = apply_colormap(np.array([(diff[i] + 1) / 2]), DIFF_CMAP)[0]
+            assert np.abs(image[cy, cx].astype(int) - want).max() <= 2
+
+        browser.call("Page.navigate", url=server.url + f"view/{entry.slide_id}")
+        browser.wait_idle()
+        assert browser.evaluate("window.clamHeat.failed()") == 0
+        titles = browser.evaluate(
+            "[...document.querySelectorAll('.pane .title')].map(t => t.textContent)"
+        )
+        assert titles == [
+            "slide",
+            "A: attention heatmap",
+            "B: attention heatmap",
+            "A \u2212 B (percentile)",
+        ]
+        assert browser.evaluate("document.querySelectorAll('.legend').length") == 2
+        rects = browser.pane_rects()
+        assert len(rects) == 4
+        x, y, w, h = rects[3]
+        view = browser.evaluate("({...window.clamHeat.view})")
+        # the pane's pixels between its title and the colour bars
+        shown = _blur(browser.screenshot()[y : y + h, x : x + w])[32:-130]
+        want = _blur(_expected_pane(image, (0, 0), ds, view, (w, h)))[32:-130]
+        assert _mad(shown, want) < 4
+        assert _mad(shown, np.roll(want, 20, axis=1)) > 2 * _mad(shown, want)

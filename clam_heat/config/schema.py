@@ -32,6 +32,7 @@ from .fields import (
     _norm,
     _num,
     _to_data_dir,
+    _to_path,
     _to_process_list,
     _unknown,
     _upper,
@@ -39,6 +40,8 @@ from .fields import (
 )
 
 # --------------------------------------------------------------------------- CLAM blocks
+
+ClassChoice = Literal["predicted", "all"] | list[str]
 
 
 class _Block(BaseModel):
@@ -218,6 +221,16 @@ class HeatmapArguments(_Block):
     )
     custom_downsample: int = Field(1, ge=1, description="Shrink the saved images by this factor.")
     cmap: str = Field("jet", description="Matplotlib colormap name.")
+    score_scale: Literal["slide", "cohort"] = Field(
+        "slide",
+        description="Colour scale: slide (CLAM: percentiles within each slide) or cohort "
+        "(percentiles of all the run's slides' scores, so a colour means the same on every slide).",
+    )
+    classes: Annotated[ClassChoice, BeforeValidator(_check_classes)] = Field(
+        "predicted",
+        description="Heatmaps drawn: predicted (CLAM), all (one per class, for models with "
+        "per-class attention: clam_mb, dsmil) or a list of class names.",
+    )
 
     @field_validator("binary_thresh")
     @classmethod
@@ -244,6 +257,17 @@ class HeatmapArguments(_Block):
         raise _KeyProblem("not a matplotlib colormap" + _did_you_mean(value, names))
 
 
+def _check_classes(value: Any) -> Any:
+    """``predicted``, ``all`` or a non-empty list of distinct class names."""
+    if value in ("predicted", "all"):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        if len(set(value)) != len(value):
+            raise _KeyProblem("lists a class twice")
+        return value
+    raise _KeyProblem("must be predicted, all or a list of label_dict class names")
+
+
 class SampleSpec(_Block):
     """One top-patch sampler of ``sample_arguments.samples``."""
 
@@ -251,11 +275,23 @@ class SampleSpec(_Block):
     sample: Bool = Field(True, description="Run this sampler.")
     seed: int = Field(1, description="Random seed (range_sample).")
     k: int = Field(15, ge=1, description="Number of patches to save.")
-    mode: Literal["topk", "reverse_topk", "range_sample"] = Field(
-        "topk", description="topk: highest scores; reverse_topk: lowest; range_sample: random."
+    mode: Literal["topk", "reverse_topk", "range_sample", "threshold"] = Field(
+        "topk",
+        description="topk: highest scores; reverse_topk: lowest; range_sample: random; "
+        "threshold: every patch scoring at or above threshold.",
     )
     score_start: Float = Field(0, description="range_sample: lowest percentile score kept.")
     score_end: Float = Field(1, description="range_sample: highest percentile score kept.")
+    threshold: Float = Field(
+        0.9, description="threshold mode: lowest score exported (percentile: on a 0-1 scale)."
+    )
+    score: Literal["percentile", "raw"] = Field(
+        "percentile",
+        description="threshold mode: compare the slide's rank percentile (0-1) or the raw score.",
+    )
+    format: Literal["png", "h5"] = Field(
+        "png", description="threshold mode: one PNG per patch, or one HDF5 of patches per slide."
+    )
 
     @field_validator("name")
     @classmethod
@@ -263,6 +299,17 @@ class SampleSpec(_Block):
         if "/" in value or "\\" in value or value in (".", ".."):
             raise _KeyProblem("must be a plain folder name (no '/', '\\', '.' or '..')")
         return value
+
+    @model_validator(mode="after")
+    def _check_percentile_threshold(self) -> SampleSpec:
+        if self.mode == "threshold" and self.score == "percentile" and not 0 <= self.threshold <= 1:
+            raise _KeyProblem(
+                "must be in [0, 1] with score: percentile (0.9 = the top 10 %); "
+                "use score: raw for a raw attention threshold",
+                ("threshold",),
+                self.threshold,
+            )
+        return self
 
     @field_validator("score_end")
     @classmethod
@@ -298,6 +345,20 @@ class SampleArguments(_Block):
         return self
 
 
+def _tracker_uri(value: Any, info: ValidationInfo) -> Any:
+    """A URI is kept as written; a plain path (no scheme) resolves like the other paths."""
+    from urllib.parse import urlparse
+
+    if value is None:
+        return None
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise _KeyProblem("must be a URI (file:/path, http://host:5000) or a folder path")
+    text = str(value)
+    if len(urlparse(text).scheme) > 1:
+        return text
+    return str(_to_path(text, info))
+
+
 class RunnerArguments(_Block):
     """``runner_arguments``: clam-heat's own settings (CLAM configs need none of them)."""
 
@@ -330,6 +391,23 @@ class RunnerArguments(_Block):
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader workers reading patches.")
     amp: Bool = Field(False, description="Mixed precision for the encoder on CUDA.")
+    flush_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Write the process list and results CSV at most this often during a run "
+        "(row outcomes are journaled at once; 0: after every row).",
+    )
+    tracker: Literal["none", "mlflow", "wandb"] = Field(
+        "none",
+        description="Experiment tracker for the resolved config, per-slide metrics, heatmap "
+        "thumbnails and the results CSV: none, mlflow (pip install 'clam-heat[mlflow]') or "
+        "wandb (pip install 'clam-heat[wandb]'; offline unless a W&B API key is known).",
+    )
+    tracker_uri: Annotated[str | None, BeforeValidator(_tracker_uri)] = Field(
+        None,
+        description="MLflow tracking URI (file:/path, http://host:5000) or W&B server URL; "
+        "null: MLFLOW_TRACKING_URI / W&B default, else <raw_save_dir>/<save_exp_code>/mlruns.",
+    )
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)
     ] = Field("INFO", description="Logging level.")
@@ -388,6 +466,20 @@ class HeatmapConfig(BaseModel):
         rule = _label_dict_rule(self.exp_arguments.n_classes, labels)
         if rule:
             raise _KeyProblem(rule, ("data_arguments", "label_dict"), labels)
+        return self
+
+    @model_validator(mode="after")
+    def _check_class_names(self) -> HeatmapConfig:
+        classes = self.heatmap_arguments.classes
+        labels = self.data_arguments.label_dict
+        unknown = [c for c in classes if c not in labels] if isinstance(classes, list) else []
+        if unknown:
+            raise _KeyProblem(
+                f"names {', '.join(map(repr, unknown))}, not in data_arguments.label_dict "
+                f"({', '.join(labels)})",
+                ("heatmap_arguments", "classes"),
+                classes,
+            )
         return self
 
     @property

@@ -40,13 +40,19 @@ def overlap_scores(
     ``amp``, ``mp_context``, ``progress``), passed on as they are. Features are scored batch by
     batch and dropped, so memory stays O(batch). With ``reference_scores`` (the blockmap's raw
     attention, any shape) each score becomes its percentile (0..100) among them, CLAM's
-    ``use_ref_scores``; without, the raw logits are kept.
+    ``use_ref_scores``; without, the raw logits are kept. Whole-bag models rank the overlap
+    bag's scores among themselves instead (their scores are only comparable within one bag).
     """
     if reference_scores is not None and np.asarray(reference_scores).size == 0:
         raise FeatureError("reference_scores is empty (the blockmap has no patches)")
     if needs_whole_bag(model):
         features = encode_patches(slide_path, coords_l0, encoder=encoder, **read)
         scores = attention_logits(model, features, branch=branch)
+        if reference_scores is not None:
+            # A whole-bag model's scores depend on the bag, and the overlapping grid is another
+            # (larger) bag than the blockmap's: its scores are not on the blockmap's scale, so
+            # rank them within their own bag instead (CLAM's rule applied to this bag).
+            return percentile_of_scores(scores, scores).astype(np.float32)
     else:
         head = functools.partial(attention_logits, model, branch=branch)
         scores = encode_patches(slide_path, coords_l0, encoder=encoder, head=head, **read)

@@ -127,7 +127,7 @@ class DaskExecutor(Stateless):
             tasks[future] = (ctx, attempt)
             return future
 
-        try:
+        try:  # on a stop the driver closes this generator: the finally cancels every task
             done = distributed.as_completed([submit(_shippable(c), 1) for c in pending])
             for future in done:
                 ctx, attempt = tasks.pop(future)

@@ -260,6 +260,11 @@ class LocalExecutor:
         child.close()
         return _Worker(index, process, parent)
 
+    def abort(self) -> None:
+        """A stop (SIGTERM/SIGINT): terminate the workers now, mid-row; each row's outputs are
+        atomic and its ledger says which stage to redo. The pool starts again on next use."""
+        self.shutdown(graceful=False, timeout=5.0)
+
     def shutdown(self, *, graceful: bool = True, timeout: float = 10.0) -> None:
         """Stop the workers: ask politely after a normal run, terminate after an error/Ctrl-C."""
         for worker in self._pool:
@@ -310,22 +315,28 @@ class LocalExecutor:
         self._pool[self._pool.index(worker)] = fresh
         return fresh
 
-    def _dispatch(self, queue: deque[tuple[RowContext, int]], stages: Sequence[Stage]) -> None:
-        """Give each idle, ready worker the next row."""
+    def _dispatch(
+        self,
+        queue: deque[tuple[RowContext, int]],
+        stages: Sequence[Stage],
+        started: Started | None = None,
+    ) -> None:
+        """Give each idle, ready worker the next row (``started`` hears of it now, so only rows
+        really in a worker are marked 'running')."""
         for worker in self._pool:
             if worker.ready and worker.task is None and queue and worker.process.is_alive():
                 ctx, attempt = queue.popleft()
                 worker.task = (ctx, attempt)
+                if started is not None:
+                    started([ctx])
                 with contextlib.suppress(OSError):  # died just now: its sentinel requeues the row
                     worker.conn.send((uuid.uuid4().hex, ctx, list(stages)))
 
     def map_rows(self, pending: Rows, stages: Stages, started: Started | None = None) -> Outcomes:
-        """Yield each row's outcome as it finishes (any order); ``started`` gets every row at
-        once, as all are queued together."""
+        """Yield each row's outcome as it finishes (any order); ``started`` gets each row as a
+        worker takes it."""
         from multiprocessing.connection import wait as wait_for
 
-        if started is not None:
-            started(pending)
         if not pending:
             return
         own_pool = not self._pool
@@ -335,7 +346,7 @@ class LocalExecutor:
         graceful = False
         try:
             while remaining:
-                self._dispatch(queue, stages)
+                self._dispatch(queue, stages, started)
                 handles: list[Any] = [w.conn for w in self._pool]
                 handles += [w.process.sentinel for w in self._pool]
                 wait_for(handles, timeout=5.0)
@@ -359,7 +370,7 @@ class LocalExecutor:
                         queue.append((ctx, attempt + 1))
                     else:
                         finished.append(_lost_row(ctx, attempt, why))
-                self._dispatch(queue, stages)  # workers stay busy while the driver records
+                self._dispatch(queue, stages, started)  # workers stay busy while the driver records
                 for outcome in finished:
                     remaining -= 1
                     yield outcome

@@ -24,7 +24,7 @@ Deviations from CLAM, all deliberate and documented where they happen:
 * the tissue mask is rasterised in fixed :data:`MASK_TILE` blocks (OpenCV's polygon fill is not
   translation-invariant at image borders), so on regions wider or taller than a block a few
   pixels along tissue edges that cross a block border can differ from CLAM's one-shot mask.
-* no tissue (``segment`` with an empty :class:`~clam_heat.segmentation.TissueContours`) paints
+* no tissue (``segment`` with an empty :class:`~clam_heat.tissue.TissueContours`) paints
   nothing instead of crashing; no patches gives the bare canvas.
 
 Memory: a JPEG/PNG output needs its whole RGB image once (encoders take whole images); tiles
@@ -39,7 +39,7 @@ Layout (imports go down the list; nothing here imports the runner or the stages)
 * :mod:`~clam_heat.heatmap.writers`: sinks by file extension (a new format = a new sink) and
   the attention GeoJSON, every file through :mod:`clam_heat.atomic`;
 * :mod:`~clam_heat.heatmap.plan`: :class:`HeatmapSpec`, :class:`RenderResult` and the plan that
-  draws any window (tissue masks via :mod:`clam_heat.segmentation`, imported lazily);
+  draws any window (tissue masks via :mod:`clam_heat.tissue`, imported lazily);
 * :mod:`~clam_heat.heatmap.render`: the tile streaming engine, :func:`render_heatmap`,
   :func:`heatmap_image`, :func:`save_orig`.
 """

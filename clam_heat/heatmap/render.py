@@ -29,8 +29,8 @@ from .plan import HeatmapSpec, RenderResult, make_plan, resolve_vis_level, shrin
 from .writers import Sink, open_sinks
 
 if TYPE_CHECKING:
-    from ..segmentation import TissueContours
     from ..slide import Slide
+    from ..tissue import TissueContours
 
 __all__ = ["heatmap_image", "render_heatmap", "save_orig"]
 

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "model_type_problem": "registry",
     "parse_model_type": "registry",
     "register_model": "registry",
+    "unregister_model": "registry",
     "registered_models": "registry",
     # layers
     "FeedForward": "layers",

@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from .registry import ModelChoice, ModelSpec, all_model_specs, get_model_spec, parse_model_type
 
 __all__ = [
+    "SAFETENSORS_NAME",
     "build_model",
     "checkpoint_n_classes",
     "detect_layout",
@@ -87,33 +88,71 @@ def _unreadable_reason(err: BaseException, size: int) -> str:
     )
 
 
+#: The weights file of a MIL-Lab / Hugging Face ``save_pretrained`` folder.
+SAFETENSORS_NAME = "model.safetensors"
+
+
+def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file as a state dict (the format stores tensors only: no code runs)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot be read as safetensors ({first}); save it again with "
+            "model.save_pretrained(folder) or safetensors.torch.save_file"
+        ) from None
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """The weights file behind ``path``: itself, or a ``save_pretrained`` folder's
+    ``model.safetensors``."""
+    if path.is_dir():
+        weights = path / SAFETENSORS_NAME
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{path}: folder without {SAFETENSORS_NAME} (point model_arguments.ckpt_path "
+                "at a MIL-Lab save_pretrained folder, a .safetensors file or a .pt state dict)"
+            )
+        return weights
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found (set model_arguments.ckpt_path to your "
+            "s_<fold>_checkpoint.pt, model.safetensors or save_pretrained folder)"
+        )
+    return path
+
+
 def load_checkpoint_state(
     path: Path, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Read a state dict with ``weights_only=True`` (never executes pickled code).
+    """Read a state dict without executing code: torch files with ``weights_only=True``,
+    ``.safetensors`` files and MIL-Lab ``save_pretrained`` folders (``config.json`` +
+    ``model.safetensors``) with the ``safetensors`` package.
 
     Unwraps a top-level ``state_dict`` / ``model_state_dict`` / ``model`` / ``state_dict_ema`` /
     ``model_ema`` entry, as MIL-Lab's loader does.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: checkpoint not found (set model_arguments.ckpt_path to your "
-            "s_<fold>_checkpoint.pt)"
-        )
+    path = _checkpoint_file(Path(path))
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(
             f"{path}: 0 bytes; re-copy it (an interrupted copy or download leaves an empty file)"
         )
-    try:
-        with warnings.catch_warnings():
-            # torch warns about the pickle protocol of a plain pickle before refusing it; our
-            # one-line error below says the same thing with the fix
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise CheckpointError(f"{path}: {_unreadable_reason(err, size)}") from None
+    if path.suffix.lower() == ".safetensors":
+        obj: Any = _read_safetensors(path, device)
+    else:
+        try:
+            with warnings.catch_warnings():
+                # torch warns about the pickle protocol of a plain pickle before refusing it;
+                # our one-line error below says the same thing with the fix
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+            raise CheckpointError(f"{path}: {_unreadable_reason(err, size)}") from None
     for wrapper in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -39,6 +39,7 @@ __all__ = [
     "parse_model_type",
     "register_model",
     "registered_models",
+    "unregister_model",
 ]
 
 #: Built-in models, in the order they are listed and tried when a checkpoint's layout is
@@ -172,6 +173,11 @@ def register_model(
     if replace or name not in _REGISTRY:
         _REGISTRY[name] = spec
     return _REGISTRY[name]
+
+
+def unregister_model(name: str) -> None:
+    """Forget a runtime registration (a built-in name comes back from its module on next use)."""
+    _REGISTRY.pop(name, None)
 
 
 def registered_models() -> tuple[str, ...]:

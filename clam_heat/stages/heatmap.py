@@ -13,6 +13,7 @@ from ..rows import (
     attention_geojson_path,
     blockmap_h5_path,
     blockmap_png_path,
+    cohort_scores_path,
     orig_path,
     overlap_h5_path,
     production_heatmap_path,
@@ -35,7 +36,8 @@ class HeatmapStage(Stage):
         runner = ctx.cfg.runner_arguments
         calc = ctx.cfg.heatmap_arguments.calc_heatmap
         return base_fingerprint(
-            heatmap_arguments=ctx.cfg.block("heatmap_arguments"),
+            **_scale_fingerprint(ctx),
+            heatmap_arguments=_drawn_keys(ctx),
             overlap=ctx.cfg.patching_arguments.overlap,
             roi=list(ctx.roi() or ()),
             outputs={
@@ -65,7 +67,7 @@ class HeatmapStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..heatmap import HeatmapSpec, render_heatmap, save_orig, write_attention_geojson
-        from ..segmentation import load_geojson
+        from ..tissue import load_geojson
 
         hm = ctx.cfg.heatmap_arguments
         runner = ctx.cfg.runner_arguments
@@ -74,15 +76,16 @@ class HeatmapStage(Stage):
         tissue = load_geojson(segmentation_geojson_path(ctx)) if runner.segment_heatmap else None
         outs = self.outputs(ctx)
 
+        coarse_scores, coarse_pct = _on_scale(ctx, scores, True)
         coarse = HeatmapSpec(
             vis_level=_vis_level(ctx, -1),
             alpha=hm.alpha,
             cmap=hm.cmap,
-            use_percentiles=True,
+            use_percentiles=coarse_pct,
             segment=runner.segment_heatmap,
         )
         render_heatmap(
-            slide, coords, scores, patch_l0, coarse, tissue=tissue, out_path=outs["blockmap"]
+            slide, coords, coarse_scores, patch_l0, coarse, tissue=tissue, out_path=outs["blockmap"]
         )
 
         level = _vis_level(ctx, hm.vis_level)
@@ -91,6 +94,9 @@ class HeatmapStage(Stage):
         if hm.calc_heatmap:
             scores, coords, patch_l0 = read_scores(overlap_h5_path(ctx))
             use_percentiles = not hm.use_ref_scores
+        if hm.calc_heatmap and hm.use_ref_scores:  # the overlap file holds slide percentiles
+            scores = _slide_percentiles_as_scores(ctx, scores)
+        scores_drawn, use_percentiles = _on_scale(ctx, scores, use_percentiles)
         spec = HeatmapSpec(
             vis_level=level,
             alpha=hm.alpha,
@@ -108,7 +114,7 @@ class HeatmapStage(Stage):
         render_heatmap(
             slide,
             coords,
-            scores,
+            scores_drawn,
             patch_l0,
             spec,
             tissue=tissue,
@@ -120,3 +126,51 @@ class HeatmapStage(Stage):
         if "geojson" in outs:
             write_attention_geojson(coords, scores, patch_l0, outs["geojson"])
         return StageRun(list(outs.values()), {"vis_level": level})
+
+
+# ---------------------------------------------------------------- cohort scale (issue 16)
+
+
+def _drawn_keys(ctx: RowContext) -> dict[str, Any]:
+    """The heatmap_arguments this stage draws with (``classes`` belongs to ``class_maps``)."""
+    block = ctx.cfg.block("heatmap_arguments")
+    block.pop("classes", None)
+    return block
+
+
+def _scale_fingerprint(ctx: RowContext) -> dict[str, Any]:
+    """The cohort file's digest under ``score_scale: cohort`` (nothing for the slide scale)."""
+    if ctx.cfg.heatmap_arguments.score_scale != "cohort":
+        return {}
+    from ..cohort import read_digest
+
+    return {"cohort": read_digest(cohort_scores_path(ctx.cfg))}
+
+
+def _on_scale(ctx: RowContext, scores: Any, use_percentiles: bool) -> tuple[Any, bool]:
+    """Scores as drawn: unchanged on the slide scale (CLAM), cohort percentiles otherwise."""
+    if ctx.cfg.heatmap_arguments.score_scale != "cohort":
+        return scores, use_percentiles
+    from ..cohort import cohort_percentiles
+    from ..errors import OutputError
+
+    path = cohort_scores_path(ctx.cfg)
+    if not path.is_file():
+        raise OutputError(
+            f"{path}: no cohort scores (score_scale: cohort); run the whole pipeline "
+            "(clam-heat run), which writes them after the infer stage"
+        )
+    return cohort_percentiles(path, scores), False
+
+
+def _slide_percentiles_as_scores(ctx: RowContext, pct: Any) -> Any:
+    """Under the cohort scale, fine-pass percentiles (of the slide's bag scores, CLAM's
+    ``use_ref_scores``) as the bag score at that rank, so the cohort file can place them; exact
+    for a patch whose score equals a bag score, the lower neighbour's otherwise."""
+    if ctx.cfg.heatmap_arguments.score_scale != "cohort":
+        return pct
+    import numpy as np
+
+    ref = np.sort(read_scores(blockmap_h5_path(ctx))[0])
+    k = np.clip(np.ceil(np.asarray(pct, dtype=np.float64) / 100 * len(ref)) - 1, 0, len(ref) - 1)
+    return ref[k.astype(np.int64)]

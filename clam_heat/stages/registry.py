@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .base import Stage
+from .class_maps import ClassMapsStage
 from .heatmap import HeatmapStage
 from .infer import InferStage
 from .overlap import OverlapStage
@@ -39,6 +40,7 @@ _BUILTIN: tuple[Stage, ...] = (
     OverlapStage(),
     HeatmapStage(),
     SampleStage(),
+    ClassMapsStage(),
 )
 _TABLE: list[Stage] = list(_BUILTIN)
 

@@ -85,7 +85,7 @@ def grid(
 ) -> tuple[np.ndarray, int]:
     """In-tissue grid (CLAM's heatmap dataset: four_pt_hard, centre shift by overlap)."""
     from ..errors import SegmentationError
-    from ..segmentation import center_shift_for_overlap, grid_coords, load_geojson
+    from ..tissue import center_shift_for_overlap, grid_coords, load_geojson
 
     side, step = patch_geometry(ctx, overlap)
     tissue = load_geojson(segmentation_geojson_path(ctx))

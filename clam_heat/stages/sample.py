@@ -7,7 +7,13 @@ from typing import Any
 
 from ..h5io import read_scores
 from ..ledger import Ledger, file_identity
-from ..rows import RowContext, blockmap_h5_path, sampled_patches_dir
+from ..rows import (
+    RowContext,
+    blockmap_h5_path,
+    sampled_patches_dir,
+    threshold_export_dir,
+    threshold_file_names,
+)
 from .base import Stage, StageRun, base_fingerprint
 
 
@@ -38,6 +44,12 @@ class SampleStage(Stage):
         for spec in ctx.cfg.sample_arguments.samples:
             if not spec.sample:
                 continue
+            if spec.mode == "threshold":
+                paths, warning = _export_threshold(ctx, spec, pred, scores, coords, patch_l0)
+                written.extend(paths)
+                if warning:
+                    warnings.append(f"{spec.name}: {warning}")
+                continue
             paths, warning = sample_patches(
                 ctx.slide(),
                 coords,
@@ -52,3 +64,22 @@ class SampleStage(Stage):
             if warning:
                 warnings.append(f"{spec.name}: {warning}")
         return StageRun(written, {"n_patches": len(written), "warnings": warnings})
+
+
+def _export_threshold(
+    ctx: RowContext, spec: Any, pred: int, scores: Any, coords: Any, patch_l0: int
+) -> tuple[list[Path], str | None]:
+    """A ``mode: threshold`` sampler: every patch at/above the threshold, a folder per slide."""
+    from ..sampling import export_threshold
+
+    return export_threshold(
+        ctx.slide(),
+        coords,
+        scores,
+        spec=spec,
+        slide_id=ctx.slide_id,
+        folder=threshold_export_dir(ctx, pred, spec.name),
+        patch_level=ctx.cfg.patching_arguments.patch_level,
+        patch_size_level0=patch_l0,
+        file_names=threshold_file_names(ctx.slide_id),
+    )

@@ -11,14 +11,14 @@ from .base import Stage, StageRun, base_fingerprint
 
 
 def _seg_params(ctx: RowContext) -> Any:
-    from ..segmentation import SegmentationParams
+    from ..tissue import SegmentationParams
 
     return SegmentationParams.from_row_params(ctx.row_params)
 
 
 class SegmentStage(Stage):
     name = "segment"
-    preload = ("clam_heat.slide", "clam_heat.segmentation", "openslide", "PIL.Image")
+    preload = ("clam_heat.slide", "clam_heat.tissue", "openslide", "PIL.Image")
 
     def fingerprint(self, ctx: RowContext) -> dict[str, Any]:
         return base_fingerprint(
@@ -30,7 +30,7 @@ class SegmentStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..errors import SegmentationError
-        from ..segmentation import draw_overview, save_geojson, save_overview_jpg, segment_slide
+        from ..tissue import draw_overview, save_geojson, save_overview_jpg, segment_slide
 
         params = _seg_params(ctx)
         slide = ctx.slide()

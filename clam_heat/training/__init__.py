@@ -23,7 +23,13 @@ called, and the logger only needs an object with ``add_image``.
 
 from __future__ import annotations
 
-from .logger import AttentionHeatmapLogger, CoordsLoader, ImageWriter, open_summary_writer
+from .logger import (
+    AttentionHeatmapLogger,
+    CoordsLoader,
+    ImageWriter,
+    log_validation_attention,
+    open_summary_writer,
+)
 from .maps import (
     DEFAULT_BACKGROUND,
     MAX_CANVAS_PIXELS,
@@ -50,6 +56,7 @@ __all__ = [
     "Normalisation",
     "attention_scores",
     "grid_attention_map",
+    "log_validation_attention",
     "model_attention",
     "normalize_attention",
     "open_summary_writer",

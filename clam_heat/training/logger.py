@@ -27,7 +27,13 @@ from .maps import (
     spatial_attention_map,
 )
 
-__all__ = ["AttentionHeatmapLogger", "CoordsLoader", "ImageWriter", "open_summary_writer"]
+__all__ = [
+    "AttentionHeatmapLogger",
+    "CoordsLoader",
+    "ImageWriter",
+    "log_validation_attention",
+    "open_summary_writer",
+]
 
 _TENSORBOARD_HINT = (
     "tensorboard is not installed, so training heatmaps cannot be written "
@@ -136,6 +142,7 @@ class AttentionHeatmapLogger:
         normalize: Normalisation = "softmax",
         colorbar: bool = False,
         background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
+        smooth: bool = False,
     ) -> None:
         if not callable(getattr(writer, "add_image", None)):
             raise TypeError(
@@ -157,6 +164,7 @@ class AttentionHeatmapLogger:
         self.normalize: Normalisation = normalize
         self.colorbar = colorbar
         self.background = background
+        self.smooth = smooth
         self._last_step: int | None = None
 
     @classmethod
@@ -171,16 +179,21 @@ class AttentionHeatmapLogger:
         """Whether :meth:`log` would draw for ``step`` (lets a loop skip collecting attention)."""
         return step % self.every_n_epochs == 0 and step != self._last_step
 
-    def _load_coords(self, slide_id: str) -> tuple[Any, float | None]:
+    def _load_coords(self, slide_id: str) -> tuple[Any, float | None, str]:
+        """``(coords, patch size, why none)``; an unreadable or missing H5 gives no coords (the
+        grid map is drawn, as CLAM's seed asks) and says why."""
         if self.coords_loader is not None:
             loaded = self.coords_loader(slide_id)
             if isinstance(loaded, tuple):
                 coords, size = loaded
-                return coords, (float(size) if size is not None else None)
-            return loaded, None
+                return coords, (float(size) if size is not None else None), ""
+            return loaded, None, ""
         if self.features_dir is not None:
-            return _read_coords_h5(self.features_dir, slide_id)
-        return None, None
+            try:
+                return (*_read_coords_h5(self.features_dir, slide_id), "")
+            except (FeatureError, OSError) as err:
+                return None, None, f"{_first_line(err)}; "
+        return None, None, ""
 
     def log(
         self,
@@ -261,12 +274,13 @@ class AttentionHeatmapLogger:
     ) -> str:
         scores = attention_scores(attention, class_index=class_index)
         loaded_size: float | None = None
+        why = ""
         if coords is None and slide_id is not None:
-            coords, loaded_size = self._load_coords(str(slide_id))
+            coords, loaded_size, why = self._load_coords(str(slide_id))
         message = _fallback_message(scores.size, coords)
         if message is not None:
             where = f"slide {slide_id!r}, " if slide_id is not None else ""
-            warnings.warn(f"{where}step {step}: {message}", GridFallbackWarning, stacklevel=4)
+            warnings.warn(f"{where}step {step}: {why}{message}", GridFallbackWarning, stacklevel=4)
             tag = self._tag("grid_attention_heatmap")
             image = _render_grid(
                 scores,
@@ -288,6 +302,54 @@ class AttentionHeatmapLogger:
                 normalize=self.normalize,
                 colorbar=self.colorbar,
                 background=self.background,
+                smooth=self.smooth,
             )
         self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
         return tag
+
+
+def _first_slide_id(dataset: Any) -> str | None:
+    """The first slide's id in a CLAM split (``slide_data['slide_id']``), if it has one."""
+    table = getattr(dataset, "slide_data", None)
+    try:
+        return str(table["slide_id"].iloc[0]) if table is not None else None
+    except (KeyError, IndexError, AttributeError, TypeError):
+        return None
+
+
+def log_validation_attention(
+    writer: ImageWriter,
+    model: Any,
+    loader: Any,
+    epoch: int,
+    *,
+    features_dir: str | Path | None = None,
+    **logger_options: Any,
+) -> str | None:
+    """One call for CLAM's ``validate_clam`` / ``validate``: draw the first validation slide's
+    attention map for ``epoch`` and write it to ``writer``; return the tag, or None.
+
+    ``loader`` is CLAM's validation ``DataLoader`` (batch size 1, ``collate_MIL``: each item is
+    ``(features (N, D), label)``, in ``loader.dataset.slide_data`` order). Coordinates come from
+    ``<features_dir>/h5_files/<slide_id>.h5`` (or ``<features_dir>/<slide_id>.h5``); without
+    ``features_dir`` the split's own ``data_dir`` is used, and a slide without an H5 gets the
+    grid map. ``logger_options`` are :class:`AttentionHeatmapLogger`'s (``cmap``, ``smooth``,
+    ``downsample``, ``tag_prefix``, ...). Never raises: a failure is one
+    :class:`HeatmapSkippedWarning`, so the two lines added to CLAM cannot stop training::
+
+        from clam_heat.training import log_validation_attention
+        log_validation_attention(writer, model, loader, epoch)
+    """
+    dataset = getattr(loader, "dataset", None)
+    folder = features_dir if features_dir is not None else getattr(dataset, "data_dir", None)
+    if writer is None:  # CLAM passes writer=None when TensorBoard logging is off
+        return None
+    logger = AttentionHeatmapLogger(writer, features_dir=folder, **logger_options)
+    slide_id = _first_slide_id(dataset)
+
+    def first_bag() -> Any:
+        batch = next(iter(loader))
+        data = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return model_attention(model, data.detach().cpu() if hasattr(data, "detach") else data)
+
+    return logger._guarded(first_bag, None, epoch, slide_id, None, None)

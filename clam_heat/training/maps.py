@@ -291,8 +291,12 @@ def spatial_attention_map(
     colorbar: bool = False,
     background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
     max_pixels: int = MAX_CANVAS_PIXELS,
+    smooth: bool = False,
 ) -> np.ndarray:
     """Paint each patch's attention at its level-0 position on a small canvas.
+
+    ``smooth``: interpolate bilinearly between patch centres (within the covered area) instead
+    of flat squares; uncovered pixels stay background.
 
     ``attention``: anything :func:`attention_scores` accepts (N scores after branch choice).
     ``coords``: (N, 2) level-0 top-left (x, y) of each patch, row i belonging to score i.
@@ -349,6 +353,8 @@ def spatial_attention_map(
         vis_xy, vis_ps, normalize_attention(scores, normalize), (vis_h, vis_w)
     )
     values = np.where(counter > 0, overlay, np.nan)
+    if smooth:
+        values = _bilinear(values, int(np.median(vis_ps)))
     image = _colourise(values, cmap, background)
     if not colorbar:
         return image
@@ -360,6 +366,26 @@ def spatial_attention_map(
         vis_extent=(vis_x, vis_x + vis_w, vis_y + vis_h, vis_y),
         axis_label=f"level-0 px / {downsample:g}",
     )
+
+
+def _bilinear(values: np.ndarray, cell: int) -> np.ndarray:
+    """``values`` (NaN: uncovered) averaged over ``cell``-pixel patch cells, then interpolated
+    bilinearly back to full size; the NaN mask is kept.
+
+    >>> _bilinear(np.array([[0.0, 0.0, 1.0, 1.0]]), 2).round(3).tolist()
+    [[0.0, 0.25, 0.75, 1.0]]
+    """
+    import cv2
+
+    covered = np.isfinite(values)
+    h, w = values.shape
+    small = (max(1, round(w / max(cell, 1))), max(1, round(h / max(cell, 1))))
+    total = cv2.resize(np.where(covered, values, 0.0), small, interpolation=cv2.INTER_AREA)
+    weight = cv2.resize(covered.astype(np.float64), small, interpolation=cv2.INTER_AREA)
+    up_total = cv2.resize(total, (w, h), interpolation=cv2.INTER_LINEAR)
+    up_weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
+    smooth = np.divide(up_total, up_weight, out=np.zeros_like(up_total), where=up_weight > 0)
+    return np.where(covered, np.clip(smooth, 0.0, 1.0), np.nan)
 
 
 def _fallback_message(n_scores: int, coords: Any) -> str | None:

@@ -15,7 +15,14 @@ The heatmap pane reads ``<prod>/<id>_heatmap_pyramid.tiff`` when the run wrote i
 (``runner_arguments.write_pyramid_tiff: true``): tiles then stream from disk. Otherwise it reads
 the production image (``save_ext``) once per slide and keeps an in-memory pyramid of it.
 
-Nothing here draws a heatmap: the viewer shows the files the ``heatmap`` stage wrote.
+Two more modes: ``clam-heat view --slide SLIDE --heatmap IMAGE`` pairs any slide OpenSlide reads
+with any heatmap image (PNG, JPEG, TIFF, our pyramid), placed by size over the whole slide
+(:func:`pair_entry`); ``clam-heat view CONFIG_A --compare CONFIG_B`` adds B's heatmap and the
+A - B percentile difference as more panes (:func:`compare_entries`). Every page has a colour bar
+per colormap shown and an overlay toggle (heatmap over the slide, opacity slider).
+
+Nothing here draws a production heatmap: the viewer shows the files the ``heatmap`` stage wrote
+(only the comparison's difference map is computed, from the two runs' blockmaps).
 """
 
 from __future__ import annotations
@@ -38,27 +45,24 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import cv2
-import numpy as np
 
-from .errors import ClamHeatError, OutputError, SlideError
+from ..errors import ClamHeatError, OutputError
+from .tiles import Layer, open_heatmap_layer
 
 if TYPE_CHECKING:
-    from .config import HeatmapConfig
-    from .slide import Slide
+    from ..config import HeatmapConfig
 
 __all__ = [
-    "TILE_SIZE",
-    "Layer",
     "ViewerEntry",
+    "open_viewer",
     "ViewerServer",
-    "open_heatmap_layer",
+    "compare_entries",
+    "pair_entry",
     "viewer_entries",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Side of a served tile, in pixels of the tile's pyramid level.
-TILE_SIZE = 512
 #: Slides whose opened pyramids are kept, and the most memory their decoded heatmap images may
 #: hold together (the newest slide is always kept): a vis-level-1 heatmap of a 40x slide is
 #: about 300 MB with its pyramid, a pyramidal TIFF costs nothing.
@@ -84,6 +88,50 @@ class ViewerEntry:
     l0_box: tuple[int, int, int, int] | None
     status: str
     details: dict[str, str] = field(default_factory=dict)
+    #: compare mode: run B's heatmap, and the two runs' outputs the difference is drawn from
+    compare_path: Path | None = None
+    outputs: tuple[Any, Any] | None = None
+
+
+def pair_entry(slide_path: Path, heatmap_path: Path) -> ViewerEntry:
+    """One slide and one heatmap image, no run: the image is placed by size over the slide."""
+    slide_path, heatmap_path = Path(slide_path), Path(heatmap_path)
+    for flag, path in (("--slide", slide_path), ("--heatmap", heatmap_path)):
+        if not path.is_file():
+            raise OutputError(f"{flag} {path}: no such file; pass the {flag[2:]} file to view")
+    return ViewerEntry(
+        slide_id=slide_path.stem,
+        label="",
+        slide_path=slide_path,
+        heatmap_path=heatmap_path,
+        expected_heatmap=heatmap_path,
+        l0_box=None,
+        status="pair",
+        details={"heatmap": heatmap_path.name},
+    )
+
+
+def compare_entries(
+    entries: list[ViewerEntry], cfg_b: HeatmapConfig, config_a: Path, config_b: Path
+) -> list[ViewerEntry]:
+    """Run A's entries with run B's heatmap and both runs' outputs (for the difference pane);
+    slides B has not drawn keep an empty B pane."""
+    from dataclasses import replace
+
+    from ..compare import run_outputs
+
+    by_id = {e.slide_id: e for e in viewer_entries(cfg_b)}
+    outs_a, outs_b = run_outputs(config_a), run_outputs(config_b)
+    return [
+        replace(
+            e,
+            compare_path=by_id[e.slide_id].heatmap_path if e.slide_id in by_id else None,
+            outputs=(outs_a[e.slide_id], outs_b[e.slide_id])
+            if e.slide_id in outs_a and e.slide_id in outs_b
+            else None,
+        )
+        for e in entries
+    ]
 
 
 #: Run columns shown in a row's details, besides the prediction columns (bag_size, Pred_c, p_c).
@@ -98,8 +146,8 @@ def _text(value: Any) -> str:
 
 def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
     """The rows of ``cfg``'s process list (``process == 1``), in list order, for the viewer."""
-    from .process_list import PREDICTION_COLUMN, read_process_list
-    from .rows import build_contexts, production_heatmap_path, pyramid_heatmap_path
+    from ..process_list import PREDICTION_COLUMN, read_process_list
+    from ..rows import build_contexts, production_heatmap_path, pyramid_heatmap_path
 
     list_path = cfg.process_list_path
     if not list_path.is_file():
@@ -134,101 +182,6 @@ def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
     return entries
 
 
-# ---------------------------------------------------------------------------------- layers
-
-
-@dataclass
-class Layer:
-    """A tiled pyramid placed on the slide's level-0 frame.
-
-    Pixel (x, y) of level ``k`` covers level-0 ``l0_origin + (x, y) * downsample(k)``, where
-    ``downsample(k) = l0_per_px * slide.level_downsamples[k]``.
-    """
-
-    slide: Slide
-    l0_origin: tuple[float, float] = (0.0, 0.0)
-    l0_per_px: tuple[float, float] = (1.0, 1.0)
-    #: tile encoding: JPEG for slide pixels, lossless PNG for heatmaps (no second JPEG pass
-    #: over colour blocks that the page may magnify many times)
-    format: str = "jpg"
-
-    def info(self) -> dict[str, Any]:
-        levels = []
-        for (w, h), (dx, dy) in zip(
-            self.slide.level_dimensions, self.slide.level_downsamples, strict=True
-        ):
-            levels.append(
-                {
-                    "width": int(w),
-                    "height": int(h),
-                    "downsample": [dx * self.l0_per_px[0], dy * self.l0_per_px[1]],
-                }
-            )
-        return {
-            "origin": list(self.l0_origin),
-            "tile": TILE_SIZE,
-            "format": self.format,
-            "levels": levels,
-        }
-
-    def tile(self, level: int, tx: int, ty: int) -> np.ndarray | None:
-        """Tile (tx, ty) of ``level`` as (h, w, 3) uint8 RGB (edge tiles are smaller), or None."""
-        if not 0 <= level < self.slide.level_count:
-            return None
-        w, h = self.slide.level_dimensions[level]
-        x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
-        if tx < 0 or ty < 0 or x0 >= w or y0 >= h:
-            return None
-        dx, dy = self.slide.level_downsamples[level]
-        size = (min(TILE_SIZE, w - x0), min(TILE_SIZE, h - y0))
-        return self.slide.read_region((round(x0 * dx), round(y0 * dy)), level, size)
-
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes of decoded pixels this layer holds (0 when tiles are read from disk)."""
-        return self.slide.memory_bytes
-
-    def close(self) -> None:
-        self.slide.close()
-
-
-def _image_pyramid(rgb: np.ndarray, path: Path) -> Slide:
-    """An in-memory 2x pyramid of a heatmap image, down to about one tile."""
-    from .slide import ArraySlide
-
-    n_levels = 1 + max(0, math.ceil(math.log2(max(rgb.shape[:2]) / TILE_SIZE)))
-    return ArraySlide(rgb, mpp=None, n_levels=n_levels, level_factor=2, path=path)
-
-
-def open_heatmap_layer(
-    path: Path, l0_size: tuple[int, int], l0_box: tuple[int, int, int, int] | None = None
-) -> Layer:
-    """The heatmap at ``path`` as a layer over a slide of level-0 size ``l0_size``.
-
-    A TIFF that OpenSlide opens (the pyramidal heatmap) is read tile by tile; any other image
-    (the production JPEG/PNG) is decoded once. The image covers ``l0_box`` (the ROI) or the
-    whole slide; its scale on level 0 follows from the two sizes.
-    """
-    from .slide import open_slide
-
-    slide: Slide | None = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            slide = open_slide(path)
-        except SlideError:
-            slide = None  # a plain (non-tiled) TIFF: decode it below
-    if slide is None:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise SlideError(path, "heatmap image cannot be decoded", "rerun its heatmap stage")
-        slide = _image_pyramid(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path)
-    x1, y1, x2, y2 = l0_box if l0_box is not None else (0, 0, *l0_size)
-    width, height = slide.dimensions
-    return Layer(
-        slide, (float(x1), float(y1)), ((x2 - x1) / width, (y2 - y1) / height), format="png"
-    )
-
-
 # ---------------------------------------------------------------------------------- server
 
 
@@ -237,10 +190,15 @@ class _Opened:
     slide: Layer
     heatmap: Layer | None
     heatmap_error: str | None
+    compare: Layer | None = None
+    difference: Layer | None = None
+
+    def layers(self) -> list[Layer]:
+        return [x for x in (self.slide, self.heatmap, self.compare, self.difference) if x]
 
     @property
     def memory_bytes(self) -> int:
-        return self.slide.memory_bytes + (self.heatmap.memory_bytes if self.heatmap else 0)
+        return sum(layer.memory_bytes for layer in self.layers())
 
 
 class ViewerServer:
@@ -258,11 +216,17 @@ class ViewerServer:
         port: int = 8765,
         title: str = "clam-heat",
         run_hint: str = "clam-heat run CONFIG",
+        legends: list[dict[str, Any]] | None = None,
+        alpha: float = 0.4,
+        compare: bool = False,
     ) -> None:
         self.entries = {e.slide_id: e for e in entries}
         self.order = [e.slide_id for e in entries]
         self.title = title
         self.run_hint = run_hint
+        self.legends = legends or []
+        self.alpha = alpha
+        self.compare = compare
         self._opened: OrderedDict[str, _Opened] = OrderedDict()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -342,9 +306,32 @@ class ViewerServer:
             return opened
 
     def _open(self, entry: ViewerEntry) -> _Opened:
-        from .slide import open_slide
+        from ..slide import open_slide
 
         slide = Layer(open_slide(entry.slide_path))
+        opened = self._open_heatmap(entry, slide)
+        if self.compare:
+            opened.compare, opened.difference = self._open_comparison(entry, slide)
+        return opened
+
+    def _open_comparison(self, entry: ViewerEntry, slide: Layer) -> tuple[Any, Any]:
+        """Run B's heatmap layer and the difference layer (None where B has none)."""
+        from ..compare import DIFF_CMAP, compare_slide
+        from .tiles import difference_layer
+
+        size = slide.slide.dimensions
+        try:
+            other = open_heatmap_layer(entry.compare_path, size) if entry.compare_path else None
+        except ClamHeatError:
+            other = None
+        diff = None
+        if entry.outputs is not None:
+            arrays = compare_slide(*entry.outputs)[1]
+            if len(arrays["a"]):
+                diff = difference_layer(arrays, size, DIFF_CMAP)
+        return other, diff
+
+    def _open_heatmap(self, entry: ViewerEntry, slide: Layer) -> _Opened:
         if entry.heatmap_path is None:
             return _Opened(
                 slide,
@@ -361,6 +348,9 @@ class ViewerServer:
     def slide_info(self, slide_id: str) -> dict[str, Any]:
         entry = self.entries[slide_id]
         info: dict[str, Any] = {
+            "legends": self.legends,
+            "alpha": self.alpha,
+            "compare_mode": self.compare,
             "slide_id": slide_id,
             "label": entry.label,
             "status": entry.status,
@@ -376,18 +366,21 @@ class ViewerServer:
             slide=opened.slide.info(),
             mpp=getattr(opened.slide.slide, "mpp", None),
             heatmap=opened.heatmap.info() if opened.heatmap else None,
+            compare=opened.compare.info() if opened.compare else None,
+            difference=opened.difference.info() if opened.difference else None,
             error=opened.heatmap_error,
         )
         return info
 
 
 def _close(opened: _Opened) -> None:
-    opened.slide.close()
-    if opened.heatmap is not None:
-        opened.heatmap.close()
+    for layer in opened.layers():
+        layer.close()
 
 
-_TILE_PATH = re.compile(r"^/tiles/([^/]+)/(slide|heatmap)/(\d+)/(\d+)_(\d+)\.(jpg|png)$")
+_TILE_PATH = re.compile(
+    r"^/tiles/([^/]+)/(slide|heatmap|compare|difference)/(\d+)/(\d+)_(\d+)\.(jpg|png)$"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -470,7 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ClamHeatError as err:
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(err))
             return
-        layer = opened.slide if kind == "slide" else opened.heatmap
+        layer = getattr(opened, kind)
         found = layer is not None and layer.format == ext
         rgb = layer.tile(int(level), int(tx), int(ty)) if found else None
         if rgb is None:
@@ -502,6 +495,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "max-age=300" if cache else "no-store")
         self.end_headers()
         self.wfile.write(data)
+
+
+def open_viewer(
+    config: str | None,
+    *,
+    slide: str | None,
+    heatmap: Path | None,
+    cmap: str,
+    compare: str | None,
+    host: str,
+    port: int,
+    load: Any,
+    save_exp_code: str | None = None,
+    sets: list[str] | None = None,
+) -> tuple[ViewerServer, str | None, list[ViewerEntry]]:
+    """``clam-heat view``'s three modes -> (server, slide id to open first, entries).
+
+    A run (``config``), a pair (``slide`` file + ``heatmap`` image, no config) or two runs
+    (``config`` + ``compare``). ``load(name, save_exp_code, sets)`` loads a config as the CLI
+    does (overrides included).
+    """
+    from ..errors import ProcessListError
+    from .tiles import legend
+
+    if heatmap is not None or config is None:
+        if heatmap is None or slide is None or config is not None:
+            raise ProcessListError(
+                "view: pass a run's CONFIG, or --slide SLIDE_FILE --heatmap IMAGE (not both)"
+            )
+        entries = [pair_entry(Path(slide), heatmap)]
+        server = ViewerServer(
+            entries, host=host, port=port, title=heatmap.name, run_hint="clam-heat quick",
+            legends=[legend(cmap, "attention", "low", "high")],
+        )  # fmt: skip
+        return server, entries[0].slide_id, entries
+    cfg = load(config, save_exp_code, sets)
+    entries = viewer_entries(cfg)
+    if slide is not None and slide not in {e.slide_id for e in entries}:
+        raise ProcessListError(
+            f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
+        )
+    heat = cfg.heatmap_arguments
+    legends = [legend(heat.cmap, "attention percentile", "0", "100")]
+    if compare is not None:
+        from ..compare import DIFF_CMAP
+        from ..config import find_config
+
+        entries = compare_entries(entries, load(compare), find_config(config), find_config(compare))
+        legends.append(legend(DIFF_CMAP, "A \u2212 B percentile", "-100", "+100"))
+    server = ViewerServer(
+        entries, host=host, port=port, title=cfg.exp_arguments.save_exp_code,
+        run_hint=f"clam-heat run {config}", legends=legends, alpha=heat.alpha,
+        compare=compare is not None,
+    )  # fmt: skip
+    return server, slide, entries
 
 
 # ---------------------------------------------------------------------------------- pages
