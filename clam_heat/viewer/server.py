@@ -243,21 +243,21 @@ class ViewerServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{_url_host(host)}:{port}/"
+        return f"http://{host}:{port}/"
 
     @property
     def allowed_hosts(self) -> frozenset[str] | None:
         """``Host`` header values accepted (lower case, with the port); None: any, when bound
-        to all interfaces (0.0.0.0 / ::), whose names this server cannot know."""
+        to all interfaces (0.0.0.0), whose names this server cannot know (IPv4 server)."""
         host, port = self.httpd.server_address[:2]
-        if host in ("0.0.0.0", "::"):
+        if host == "0.0.0.0":
             return None
         names = {host}
         if ipaddress.ip_address(host).is_loopback:
-            names |= {"localhost", "127.0.0.1", "::1"}
+            names |= {"localhost", "127.0.0.1"}
         else:
             names |= {socket.gethostname(), socket.getfqdn()}
-        return frozenset(f"{_url_host(n).lower()}:{port}" for n in names)
+        return frozenset(f"{n.lower()}:{port}" for n in names)
 
     def serve_forever(self) -> None:
         self.httpd.serve_forever(poll_interval=0.2)
@@ -597,8 +597,3 @@ def _index_page(viewer: ViewerServer) -> str:
         "slide and its attention heatmap side by side.</p>"
         f"<table id='slides'><tr>{head}</tr>{''.join(rows)}</table></body></html>"
     )
-
-
-def _url_host(host: str) -> str:
-    """``host`` as written in a URL or ``Host`` header (IPv6 addresses in brackets)."""
-    return f"[{host}]" if ":" in host else host
