@@ -1,10 +1,8 @@
 """``clam-heat`` command line: each command parses options and calls one library function.
 
-Errors derived from :class:`~clam_heat.errors.ClamHeatError` print one line and exit with their
-code (2 for config/process-list problems and for a list another run holds, 1 otherwise);
-tracebacks go to the run log. A run stopped by SIGTERM/SIGINT prints one line and exits
-143/130. Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns
-progress bars off.
+Errors print one line and exit 2 (bad input before work, a list another run holds) or 1;
+tracebacks go to the run log (:mod:`.cli_output`). A run stopped by SIGTERM/SIGINT exits 143/130.
+Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns it off.
 """
 
 from __future__ import annotations
@@ -593,8 +591,7 @@ for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """Run the command line and return its exit code (what :func:`main` exits with); see
-    :func:`clam_heat.cli_output.run_app`."""
+    """The command line's exit code for ``argv`` (:func:`clam_heat.cli_output.run_app`)."""
     return run_app(app, argv)
 
 
