@@ -6,7 +6,8 @@ to bottom, to :class:`Sink` objects and knows no file format; :func:`open_sinks`
 class for an output path from :data:`SINKS`, keyed by extension. A new format is a new
 :class:`Sink` subclass and one line in that table. Writers hold no CLAM drawing rule: they
 receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name beside
-the target, renamed into place when complete); the pyramid's spool files carry the ``spool``
+the target, renamed into place when complete, not fsync'd: the stage's outputs are synced
+together before its ledger entry says done); the pyramid's spool files carry the ``spool``
 tag, so the start-up sweep removes any that a killed run left behind.
 """
 
@@ -103,7 +104,7 @@ class EncodedSink(ArraySink):
 
     def close(self) -> Path:
         assert self.image is not None
-        write_bytes_atomic(self.path, self.encode(self.image))
+        write_bytes_atomic(self.path, self.encode(self.image), durable=False)
         return self.path
 
 
@@ -182,7 +183,7 @@ class TiffSink(Sink):
         self.thread.join()
         if self.error is not None:
             self._raise()
-        commit(self.tmp, self.path, durable=True)
+        commit(self.tmp, self.path, durable=False)
         return self.path
 
     def abort(self) -> None:
@@ -421,7 +422,7 @@ def write_attention_geojson(
     pw, ph = (int(v) for v in np.broadcast_to(np.asarray(patch_size_l0), (2,)))
     pct = to_percentiles(flat) if len(flat) and not np.isnan(flat).any() else flat * np.nan
     out = Path(path)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, durable=False) as tmp:
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write('{"type": "FeatureCollection", "features": [\n')
