@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import queue
 import threading
@@ -29,15 +30,19 @@ from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
 from ..errors import OutputError, os_error_advice
 from .maths import to_percentiles
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "JPEG_MAX_SIDE",
     "SINKS",
+    "STREAM_MIN_PIXELS",
     "TIFF_TILE",
     "ArraySink",
     "EncodedSink",
     "JpegSink",
     "PngSink",
     "Sink",
+    "StreamedSink",
     "TiffSink",
     "open_sinks",
     "write_attention_geojson",
@@ -49,6 +54,12 @@ TIFF_TILE = 256
 JPEG_MAX_SIDE = 65500
 #: JPEG quality of the pyramidal overlay's tiles.
 PYRAMID_JPEG_QUALITY = 90
+#: JPEG / PNG outputs of more pixels than this are streamed through a raw TIFF spool and
+#: encoded by libvips row by row (:class:`StreamedSink`: memory a few strips, whatever the
+#: size); smaller ones are encoded from memory (faster for small images; demo bytes unchanged).
+STREAM_MIN_PIXELS = 32 * 2**20
+#: zlib level of PNG outputs (PIL's default).
+PNG_LEVEL = 6
 
 
 class Sink:
@@ -136,7 +147,7 @@ class PngSink(EncodedSink):
     def encode(self, image: np.ndarray) -> bytes:
         import imagecodecs
 
-        return bytes(imagecodecs.png_encode(image, level=6))
+        return bytes(imagecodecs.png_encode(image, level=PNG_LEVEL))
 
 
 class TiffSink(Sink):
@@ -273,6 +284,80 @@ class TiffSink(Sink):
         tw.write(tiles, **kwargs)
 
 
+class StreamedSink(Sink):
+    """JPEG or PNG of any size in flat memory: strips stream into an uncompressed tiled TIFF
+    spool (a :class:`TiffSink` writing a ``spool``-tagged temp file), which libvips then reads
+    sequentially and encodes row by row (``jpegsave`` / ``pngsave``) into the output's temp file.
+
+    Peak memory is a few strips plus libvips' row buffers; the spool needs the raw image's size
+    on disk (width x height x 3 bytes) beside the output until the encode ends. Pixels equal the
+    in-memory encoders': PNG is lossless, and libvips' JPEG (libjpeg-turbo, 4:2:0 forced as
+    PIL's, same quality) decodes to the same pixels as :class:`JpegSink`'s, though the bytes
+    differ (header fields).
+    """
+
+    strip_rows = TIFF_TILE
+
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, kind: str, quality: int
+    ) -> None:
+        self.path, self.kind, self.quality = path, kind, quality
+        self.spool = temp_path_for(path, tag="spool")
+        self.writer = TiffSink(self.spool, width, height, mpp=None)
+
+    def push(self, y0: int, strip: np.ndarray) -> None:
+        self.writer.push(y0, strip)
+
+    def close(self) -> Path:
+        import pyvips
+
+        try:
+            self.writer.close()
+            image = pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            with atomic_path(self.path, durable=False) as tmp:
+                if self.kind == "jpeg":
+                    image.jpegsave(str(tmp), Q=self.quality, subsample_mode="on", keep="none")
+                else:
+                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep="none")
+        except pyvips.Error as err:
+            raise OutputError(f"{self.path}: encoding failed ({' '.join(str(err).split())})")
+        finally:
+            self.spool.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.spool.unlink(missing_ok=True)
+
+
+def _streaming_available() -> bool:
+    """Whether libvips loads (pyvips + pyvips-binary); without it large images use memory."""
+    try:
+        import pyvips  # noqa: F401
+    except (ImportError, OSError) as err:
+        log.warning("pyvips unavailable (%s): large JPEG/PNG heatmaps are encoded in memory", err)
+        return False
+    return True
+
+
+def jpeg_sink(
+    path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+) -> Sink:
+    """JPEG at ``quality``: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed
+    through libvips above (:class:`StreamedSink`)."""
+    if width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE:
+        if _streaming_available():
+            return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
+    return JpegSink(path, width, height, mpp=mpp, quality=quality)
+
+
+def png_sink(path: Path, width: int, height: int, *, mpp: float | None) -> Sink:
+    """PNG: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed above."""
+    if width * height > STREAM_MIN_PIXELS and _streaming_available():
+        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0)
+    return PngSink(path, width, height, mpp=mpp)
+
+
 def _tiff_tiles(
     strips: Iterator[np.ndarray], width: int, height: int, spool: Path | None
 ) -> Iterator[np.ndarray]:
@@ -337,9 +422,9 @@ SinkFactory = Callable[..., Sink]
 
 #: Output formats by file extension (lower case, no dot): a new format is one line here.
 SINKS: dict[str, SinkFactory] = {
-    "jpg": JpegSink,
-    "jpeg": functools.partial(JpegSink, quality=75),
-    "png": PngSink,
+    "jpg": jpeg_sink,
+    "jpeg": functools.partial(jpeg_sink, quality=75),
+    "png": png_sink,
     "tif": TiffSink,
     "tiff": TiffSink,
 }
