@@ -320,7 +320,8 @@ class StreamedSink(Sink):
                 else:
                     image.pngsave(str(tmp), compression=PNG_LEVEL, keep="none")
         except pyvips.Error as err:
-            raise OutputError(f"{self.path}: encoding failed ({' '.join(str(err).split())})")
+            why = " ".join(str(err).split())
+            raise OutputError(f"{self.path}: encoding failed ({why})") from None
         finally:
             self.spool.unlink(missing_ok=True)
         return self.path
@@ -345,9 +346,9 @@ def jpeg_sink(
 ) -> Sink:
     """JPEG at ``quality``: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed
     through libvips above (:class:`StreamedSink`)."""
-    if width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE:
-        if _streaming_available():
-            return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
+    big = width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE
+    if big and _streaming_available():
+        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
     return JpegSink(path, width, height, mpp=mpp, quality=quality)
 
 
