@@ -72,6 +72,9 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("typer", "typer", "0.12"),
     Dependency("rich", "rich", "13"),
     Dependency("safetensors", "safetensors", "0.4"),
+    Dependency(
+        "pyvips", "pyvips", "2.2", True, "libvips from pyvips-binary: large JPEG/PNG heatmaps"
+    ),
     Dependency("tensorboard", "tensorboard", "2.14", False, "training-time attention maps"),
     Dependency("dask", "dask[distributed]", "2024.1", False, "the dask executor"),
     Dependency("mlflow", "mlflow-skinny", "2.12", False, "runner_arguments.tracker: mlflow"),
