@@ -349,7 +349,7 @@ def _has_step_images(client: Any) -> bool:
     """Whether this MLflow client logs images by key and step (``log_image(..., key=, step=)``)."""
     import inspect
 
-    method = getattr(client, "log_image", None)
+    method = getattr(type(client), "log_image", None)  # the installed version's, not a wrapper
     return method is not None and {"key", "step"} <= set(inspect.signature(method).parameters)
 
 
