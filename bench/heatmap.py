@@ -5,6 +5,8 @@ Usage (from the repository root, in the project's venv)::
     python bench/heatmap.py                       # 40000x30000 demo slide, all cases
     python bench/heatmap.py --size 20000x15000    # smaller demo slide
     python bench/heatmap.py --flat-rss            # pyramid-TIFF-only RSS: 1x, 2x tall, 2x wide
+    python bench/heatmap.py --full-res            # vis_level 0 JPEG and PNG: peak RSS each
+    python bench/heatmap.py --percentiles         # use_ref_scores: 10M scores vs a 10M reference
     python bench/heatmap.py --slide S.svs --h5 FEATURES.h5 --vis-level 1 --overlap 0.75 --json
 
 Every case runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own. The timed
@@ -17,6 +19,12 @@ span starts after module imports (a runner pays them once per process, not per s
   jet, alpha 0.4, tissue masking on, JPEG quality 100), with seeded random scores on an
   in-tissue patch grid (256 px level-0 patches, step ``int(256 * (1 - overlap))``).
 * ``pyramid``: the same render with only the pyramidal TIFF output (``--flat-rss``).
+* ``--full-res``: the production render at vis_level 0 (40000x30000 px for the default slide)
+  saved as JPEG (quality 100) and as PNG, one fresh process each; one JSON line per format
+  with its peak RSS (target <= 500 MB: both are streamed through libvips above
+  ``STREAM_MIN_PIXELS``).
+* ``--percentiles``: :func:`clam_heat.heatmap.percentile_of_scores` of 10M scores against a
+  10M reference (``use_ref_scores``; one sort of the reference plus binary searches).
 
 Demo slides are generated once with :func:`clam_heat.demo.make_demo_slide` and cached under
 ``~/.cache/clam-heat-bench/`` (override with ``CLAM_HEAT_BENCH_CACHE``).
@@ -129,7 +137,7 @@ def _case_render(args: argparse.Namespace) -> None:
             args.patch_size,
             spec,
             tissue=tissue,
-            out_path=None if pyramid_only else out / "heatmap.jpg",
+            out_path=None if pyramid_only else out / f"heatmap.{args.ext}",
             pyramid_tiff_path=out / "heatmap.tiff" if pyramid_only else None,
         )
         seconds, cpu = time.perf_counter() - start, _cpu() - cpu
@@ -137,6 +145,8 @@ def _case_render(args: argparse.Namespace) -> None:
     _emit(
         {
             "case": args.case,
+            "format": "tiff" if pyramid_only else args.ext,
+            "vis_level": args.vis_level,
             "overlap": args.overlap,
             "n_patches": int(len(coords)),
             "seconds": seconds,
@@ -240,6 +250,50 @@ def _percentiles_1m() -> float:
     return time.perf_counter() - start
 
 
+def _percentiles_10m(n: int = 10_000_000) -> dict[str, Any]:
+    """use_ref_scores at scale: ``n`` scores against an ``n``-score reference (with ties)."""
+    from clam_heat.heatmap import percentile_of_scores
+
+    rng = np.random.default_rng(0)
+    reference = rng.random(n).astype(np.float32)
+    reference[: n // 10] = reference[n // 10 : n // 5]  # ties, as float32 attention has
+    scores = rng.random(n).astype(np.float32)
+    percentile_of_scores(scores[:10], reference[:10])
+    start = time.perf_counter()
+    out = percentile_of_scores(scores, reference)
+    seconds = time.perf_counter() - start
+    return {"case": "percentiles", "n_scores": n, "n_reference": n, "seconds": seconds,
+            "checksum": float(out.sum())}  # fmt: skip
+
+
+def run_full_res(width: int, height: int, overlap: float, tile_size: int) -> None:
+    """vis_level 0 production heatmap as JPEG and PNG, one fresh process each: peak RSS."""
+    slide = _demo(width, height)
+    tissue, _ = _tissue(slide)
+    grid = _grid(slide, overlap, tissue)
+    out = Path(tempfile.mkdtemp(prefix="bench-", dir=CACHE))
+    try:
+        for ext in ("jpg", "png"):
+            rec = _child(
+                "heatmap",
+                slide=slide,
+                coords=grid,
+                tissue=tissue,
+                vis_level=0,
+                overlap=overlap,
+                out=out,
+                tile_size=tile_size,
+                ext=ext,
+            )
+            rec["target_peak_rss_mb"] = 500
+            rec["ok"] = rec["peak_rss_mb"] <= 500
+            _emit(rec)
+            for path in out.iterdir():
+                path.unlink()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def _row(name: str, rec: dict[str, Any], floor: float) -> str:
     budget = rec["image_mb"] + 250
     rss = rec["peak_rss_mb"]
@@ -282,6 +336,7 @@ def run_suite(width: int, height: int, vis_level: int, tile_size: int, repeat: i
             )
             print(_row(f"overlap {overlap}", rec, floor["seconds"]))
         print(f"{'percentiles 1M':<16} {_percentiles_1m():8.3f} s")
+        print(f"{'ref pct 10M/10M':<16} {_percentiles_10m()['seconds']:8.3f} s")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -409,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--flat-rss", action="store_true", help="pyramid-only RSS at 1x, 2x h, 2x w")
+    p.add_argument("--full-res", action="store_true", help="vis_level 0 JPEG and PNG peak RSS")
+    p.add_argument("--percentiles", action="store_true", help="10M vs 10M use_ref_scores time")
     p.add_argument("--slide", help="external slide (with --h5) or the child's slide")
     p.add_argument("--h5", help="features/patches H5 with coords (external case)")
     p.add_argument("--json", action="store_true", help="external case: one JSON line")
@@ -420,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tissue", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--patch-size", type=int, default=PATCH_L0, help=argparse.SUPPRESS)
+    p.add_argument("--ext", default="jpg", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case == "floor":
         _case_floor(args)
@@ -429,6 +487,10 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.h5 and args.slide):
             p.error("the external case needs both --slide and --h5")
         run_external(args)
+    elif args.percentiles:
+        _emit(_percentiles_10m())
+    elif args.full_res:
+        run_full_res(*args.size, args.overlap, args.tile_size)
     elif args.flat_rss:
         run_flat_rss(*args.size, args.vis_level, args.overlap, args.tile_size)
     else:

@@ -18,7 +18,10 @@ Two numbers per configuration:
   (each has loaded the model and touched the slides) before the clock starts, so start-up is not
   counted. This is the rate of a long list, the throughput the workers deliver.
 
-Each line also shows the CPU seconds the workers used and the cores that makes on average, and
+Each line also shows the CPU seconds the workers used and the cores that makes on average; the
+report gives CPU seconds per slide for each worker count and their ratio to the first count
+(``*_cpu_per_slide_ratio_wN``, target <= 1.1: the scaling figure a 2-core machine can show,
+since its wall-clock ratio is capped by the cores), next to the wall ratio, and
 the script measures before and after how many cores this machine really gives two busy processes
 (``free_cores_*``: 2.0 on an idle 2-core machine): on a shared machine other processes take
 cores, and no executor can do better than the cores it gets.
@@ -222,12 +225,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mode:>10} workers={workers}: {best:6.1f}s {60 * n / best:6.1f} slides/min  "
                 f"(used {best_cpu:.1f} CPU s = {best_cpu / best:.2f} cores)\n"
             )
-        base = report[f"{mode}_w{args.workers[0]}_seconds"]
+        first = args.workers[0]
+        base = report[f"{mode}_w{first}_seconds"]
+        base_cpu = report[f"{mode}_w{first}_worker_cpu_seconds"] / n
+        for workers in args.workers:
+            report[f"{mode}_w{workers}_cpu_seconds_per_slide"] = round(
+                report[f"{mode}_w{workers}_worker_cpu_seconds"] / n, 3
+            )
         for workers in args.workers[1:]:
             speedup = base / report[f"{mode}_w{workers}_seconds"]
+            cpu_ratio = report[f"{mode}_w{workers}_cpu_seconds_per_slide"] / base_cpu
             report[f"{mode}_speedup_w{workers}"] = round(speedup, 2)
+            report[f"{mode}_wall_ratio_w{workers}"] = round(1 / speedup, 3)
+            report[f"{mode}_cpu_per_slide_ratio_w{workers}"] = round(cpu_ratio, 3)
             sys.stderr.write(
-                f"{mode:>10} speed-up {workers} vs {args.workers[0]} workers: {speedup:.2f}x\n"
+                f"{mode:>10} {workers} vs {first} workers: speed-up {speedup:.2f}x, CPU seconds "
+                f"per slide {cpu_ratio:.2f}x (target <= 1.1x: the work per slide does not grow "
+                "with the workers)\n"
             )
     report["free_cores_after"] = round(_free_cores(), 2)
     sys.stderr.write(f"two busy processes get {report['free_cores_after']:.2f} cores right now\n")

@@ -1,9 +1,11 @@
 """Per-slide JSON ledger: what each stage last produced, from which inputs and parameters.
 
 Protocol (as snakemake's persistence): a stage is *marked started* before it writes anything,
-its outputs are written to temp files and renamed into place, and only then is the record
-completed with the fingerprint. A stage reruns when its record is missing, still marked started
-(interrupted, e.g. by kill -9), any recorded output is gone, or its fingerprint differs. The
+its outputs are written to temp files and renamed into place, synced to disk together, and only
+then is the record completed with the fingerprint and each output's identity (size and mtime).
+A stage reruns when its record is missing, still marked started (interrupted, e.g. by kill -9),
+any recorded output is gone or no longer has the recorded size and mtime (truncated, rewritten),
+or its fingerprint differs. The
 ledger itself is replaced atomically; an unreadable ledger is treated as empty (everything reruns)
 rather than trusted.
 """
@@ -38,9 +40,23 @@ __all__ = [
     "file_identity",
     "fingerprint_diff",
     "now_iso",
+    "output_identity",
     "write_bytes_atomic",
     "write_text_atomic",
 ]
+
+
+def output_identity(path: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a finished output (None: missing); cheap, no read of the data.
+
+    Recorded when its stage is marked done and compared on the next plan: a truncated or
+    rewritten output makes its stage rerun.
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def now_iso() -> str:
@@ -134,7 +150,7 @@ _IDENTITY_KEYS = frozenset({"sha256", "size", "mtime_ns", "missing"})
 class Reason:
     """Why a stage will run (``None`` from :meth:`Ledger.reason` means up to date)."""
 
-    kind: str  # never-run | interrupted | output-missing | changed | ledger-version
+    kind: str  # never-run | interrupted | output-missing | output-changed | changed | ...
     detail: str = ""
 
     def __str__(self) -> str:
@@ -142,6 +158,7 @@ class Reason:
             "never-run": "no previous run",
             "interrupted": "previous run was interrupted",
             "output-missing": "output missing",
+            "output-changed": "output changed",
             "changed": "changed",
             "ledger-version": "ledger written by an older format",
             "upstream": "upstream stage reruns",
@@ -199,6 +216,9 @@ class Ledger:
         for out in rec.get("outputs", []):
             if not Path(out).exists():
                 return Reason("output-missing", Path(out).name)
+        for out, ident in rec.get("output_ids", {}).items():  # absent in older records
+            if output_identity(Path(out)) != list(ident):
+                return Reason("output-changed", Path(out).name)
         changes = fingerprint_diff(rec.get("fingerprint", {}), fingerprint)
         if changes:
             return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
@@ -227,6 +247,7 @@ class Ledger:
         result: Mapping[str, Any] | None = None,
     ) -> None:
         rec = self.stages.get(stage, {})
+        outputs = [Path(p) for p in outputs]
         self.stages[stage] = {
             "state": "done",
             "started_at": rec.get("started_at", now_iso()),
@@ -234,6 +255,7 @@ class Ledger:
             "seconds": round(seconds, 3),
             "fingerprint": dict(fingerprint),
             "outputs": [str(p) for p in outputs],
+            "output_ids": {str(p): output_identity(p) for p in outputs},
             "result": dict(result or {}),
         }
         self.save()

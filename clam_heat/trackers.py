@@ -2,7 +2,8 @@
 files, sent to MLflow or Weights & Biases.
 
 A :class:`Tracker` is a context manager: ``log_config`` once, ``log_slide`` per finished slide,
-``log_artifact`` per file, ``close(status)``. Only starting a run can fail (:class:`TrackerError`,
+``log_artifact`` per file, ``log_image`` per training-time map (:mod:`clam_heat.training`),
+``close(status)``. Only starting a run can fail (:class:`TrackerError`,
 one line, exit 2); after that a failed call is one log warning and the pipeline goes on: a tracking
 server's hiccup must not fail a slide. The extras are imported only when such a tracker is built and
 kept off the terminal (MLflow logs via ``logging``, W&B runs silent; warnings go to the debug log).
@@ -39,6 +40,7 @@ RunStatus = Literal["finished", "failed", "killed"]
 THUMBNAIL_MAX_SIDE = 512
 _WANDB_EXIT = {"finished": 0, "failed": 1, "killed": 130}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9._/ -]+")  # MLflow image keys may also hold '/' and ' '
 StrPath = str | os.PathLike[str]
 
 
@@ -124,6 +126,26 @@ def thumbnail(image_path: StrPath, max_side: int = THUMBNAIL_MAX_SIDE) -> bytes:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     return cv2.imencode(".png", image)[1].tobytes()
+
+
+def _check_image(image: Any) -> Any:
+    """``image`` as a C-contiguous (H, W, 3|4) uint8 array, or a one-line ValueError."""
+    import numpy as np
+
+    array = np.ascontiguousarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4) or not array.size:
+        raise ValueError(
+            f"image must be (H, W, 3) or (H, W, 4) uint8, got {array.dtype} {array.shape}"
+        )
+    return array
+
+
+def _png(image: Any) -> bytes:
+    """A lossless PNG of an RGB(A) uint8 array (OpenCV wants BGR(A), hence the swap)."""
+    import cv2
+
+    code = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+    return cv2.imencode(".png", cv2.cvtColor(image, code))[1].tobytes()
 
 
 _png_thumbnail = thumbnail  # for methods whose ``thumbnail`` argument shadows the function
@@ -219,6 +241,12 @@ class Tracker:
         with self._guard(f"log_artifact {Path(path).name}"):
             self._log_artifact(Path(path), name or Path(path).name)
 
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        """Record one (H, W, 3) RGB (or (H, W, 4) RGBA) uint8 image under ``tag`` at ``step`` (an
+        epoch of the training logger), so the backend shows the maps of one tag step by step."""
+        with self._guard(f"log_image {tag} step {step}"):
+            self._log_image(str(tag), _check_image(image), int(step))
+
     def close(self, status: RunStatus = "finished") -> None:
         """Write the slide table, end the run with ``status``, drop staged files; idempotent."""
         if self.closed:
@@ -233,6 +261,7 @@ class Tracker:
     def _log_config(self, resolved: Mapping[str, Any]) -> None: ...
     def _log_slide(self, row: dict[str, Any]) -> None: ...
     def _log_artifact(self, path: Path, name: str) -> None: ...
+    def _log_image(self, tag: str, image: Any, step: int) -> None: ...
     def _close(self, status: RunStatus) -> None: ...
 
 
@@ -295,6 +324,16 @@ class MlflowTracker(Tracker):
             path = self._stage(name, path.read_bytes())
         self.client.log_artifact(self.run_id, str(path))
 
+    def _log_image(self, tag: str, image: Any, step: int) -> None:
+        """MLflow's step-keyed images (``log_image(key=, step=)``, MLflow >= 2.12, a slider per
+        key in the UI); an older client gets the PNG as ``images/<tag>/step_<n>.png``."""
+        key = _UNSAFE_KEY.sub("_", tag).strip() or "_"
+        if _has_step_images(self.client):
+            self.client.log_image(self.run_id, image, key=key, step=step)
+            return
+        staged = self._stage(f"step_{step}.png", _png(image))
+        self.client.log_artifact(self.run_id, str(staged), f"images/{key.strip('/')}")
+
     def _close(self, status: RunStatus) -> None:
         if self.slides:
             import pandas as pd
@@ -304,6 +343,14 @@ class MlflowTracker(Tracker):
             table["thumbnail"] = pd.Series(shots, dtype=object)
             self.client.log_table(self.run_id, data=table, artifact_file="slides.json")
         self.client.set_terminated(self.run_id, status.upper())  # FINISHED, FAILED, KILLED
+
+
+def _has_step_images(client: Any) -> bool:
+    """Whether this MLflow client logs images by key and step (``log_image(..., key=, step=)``)."""
+    import inspect
+
+    method = getattr(type(client), "log_image", None)  # the installed version's, not a wrapper
+    return method is not None and {"key", "step"} <= set(inspect.signature(method).parameters)
 
 
 def _wandb_key_known(base_url: str | None) -> bool:
@@ -341,6 +388,7 @@ class WandbTracker(Tracker):
                 settings=wandb.Settings(**settings),
             )
             self.run.define_metric("slide/*", step_metric="slide/index")
+        self._image_tags: set[str] = set()
         self.run_dir = Path(self.run.dir).parent
         if self.run.offline:
             log.info("wandb: offline run in %s (upload: wandb sync %s)", self.run_dir, self.run_dir)
@@ -355,6 +403,13 @@ class WandbTracker(Tracker):
             shot = self._wandb.Image(str(row["thumbnail"]), caption=row["slide_id"])
             data["slide/heatmap"] = shot
         self.run.log(data)
+
+    def _log_image(self, tag: str, image: Any, step: int) -> None:
+        """``tag`` as a media panel stepped by ``epoch`` (kept apart from the slide index)."""
+        if tag not in self._image_tags:
+            self.run.define_metric(tag, step_metric="epoch")
+            self._image_tags.add(tag)
+        self.run.log({tag: self._wandb.Image(image), "epoch": step})
 
     def _log_artifact(self, path: Path, name: str) -> None:
         """A versioned W&B artifact, plus a copy in the run's ``files/clam_heat/`` (Files tab)."""

@@ -3,6 +3,10 @@
     python examples/train_clam_tensorboard.py --logdir runs/clam_heat_demo
     tensorboard --logdir runs/clam_heat_demo
 
+The same maps also go to an experiment tracker with ``--tracker mlflow`` (run in
+the experiment ``clam-heat-training`` of ``--tracker-uri``, default ``<logdir>/mlruns``) or
+``--tracker wandb`` (offline under ``<logdir>/wandb`` unless a W&B key is known).
+
 Each synthetic slide is an elliptical tissue region tiled by 512-px level-0 patches (a 20x,
 256-px grid on a 40x scan, as TRIDENT stores it, ``coords.attrs['patch_size_level0'] = 512``).
 Tumour slides contain a disc of patches whose features are shifted along one fixed direction; to
@@ -23,6 +27,7 @@ import torch
 
 from clam_heat.atomic import atomic_path
 from clam_heat.models import ClamSB
+from clam_heat.trackers import TrackerError, TrackerKind, make_tracker
 from clam_heat.training import AttentionHeatmapLogger, open_summary_writer, spatial_attention_map
 
 LOG = logging.getLogger("train_clam_tensorboard")
@@ -75,8 +80,11 @@ def train(
     n_val: int = 8,
     embed_dim: int = 1024,
     seed: int = 0,
+    tracker: TrackerKind = "none",
+    tracker_uri: str | None = None,
 ) -> float:
-    """Generate bags, train a CLAM_SB, log maps and scalars to ``logdir``; return val accuracy."""
+    """Generate bags, train a CLAM_SB, log maps and scalars to ``logdir``, the maps also to
+    ``tracker``; return val accuracy."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     direction = (rng.standard_normal(embed_dim) * 0.2).astype(np.float32)
@@ -98,18 +106,31 @@ def train(
         model = ClamSB(gate=True, size_arg="small", dropout=0.25, n_classes=2, embed_dim=embed_dim)
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
         loss_fn = torch.nn.CrossEntropyLoss()
-        writer = open_summary_writer(logdir)
-        heatmaps = AttentionHeatmapLogger(writer, every_n_epochs=1, features_dir=feat_dir)
-        l0_coords, is_tumour = truth[val_ids[0]]
-        writer.add_image(
-            "val/tumour_truth",
-            spatial_attention_map(
-                is_tumour.astype(float), l0_coords, PATCH_SIZE_L0, 32, normalize="minmax"
-            ),
-            global_step=0,
-            dataformats="HWC",
+        run = make_tracker(
+            tracker,
+            run_name=f"train_clam_seed{seed}",
+            project="clam-heat-training",
+            directory=logdir,
+            uri=tracker_uri,
+            setting="--tracker",
         )
+        run.log_config({"epochs": epochs, "n_train": n_train, "n_val": n_val, "seed": seed})
+        try:
+            writer = open_summary_writer(logdir)
+        except BaseException:  # tensorboard missing: end the tracker run before saying so
+            run.close("failed")
+            raise
+        heatmaps = AttentionHeatmapLogger(
+            writer, every_n_epochs=1, features_dir=feat_dir, tracker=run
+        )
+        l0_coords, is_tumour = truth[val_ids[0]]
+        truth_map = spatial_attention_map(
+            is_tumour.astype(float), l0_coords, PATCH_SIZE_L0, 32, normalize="minmax"
+        )
+        writer.add_image("val/tumour_truth", truth_map, global_step=0, dataformats="HWC")
+        run.log_image("val/tumour_truth", truth_map, 0)
         accuracy = 0.0
+        status = "failed"
         try:
             for epoch in range(epochs):
                 model.train()
@@ -144,8 +165,10 @@ def train(
                     val_loss,
                     accuracy,
                 )
+            status = "finished"
         finally:
             writer.close()
+            run.close(status)
     return accuracy
 
 
@@ -160,9 +183,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tracker",
+        choices=["none", "mlflow", "wandb"],
+        default="none",
+        help="also send the maps and scalars to MLflow or W&B (pip install 'clam-heat[mlflow]')",
+    )
+    parser.add_argument(
+        "--tracker-uri",
+        default=None,
+        help="MLflow tracking URI (default <logdir>/mlruns) or a W&B server's base URL",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(args.logdir, features_dir=args.features_dir, epochs=args.epochs, seed=args.seed)
+    try:
+        train(
+            args.logdir,
+            features_dir=args.features_dir,
+            epochs=args.epochs,
+            seed=args.seed,
+            tracker=args.tracker,
+            tracker_uri=args.tracker_uri,
+        )
+    except TrackerError as err:  # the extra is missing or the server refused: one line, exit 2
+        parser.exit(err.exit_code, f"error: {err}\n")
     LOG.info("done; view the maps with: tensorboard --logdir %s", args.logdir)
 
 

@@ -52,6 +52,7 @@ from clam_heat.encoders import (
 from clam_heat.errors import CheckpointError, FeatureError, OutputError
 from clam_heat.heatmap import percentile_of_scores
 from clam_heat.models import build_model
+from clam_heat.models.inference import fixed_threads
 from clam_heat.slide import open_slide
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -753,7 +754,9 @@ def test_attention_logits_match_clam_attention_only() -> None:
     torch.manual_seed(0)
     feats = np.random.default_rng(0).standard_normal((11, 64)).astype(np.float32)
     sb = build_model("clam_sb", n_classes=2, embed_dim=64).eval()
-    with torch.inference_mode():
+    # the model's own forward on the thread count inference is pinned to (float sums depend
+    # on it: on 2 threads these 11 logits differ in the last bits)
+    with torch.inference_mode(), fixed_threads():
         expected = sb(torch.from_numpy(feats), attention_only=True)
     assert expected.shape == (1, 11)
     got = attention_logits(sb, feats, branch=None)
@@ -761,7 +764,7 @@ def test_attention_logits_match_clam_attention_only() -> None:
     np.testing.assert_array_equal(got, expected[0].numpy())
 
     mb = build_model("clam_mb", n_classes=3, embed_dim=64).eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_threads():
         expected = mb(torch.from_numpy(feats), attention_only=True)
     np.testing.assert_array_equal(attention_logits(mb, feats, branch=2), expected[2].numpy())
     with pytest.raises(CheckpointError) as err:

@@ -835,3 +835,75 @@ def test_geojson_for_qupath(tmp_path: Path) -> None:
     ]
     empty = write_attention_geojson(np.zeros((0, 2)), np.zeros(0), 256, tmp_path / "e.geojson")
     assert json.loads(empty.read_text())["features"] == []
+
+
+# --------------------------------------------------------------------------------------------
+# large JPEG / PNG: streamed through a TIFF spool and libvips (flat memory)
+# --------------------------------------------------------------------------------------------
+
+
+def test_large_jpeg_and_png_are_streamed_with_the_same_pixels(
+    tmp_path: Path, slide, patches, tissue, monkeypatch
+) -> None:
+    """Above STREAM_MIN_PIXELS the image is never whole in memory; PNG pixels equal the
+    in-memory render, JPEG decodes to the in-memory JPEG's pixels (same quality, 4:2:0)."""
+    from clam_heat.heatmap import writers
+
+    coords, scores = patches
+    spec = HeatmapSpec(vis_level=0, use_percentiles=True, tile_size=256)
+    small = {ext: tmp_path / f"small.{ext}" for ext in ("png", "jpg", "jpeg")}
+    for path in small.values():
+        render_heatmap(slide, coords, scores, 128, spec, tissue=tissue, out_path=path)
+    monkeypatch.setattr(writers, "STREAM_MIN_PIXELS", 1600 * 1200 - 1)
+    assert isinstance(writers.open_sinks(tmp_path / "x.png", 1600, 1200, mpp=None)[0],
+                      writers.StreamedSink)  # fmt: skip
+    pushed: list[int] = []
+    real_push = writers.StreamedSink.push
+
+    def counting_push(self, y0: int, strip: np.ndarray) -> None:
+        pushed.append(len(strip))
+        real_push(self, y0, strip)
+
+    monkeypatch.setattr(writers.StreamedSink, "push", counting_push)
+    big = {ext: tmp_path / "big" / f"big.{ext}" for ext in small}
+    for path in big.values():
+        res = render_heatmap(slide, coords, scores, 128, spec, tissue=tissue, out_path=path)
+        assert res.paths == (path,)
+    assert max(pushed) <= writers.TIFF_TILE and sum(pushed) == 3 * 1200  # strips, not the image
+    expected = imagecodecs.png_decode(small["png"].read_bytes())
+    np.testing.assert_array_equal(imagecodecs.png_decode(big["png"].read_bytes()), expected)
+    for ext in ("jpg", "jpeg"):  # quality 100 and 75
+        np.testing.assert_array_equal(
+            imagecodecs.jpeg8_decode(big[ext].read_bytes()),
+            imagecodecs.jpeg8_decode(small[ext].read_bytes()),
+        )
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == [
+        "big.jpeg",
+        "big.jpg",
+        "big.png",
+    ]
+
+
+def test_streamed_render_that_fails_leaves_no_file_or_spool(
+    tmp_path: Path, slide, monkeypatch
+) -> None:
+    from clam_heat.errors import SlideError
+    from clam_heat.heatmap import writers
+
+    monkeypatch.setattr(writers, "STREAM_MIN_PIXELS", 0)
+    calls = {"n": 0}
+    real = ArraySlide.read_region
+
+    def flaky(self, l0_xy, level, size):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise SlideError(self.path, "reading pixels failed", "the file is corrupt")
+        return real(self, l0_xy, level, size)
+
+    monkeypatch.setattr(ArraySlide, "read_region", flaky)
+    with pytest.raises(SlideError, match="reading pixels failed"):
+        render_heatmap(
+            slide, np.zeros((1, 2), int), np.ones(1), 64, HeatmapSpec(vis_level=0, tile_size=128),
+            out_path=tmp_path / "h.png",
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

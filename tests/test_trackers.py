@@ -336,3 +336,47 @@ def test_wandb_is_offline_without_a_key_and_writes_under_the_output_folder(
         _log_run(tracker, outputs)
     assert tracker.run_dir.parent == folder / "wandb"  # type: ignore[attr-defined]
     _check_wandb_run(tracker.run_dir, outputs)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- log_image
+
+
+def test_log_image_with_a_bad_image_is_one_warning_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches: log_image validating outside ``_guard`` (a float map raising into training)."""
+    tracker = make_tracker("none", run_name="r", project="p", directory=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="clam_heat.trackers"), tracker:
+        tracker.log_image("val/map", np.zeros((4, 4, 3), np.float32), 0)
+        tracker.log_image("val/map", np.zeros((4, 4), np.uint8), 1)
+        tracker.log_image("val/map", np.zeros((4, 4, 3), np.uint8), 2)  # fine, and a no-op
+    assert tracker.failures == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "none tracker: log_image val/map step 0 failed (ValueError: image must be (H, W, 3) or "
+        "(H, W, 4) uint8, got float32 (4, 4, 3)); the run goes on",
+        "none tracker: log_image val/map step 1 failed (ValueError: image must be (H, W, 3) or "
+        "(H, W, 4) uint8, got uint8 (4, 4)); the run goes on",
+    ]
+
+
+@needs_mlflow
+def test_mlflow_log_image_keeps_rgba_and_makes_the_key_legal(
+    tmp_path: Path, quiet_env: None
+) -> None:
+    """Catches: a tag with characters MLflow refuses (':') losing the image, and the alpha
+    channel or the colour order changed on the way (pixels read back with MLflow's client)."""
+    from PIL import Image
+
+    rgba = np.zeros((3, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[0, 0] = (1, 2, 3, 0)  # a transparent, non-grey pixel
+    uri = (tmp_path / "mlruns").as_uri()
+    with make_tracker("mlflow", run_name="r", project="P", directory=tmp_path, uri=uri) as tracker:
+        tracker.log_image("fold:1/attention map", rgba, 7)
+    assert tracker.failures == 0
+    client = _mlflow_client(uri)
+    run_id = tracker.run_id  # type: ignore[attr-defined]
+    (png,) = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert png.startswith("images/fold_1~attention map+step+7+timestamp+")
+    local = client.download_artifacts(run_id, png, str(tmp_path / "back"))
+    np.testing.assert_array_equal(np.asarray(Image.open(local)), rgba)

@@ -71,9 +71,14 @@ DEPENDENCIES: tuple[Dependency, ...] = (
     Dependency("yaml", "pyyaml", "6"),
     Dependency("typer", "typer", "0.12"),
     Dependency("rich", "rich", "13"),
-    Dependency("safetensors", "safetensors", "0.4", False, "MIL-Lab model.safetensors files"),
+    Dependency("safetensors", "safetensors", "0.4"),
+    Dependency(
+        "pyvips", "pyvips", "2.2", True, "libvips from pyvips-binary: large JPEG/PNG heatmaps"
+    ),
     Dependency("tensorboard", "tensorboard", "2.14", False, "training-time attention maps"),
     Dependency("dask", "dask[distributed]", "2024.1", False, "the dask executor"),
+    Dependency("mlflow", "mlflow-skinny", "2.12", False, "runner_arguments.tracker: mlflow"),
+    Dependency("wandb", "wandb", "0.19.10", False, "runner_arguments.tracker: wandb"),
 )
 """What clam-heat needs (required) and what some features use (optional). ``openslide-bin``,
 the OpenSlide library itself, is checked by the library-version line."""

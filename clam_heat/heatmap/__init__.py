@@ -44,47 +44,24 @@ Layout (imports go down the list; nothing here imports the runner or the stages)
   :func:`heatmap_image`, :func:`save_orig`.
 """
 
+from . import maths
 from .cells import accumulate_patches, paint_mask
-from .maths import (
-    AUTO_VIS_DOWNSAMPLE,
-    apply_colormap,
-    binarize_threshold,
-    blend,
-    colormap_index,
-    colormap_lut,
-    gaussian_ksize,
-    l0_to_read,
-    patch_values,
-    percentile_of_scores,
-    to_percentiles,
-    vis_geometry,
-)
+from .maths import *  # noqa: F403 - CLAM's pure rules are the package's face
 from .plan import MASK_TILE, HeatmapSpec, RenderResult
 from .render import heatmap_image, render_heatmap, save_orig
 from .writers import JPEG_MAX_SIDE, TIFF_TILE, write_attention_geojson
 
 __all__ = [
-    "AUTO_VIS_DOWNSAMPLE",
+    *maths.__all__,
     "JPEG_MAX_SIDE",
     "MASK_TILE",
     "TIFF_TILE",
     "HeatmapSpec",
     "RenderResult",
     "accumulate_patches",
-    "apply_colormap",
-    "binarize_threshold",
-    "blend",
-    "colormap_index",
-    "colormap_lut",
-    "gaussian_ksize",
-    "l0_to_read",
     "heatmap_image",
     "paint_mask",
-    "patch_values",
-    "percentile_of_scores",
     "render_heatmap",
     "save_orig",
-    "to_percentiles",
-    "vis_geometry",
     "write_attention_geojson",
 ]

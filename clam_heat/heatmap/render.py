@@ -5,9 +5,11 @@ Output tiles are rendered on a small thread pool (each from the render plan, ind
 others) and whole strips of the saved image are pushed, top to bottom, to the sinks that
 :func:`~clam_heat.heatmap.writers.open_sinks` chose for the output paths. The engine knows no
 file format: a sink either holds the whole image (the strips are then views into it) or takes
-strips of its preferred height (``Sink.strip_rows``). Memory: a JPEG/PNG output needs its
-whole RGB image once (encoders take whole images); streamed TIFF outputs need a few strips, so
-memory grows with the image width and the number of patches, not with its area.
+strips of its preferred height (``Sink.strip_rows``). Memory: a small JPEG/PNG output holds
+its whole RGB image once (encoded from memory, the fastest for small images); above
+:data:`~clam_heat.heatmap.writers.STREAM_MIN_PIXELS` JPEG/PNG are streamed through a TIFF
+spool and libvips, as TIFF outputs are streamed, so memory grows with the image width and the
+number of patches, not with its area.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ to bottom, to :class:`Sink` objects and knows no file format; :func:`open_sinks`
 class for an output path from :data:`SINKS`, keyed by extension. A new format is a new
 :class:`Sink` subclass and one line in that table. Writers hold no CLAM drawing rule: they
 receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name beside
-the target, renamed into place when complete); the pyramid's spool files carry the ``spool``
+the target, renamed into place when complete, not fsync'd: the stage's outputs are synced
+together before its ledger entry says done); the pyramid's spool files carry the ``spool``
 tag, so the start-up sweep removes any that a killed run left behind.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import queue
 import threading
@@ -28,15 +30,19 @@ from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
 from ..errors import OutputError, os_error_advice
 from .maths import to_percentiles
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "JPEG_MAX_SIDE",
     "SINKS",
+    "STREAM_MIN_PIXELS",
     "TIFF_TILE",
     "ArraySink",
     "EncodedSink",
     "JpegSink",
     "PngSink",
     "Sink",
+    "StreamedSink",
     "TiffSink",
     "open_sinks",
     "write_attention_geojson",
@@ -48,6 +54,12 @@ TIFF_TILE = 256
 JPEG_MAX_SIDE = 65500
 #: JPEG quality of the pyramidal overlay's tiles.
 PYRAMID_JPEG_QUALITY = 90
+#: JPEG / PNG outputs of more pixels than this are streamed through a raw TIFF spool and
+#: encoded by libvips row by row (:class:`StreamedSink`: memory a few strips, whatever the
+#: size); smaller ones are encoded from memory (faster for small images; demo bytes unchanged).
+STREAM_MIN_PIXELS = 32 * 2**20
+#: zlib level of PNG outputs (PIL's default).
+PNG_LEVEL = 6
 
 
 class Sink:
@@ -103,7 +115,7 @@ class EncodedSink(ArraySink):
 
     def close(self) -> Path:
         assert self.image is not None
-        write_bytes_atomic(self.path, self.encode(self.image))
+        write_bytes_atomic(self.path, self.encode(self.image), durable=False)
         return self.path
 
 
@@ -135,7 +147,7 @@ class PngSink(EncodedSink):
     def encode(self, image: np.ndarray) -> bytes:
         import imagecodecs
 
-        return bytes(imagecodecs.png_encode(image, level=6))
+        return bytes(imagecodecs.png_encode(image, level=PNG_LEVEL))
 
 
 class TiffSink(Sink):
@@ -182,7 +194,7 @@ class TiffSink(Sink):
         self.thread.join()
         if self.error is not None:
             self._raise()
-        commit(self.tmp, self.path, durable=True)
+        commit(self.tmp, self.path, durable=False)
         return self.path
 
     def abort(self) -> None:
@@ -272,6 +284,81 @@ class TiffSink(Sink):
         tw.write(tiles, **kwargs)
 
 
+class StreamedSink(Sink):
+    """JPEG or PNG of any size in flat memory: strips stream into an uncompressed tiled TIFF
+    spool (a :class:`TiffSink` writing a ``spool``-tagged temp file), which libvips then reads
+    sequentially and encodes row by row (``jpegsave`` / ``pngsave``) into the output's temp file.
+
+    Peak memory is a few strips plus libvips' row buffers; the spool needs the raw image's size
+    on disk (width x height x 3 bytes) beside the output until the encode ends. Pixels equal the
+    in-memory encoders': PNG is lossless, and libvips' JPEG (libjpeg-turbo, 4:2:0 forced as
+    PIL's, same quality) decodes to the same pixels as :class:`JpegSink`'s, though the bytes
+    differ (header fields).
+    """
+
+    strip_rows = TIFF_TILE
+
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, kind: str, quality: int
+    ) -> None:
+        self.path, self.kind, self.quality = path, kind, quality
+        self.spool = temp_path_for(path, tag="spool")
+        self.writer = TiffSink(self.spool, width, height, mpp=None)
+
+    def push(self, y0: int, strip: np.ndarray) -> None:
+        self.writer.push(y0, strip)
+
+    def close(self) -> Path:
+        import pyvips
+
+        try:
+            self.writer.close()
+            image = pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            with atomic_path(self.path, durable=False) as tmp:
+                if self.kind == "jpeg":
+                    image.jpegsave(str(tmp), Q=self.quality, subsample_mode="on", keep="none")
+                else:
+                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep="none")
+        except pyvips.Error as err:
+            why = " ".join(str(err).split())
+            raise OutputError(f"{self.path}: encoding failed ({why})") from None
+        finally:
+            self.spool.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.spool.unlink(missing_ok=True)
+
+
+def _streaming_available() -> bool:
+    """Whether libvips loads (pyvips + pyvips-binary); without it large images use memory."""
+    try:
+        import pyvips  # noqa: F401
+    except (ImportError, OSError) as err:
+        log.warning("pyvips unavailable (%s): large JPEG/PNG heatmaps are encoded in memory", err)
+        return False
+    return True
+
+
+def jpeg_sink(
+    path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+) -> Sink:
+    """JPEG at ``quality``: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed
+    through libvips above (:class:`StreamedSink`)."""
+    big = width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE
+    if big and _streaming_available():
+        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
+    return JpegSink(path, width, height, mpp=mpp, quality=quality)
+
+
+def png_sink(path: Path, width: int, height: int, *, mpp: float | None) -> Sink:
+    """PNG: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed above."""
+    if width * height > STREAM_MIN_PIXELS and _streaming_available():
+        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0)
+    return PngSink(path, width, height, mpp=mpp)
+
+
 def _tiff_tiles(
     strips: Iterator[np.ndarray], width: int, height: int, spool: Path | None
 ) -> Iterator[np.ndarray]:
@@ -336,9 +423,9 @@ SinkFactory = Callable[..., Sink]
 
 #: Output formats by file extension (lower case, no dot): a new format is one line here.
 SINKS: dict[str, SinkFactory] = {
-    "jpg": JpegSink,
-    "jpeg": functools.partial(JpegSink, quality=75),
-    "png": PngSink,
+    "jpg": jpeg_sink,
+    "jpeg": functools.partial(jpeg_sink, quality=75),
+    "png": png_sink,
     "tif": TiffSink,
     "tiff": TiffSink,
 }
@@ -421,7 +508,7 @@ def write_attention_geojson(
     pw, ph = (int(v) for v in np.broadcast_to(np.asarray(patch_size_l0), (2,)))
     pct = to_percentiles(flat) if len(flat) and not np.isnan(flat).any() else flat * np.nan
     out = Path(path)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, durable=False) as tmp:
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write('{"type": "FeatureCollection", "features": [\n')

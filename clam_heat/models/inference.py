@@ -9,6 +9,8 @@ is read through the :class:`AttentionModel` protocol.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -21,12 +23,35 @@ from ..errors import CheckpointError, FeatureError
 from .registry import _REGISTRY, BUILTIN_MODELS, ModelSpec, get_model_spec
 
 __all__ = [
+    "INFERENCE_THREADS",
     "AttentionModel",
     "AttentionOutput",
     "attention_logits",
     "needs_whole_bag",
     "run_attention",
 ]
+
+
+#: torch intra-op threads of every attention forward. A CPU matmul's float sums depend on how
+#: many threads split it (up to ~5e-7 apart between 16 and 1 threads), and a serial run, local
+#: workers and Dask workers each get a different count; one fixed count makes the blockmap and
+#: GeoJSON bytes the same whatever runs the row. One thread costs little: the attention head is
+#: a few small matmuls per patch, next to a heatmap render that dominates the row.
+INFERENCE_THREADS = 1
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int = INFERENCE_THREADS) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at ``threads``, then restore it."""
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @runtime_checkable
@@ -154,7 +179,8 @@ def run_attention(
     device: torch.device | str = "cpu",
     max_bag_size: int | None = None,
 ) -> AttentionOutput:
-    """One forward pass over a bag (CLAM runs it twice) under ``inference_mode``.
+    """One forward pass over a bag (CLAM runs it twice) under ``inference_mode``, on
+    :data:`INFERENCE_THREADS` CPU threads (the same floats whatever executor runs it).
 
     ``features``: (N, D) float32 with D equal to the model's input width, else
     :class:`FeatureError` naming both. ``max_bag_size`` overrides the model's own guard (set
@@ -163,7 +189,7 @@ def run_attention(
     """
     if features.ndim == 2 and features.shape[0] == 0:
         raise FeatureError("empty bag (0 patches): nothing to score")
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_threads():
         h = _as_bag(model, features, max_bag_size, device)
         logits, attention = _reduce(model, h, None)
         probs = torch.softmax(logits.float(), dim=0)
@@ -201,7 +227,7 @@ def attention_logits(
             )
     if features.ndim == 2 and features.shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_threads():
         h = _as_bag(model, features, None, "cpu")
         _, attention = _reduce(model, h, branch)
         return _checked_scores(model, attention, int(h.shape[0]))

@@ -82,10 +82,10 @@ class ClassMapsStage(Stage):
     def run(self, ctx: RowContext) -> StageRun:
         from ..features import load_bag
         from ..h5io import write_scores_h5
-        from ..heatmap import HeatmapSpec, render_heatmap
+        from ..heatmap import render_heatmap
         from ..models import attention_logits
         from ..segmentation import load_geojson
-        from .heatmap import _vis_level
+        from .heatmap import _vis_level, production_spec
         from .infer import _features_path
         from .resources import model_for
 
@@ -102,19 +102,7 @@ class ClassMapsStage(Stage):
         model, _ = model_for(ctx.cfg)
         index = {name: i for i, name in ctx.cfg.data_arguments.label_names().items()}
         tissue = load_geojson(segmentation_geojson_path(ctx)) if runner.segment_heatmap else None
-        spec = HeatmapSpec(
-            vis_level=_vis_level(ctx, hm.vis_level),
-            alpha=hm.alpha,
-            cmap=hm.cmap,
-            blank_canvas=hm.blank_canvas,
-            blur=hm.blur,
-            binarize=hm.binarize,
-            binary_thresh=hm.binary_thresh,
-            use_percentiles=True,
-            custom_downsample=hm.custom_downsample,
-            segment=runner.segment_heatmap,
-            roi=ctx.roi(),
-        )
+        spec = production_spec(ctx, _vis_level(ctx, hm.vis_level))
         written: list[Path] = []
         for name in class_names(ctx.cfg):
             scores = attention_logits(model, bag.features, branch=index[name])

@@ -27,6 +27,30 @@ def _vis_level(ctx: RowContext, configured: int) -> int:
     return configured if configured >= 0 else ctx.slide().best_level_for_downsample(32)
 
 
+def production_spec(
+    ctx: RowContext, vis_level: int, *, overlap: float = 0.0, use_percentiles: bool = True
+) -> Any:
+    """The :class:`~clam_heat.heatmap.HeatmapSpec` of a production image under the row's
+    ``heatmap_arguments`` (the main heatmap and each class map draw alike)."""
+    from ..heatmap import HeatmapSpec
+
+    hm = ctx.cfg.heatmap_arguments
+    return HeatmapSpec(
+        vis_level=vis_level,
+        alpha=hm.alpha,
+        cmap=hm.cmap,
+        blank_canvas=hm.blank_canvas,
+        blur=hm.blur,
+        overlap=overlap,
+        binarize=hm.binarize,
+        binary_thresh=hm.binary_thresh,
+        use_percentiles=use_percentiles,
+        custom_downsample=hm.custom_downsample,
+        segment=ctx.cfg.runner_arguments.segment_heatmap,
+        roi=ctx.roi(),
+    )
+
+
 class HeatmapStage(Stage):
     name = "heatmap"
     depends_on = ("segment", "infer", "overlap")
@@ -97,19 +121,8 @@ class HeatmapStage(Stage):
         if hm.calc_heatmap and hm.use_ref_scores:  # the overlap file holds slide percentiles
             scores = _slide_percentiles_as_scores(ctx, scores)
         scores_drawn, use_percentiles = _on_scale(ctx, scores, use_percentiles)
-        spec = HeatmapSpec(
-            vis_level=level,
-            alpha=hm.alpha,
-            cmap=hm.cmap,
-            blank_canvas=hm.blank_canvas,
-            blur=hm.blur,
-            overlap=ctx.cfg.patching_arguments.overlap,
-            binarize=hm.binarize,
-            binary_thresh=hm.binary_thresh,
-            use_percentiles=use_percentiles,
-            custom_downsample=hm.custom_downsample,
-            segment=runner.segment_heatmap,
-            roi=ctx.roi(),
+        spec = production_spec(
+            ctx, level, overlap=ctx.cfg.patching_arguments.overlap, use_percentiles=use_percentiles
         )
         render_heatmap(
             slide,

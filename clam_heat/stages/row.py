@@ -2,9 +2,13 @@
 
 For each stage: compute its fingerprint (the config keys it reads, the identity of its input
 files, the package version) and ask the slide's :class:`~clam_heat.ledger.Ledger` whether it
-is up to date; a stale stage is *marked started*, run (its outputs are written atomically),
-outputs it no longer writes are removed, and only then is it *marked done* with a fresh
-fingerprint. A kill at any point leaves either the old complete output or none.
+is up to date; a stale stage is *marked started*, run (its outputs are written atomically, not
+synced one by one), outputs it no longer writes are removed, its outputs are synced to disk
+together (:func:`~clam_heat.atomic.sync_paths`: one batch per stage, not one fsync per sampled
+patch), and only then is it *marked done* with a fresh fingerprint and each output's size and
+mtime. A kill or power loss at any point leaves the stage either done with complete outputs or
+not done; an output truncated or rewritten later fails its recorded identity and the stage
+reruns (``output changed``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import sync_paths
 from ..errors import ClamHeatError
 from ..ledger import Ledger, Reason, Timer
 from ..rows import RowContext
@@ -94,6 +99,7 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
                 run = stage.run(ctx)
                 for stale in old_outputs - {str(p) for p in run.outputs}:
                     Path(stale).unlink(missing_ok=True)
+                sync_paths(run.outputs)  # durable before the ledger says done
                 # fingerprint again: the stage may have created inputs of its own fingerprint
                 ledger.mark_done(
                     name,

@@ -6,8 +6,9 @@ per patch through its own reduction. This package paints
 those scores at the patches' level-0 positions on a small canvas (:func:`spatial_attention_map`),
 or in a square grid when no usable coordinates exist (:func:`grid_attention_map`), and
 :class:`AttentionHeatmapLogger` sends one such image per epoch to a TensorBoard
-``SummaryWriter``. The logger is built so that it can never stop a training run: any failure
-becomes one :class:`HeatmapSkippedWarning` and a skipped image.
+``SummaryWriter`` and/or an experiment tracker (``tracker=``, MLflow or W&B, see
+:mod:`clam_heat.trackers`). The logger is built so that it can never stop a training run: any
+failure becomes one :class:`HeatmapSkippedWarning` and a skipped image.
 
 Coordinate frames: ``l0_*`` values are level-0 pixels (as stored in feature H5 files);
 ``vis_*`` values are canvas pixels, i.e. level-0 pixels divided by ``downsample`` and shifted so

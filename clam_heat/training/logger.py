@@ -1,7 +1,10 @@
-"""The TensorBoard logger: one attention map per validation epoch, never stopping training.
+"""The training logger: one attention map per validation epoch, to TensorBoard and/or an
+experiment tracker (MLflow, W&B), never stopping training.
 
 TensorBoard is an optional extra: nothing here imports it until :func:`open_summary_writer` is
-called, and the logger only needs an object with ``add_image``.
+called, and the logger only needs an object with ``add_image``. A tracker is a
+:class:`clam_heat.trackers.Tracker` (``log_image`` never raises; its extra is imported only when
+one is built).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -26,6 +29,9 @@ from .maps import (
     model_attention,
     spatial_attention_map,
 )
+
+if TYPE_CHECKING:
+    from ..trackers import Tracker, TrackerKind
 
 __all__ = [
     "AttentionHeatmapLogger",
@@ -47,11 +53,6 @@ class ImageWriter(Protocol):
     def add_image(
         self, tag: str, img_tensor: Any, global_step: int | None = ..., *args: Any, **kwargs: Any
     ) -> Any: ...
-
-
-#: ``coords_loader(slide_id)`` returns (N, 2) level-0 coords, ``(coords, patch_size_level0)``
-#: or ``None`` (no coords for that slide: the grid fallback is drawn).
-CoordsLoader = Callable[[str], Any]
 
 
 #: ``coords_loader(slide_id)`` returns (N, 2) level-0 coords, ``(coords, patch_size_level0)``
@@ -113,9 +114,12 @@ def _first_line(err: BaseException) -> str:
 
 
 class AttentionHeatmapLogger:
-    """Log one attention heatmap per validation epoch to TensorBoard, never raising.
+    """Log one attention heatmap per validation epoch to TensorBoard and/or a tracker, never
+    raising.
 
-    ``writer`` is a ``SummaryWriter`` (or anything with ``add_image``). Call :meth:`log` for
+    ``writer`` is a ``SummaryWriter`` (or anything with ``add_image``); ``tracker`` a
+    :class:`~clam_heat.trackers.Tracker` (MLflow, W&B) that gets the same image through
+    ``log_image(tag, image, step)``; give one or both. Call :meth:`log` for
     each validation slide; only the first call of each logged epoch draws an image (tag
     ``<tag_prefix>/spatial_attention_heatmap``, or ``<tag_prefix>/grid_attention_heatmap`` when
     coords are missing or do not match), and only on epochs divisible by ``every_n_epochs``.
@@ -130,7 +134,7 @@ class AttentionHeatmapLogger:
 
     def __init__(
         self,
-        writer: ImageWriter,
+        writer: ImageWriter | None = None,
         every_n_epochs: int = 1,
         tag_prefix: str = "val",
         *,
@@ -143,17 +147,30 @@ class AttentionHeatmapLogger:
         colorbar: bool = False,
         background: tuple[int, int, int] | None = DEFAULT_BACKGROUND,
         smooth: bool = False,
+        tracker: Tracker | None = None,
     ) -> None:
-        if not callable(getattr(writer, "add_image", None)):
+        if writer is None and tracker is None:
+            raise ValueError(
+                "AttentionHeatmapLogger needs somewhere to send maps: pass writer= (a "
+                "SummaryWriter, see open_summary_writer) and/or tracker= (see make_tracker)"
+            )
+        if writer is not None and not callable(getattr(writer, "add_image", None)):
             raise TypeError(
                 f"writer must have add_image (a torch.utils.tensorboard.SummaryWriter), "
                 f"got {type(writer).__name__}"
+            )
+        if tracker is not None and not callable(getattr(tracker, "log_image", None)):
+            raise TypeError(
+                f"tracker must have log_image (a clam_heat.trackers.Tracker), "
+                f"got {type(tracker).__name__}"
             )
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
             raise TypeError(f"every_n_epochs must be an int, got {every_n_epochs!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.writer = writer
+        self.tracker = tracker
+        self._owned: list[Any] = []  # what from_logdir / from_tracker opened, closed by close()
         self.every_n_epochs = every_n_epochs
         self.tag_prefix = tag_prefix.strip("/")
         self.features_dir = Path(features_dir) if features_dir is not None else None
@@ -170,7 +187,48 @@ class AttentionHeatmapLogger:
     @classmethod
     def from_logdir(cls, logdir: str | Path, **kwargs: Any) -> AttentionHeatmapLogger:
         """Open a ``SummaryWriter`` on ``logdir`` (tensorboard imported lazily) and wrap it."""
-        return cls(open_summary_writer(logdir), **kwargs)
+        logger = cls(open_summary_writer(logdir), **kwargs)
+        logger._owned.append(logger.writer)
+        return logger
+
+    @classmethod
+    def from_tracker(
+        cls,
+        kind: TrackerKind,
+        *,
+        run_name: str = "clam-heat-training",
+        project: str = "clam-heat",
+        directory: str | Path = ".",
+        uri: str | None = None,
+        **kwargs: Any,
+    ) -> AttentionHeatmapLogger:
+        """Start a ``none | mlflow | wandb`` tracker run (as ``runner_arguments.tracker`` does)
+        and log to it (and to ``writer=`` when given); :meth:`close` ends the run. Raises
+        :class:`~clam_heat.trackers.TrackerError` (one line) when the run cannot start."""
+        from ..trackers import make_tracker
+
+        tracker = make_tracker(
+            kind, run_name=run_name, project=project, directory=directory, uri=uri,
+            setting="tracker",
+        )  # fmt: skip
+        try:
+            logger = cls(tracker=tracker, **kwargs)
+        except BaseException:
+            tracker.close("failed")
+            raise
+        logger._owned.append(tracker)
+        return logger
+
+    def close(self) -> None:
+        """Close the writer / end the tracker run this logger opened (others stay open)."""
+        while self._owned:
+            self._owned.pop().close()
+
+    def __enter__(self) -> AttentionHeatmapLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _tag(self, name: str) -> str:
         return f"{self.tag_prefix}/{name}" if self.tag_prefix else name
@@ -304,7 +362,12 @@ class AttentionHeatmapLogger:
                 background=self.background,
                 smooth=self.smooth,
             )
-        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        try:
+            if self.writer is not None:
+                self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        finally:  # a failing writer still leaves the map with the tracker, which never raises
+            if self.tracker is not None:
+                self.tracker.log_image(tag, image, step)
         return tag
 
 
@@ -318,16 +381,19 @@ def _first_slide_id(dataset: Any) -> str | None:
 
 
 def log_validation_attention(
-    writer: ImageWriter,
+    writer: ImageWriter | None,
     model: Any,
     loader: Any,
     epoch: int,
     *,
     features_dir: str | Path | None = None,
+    tracker: Tracker | None = None,
     **logger_options: Any,
 ) -> str | None:
     """One call for CLAM's ``validate_clam`` / ``validate``: draw the first validation slide's
-    attention map for ``epoch`` and write it to ``writer``; return the tag, or None.
+    attention map for ``epoch`` and write it to ``writer`` and/or ``tracker`` (an open
+    :class:`~clam_heat.trackers.Tracker`, left open); return the tag, or None (also when both are
+    None).
 
     ``loader`` is CLAM's validation ``DataLoader`` (batch size 1, ``collate_MIL``: each item is
     ``(features (N, D), label)``, in ``loader.dataset.slide_data`` order). Coordinates come from
@@ -342,9 +408,9 @@ def log_validation_attention(
     """
     dataset = getattr(loader, "dataset", None)
     folder = features_dir if features_dir is not None else getattr(dataset, "data_dir", None)
-    if writer is None:  # CLAM passes writer=None when TensorBoard logging is off
+    if writer is None and tracker is None:  # CLAM passes writer=None when TensorBoard is off
         return None
-    logger = AttentionHeatmapLogger(writer, features_dir=folder, **logger_options)
+    logger = AttentionHeatmapLogger(writer, features_dir=folder, tracker=tracker, **logger_options)
     slide_id = _first_slide_id(dataset)
 
     def first_bag() -> Any:
