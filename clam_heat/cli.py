@@ -1,10 +1,8 @@
 """``clam-heat`` command line: each command parses options and calls one library function.
 
-Errors derived from :class:`~clam_heat.errors.ClamHeatError` print one line and exit with their
-code (2 for config/process-list problems and for a list another run holds, 1 otherwise);
-tracebacks go to the run log. A run stopped by SIGTERM/SIGINT prints one line and exits
-143/130. Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns
-progress bars off.
+Errors print one line and exit 2 (bad input before work, a list another run holds) or 1;
+tracebacks go to the run log (:mod:`.cli_output`). A run stopped by SIGTERM/SIGINT exits 143/130.
+Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) turns it off.
 """
 
 from __future__ import annotations
@@ -17,7 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .errors import ClamHeatError
+from .cli_output import error_line, missing_list_text, run_app
+from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
     add_completion=False,
@@ -46,7 +45,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 
 
 def _fail(err: ClamHeatError) -> None:
-    typer.echo(f"error: {err}", err=True)
+    error_line(str(err))
     raise typer.Exit(err.exit_code)
 
 
@@ -129,6 +128,8 @@ def status(
         path = Path(target)
         if path.suffix.lower() in {".yaml", ".yml"}:
             path = _load(target, None, None, None).process_list_path
+        if not path.exists():
+            raise ProcessListError(missing_list_text(path))
         df = read_process_list(path)
     except ClamHeatError as err:
         _fail(err)
@@ -372,11 +373,18 @@ def _run_with_progress(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    err_console = Console(stderr=True)
+    err_console = Console(stderr=True, soft_wrap=True)  # a row's error stays one line
     show = not quiet and err_console.is_terminal
     log_file = (
         Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
     )
+    if not dry_run:  # the log file lives under an output root: check them all first
+        from .preflight import check_output_roots, output_folders
+
+        try:
+            check_output_roots(output_folders(cfg))
+        except ClamHeatError as err:
+            _fail(err)
     _setup_logging(None if dry_run else log_file, quiet, cfg.runner_arguments.log_level)
     progress = Progress(
         TextColumn("[bold]clam-heat"),
@@ -582,9 +590,10 @@ for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
     app.command()(_command)
 
 
+def cli_main(argv: list[str] | None = None) -> int:
+    """The command line's exit code for ``argv`` (:func:`clam_heat.cli_output.run_app`)."""
+    return run_app(app, argv)
+
+
 def main() -> None:  # pragma: no cover - console entry
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; rerun the same command to continue\n")
-        raise SystemExit(130) from None
+    sys.exit(cli_main())

@@ -33,7 +33,9 @@ from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
 from .phases import map_rows
+from .preflight import preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
+from .process_list.build import missing_slide_reason
 from .process_list.csvfile import write_csv_atomic
 from .process_list.lock import list_lock
 from .process_list.record import replay_journal
@@ -220,6 +222,7 @@ def run_pipeline(
     """
     start = time.perf_counter()
     plan = stages_for(cfg, stages)
+    preflight(cfg, plan, dry_run=dry_run)  # output roots and global inputs, exit 2 if bad
     summary = RunSummary()
     if dry_run:
         df, list_path = build_process_list(cfg, write=False)
@@ -300,11 +303,7 @@ def _run_locked(
                     recorder.journal.open()
                     # say why on the row; the next `list`/`run` picks it up once the file is back
                     recorder.skipped(
-                        {
-                            ctx.slide_id: f"slide file not found: {ctx.slide_path} "
-                            "(restore it, or set process to 0 for this row)"
-                            for ctx in vanished
-                        }
+                        {ctx.slide_id: missing_slide_reason(ctx.slide_path) for ctx in vanished}
                     )
                 if on_start:
                     on_start(len(pending))

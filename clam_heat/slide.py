@@ -161,15 +161,26 @@ class OpenSlideSlide(Slide):
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(self.path, "slide file not found", "check data_dir and slide_ext")
+        size = self.path.stat().st_size
+        if size == 0:
+            raise SlideError(
+                self.path, "0 bytes", "re-copy it; an interrupted copy or download leaves it empty"
+            )
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as err:
+            cut = _cut_short(self.path, size)
+            if cut:
+                raise SlideError(self.path, f"{size} bytes, {cut}", "re-copy it") from None
             raise SlideError(
                 self.path,
                 f"unsupported or unrecognised slide format ({err})".replace("\n", " "),
                 "convert it to a pyramidal tiled TIFF or remove it from the process list",
             ) from None
         except openslide.OpenSlideError as err:
+            cut = _cut_short(self.path, size)
+            if cut:
+                raise SlideError(self.path, f"{size} bytes, {cut}", "re-copy it") from None
             raise SlideError(
                 self.path,
                 f"OpenSlide cannot open the file ({err})".replace("\n", " "),
@@ -256,3 +267,46 @@ class ArraySlide(Slide):
 def open_slide(path: str | Path) -> Slide:
     """Open a slide file with OpenSlide; every failure is a :class:`SlideError` naming it."""
     return OpenSlideSlide(path)
+
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def _cut_short(path: Path, size: int) -> str:
+    """Why a TIFF-based slide (TIFF, SVS, NDPI, ...) looks truncated, or "" if it does not.
+
+    A TIFF header with a directory or image data beyond the end of the file is what an
+    interrupted copy leaves; such a file needs re-copying, not converting.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    if head not in _TIFF_MAGIC:
+        return ""
+    import logging
+
+    import tifffile
+
+    damaged = "cut short or damaged: a TIFF header but its directories cannot be read"
+    tiff_log = logging.getLogger("tifffile")
+    complaints: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = complaints.append  # type: ignore[method-assign]
+    tiff_log.addHandler(catcher)
+    propagate, tiff_log.propagate = tiff_log.propagate, False  # its complaints are ours to word
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                offsets = getattr(page, "dataoffsets", ()) or ()
+                counts = getattr(page, "databytecounts", ()) or ()
+                ends = [int(o) + int(c) for o, c in zip(offsets, counts, strict=False)]
+                if ends and max(ends) > size:
+                    return f"cut short: its image data runs to byte {max(ends)}"
+    except Exception:  # noqa: BLE001 - any parse failure of a TIFF header file means damage
+        return damaged
+    finally:
+        tiff_log.removeHandler(catcher)
+        tiff_log.propagate = propagate
+    return damaged if complaints else ""

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-#: ``../shared`` beside the checkout (CI clones main with shared/ beside it).
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+#: Test data shipped in the repository (licences in ``tests/data/LICENSES.md``).
+DATA = Path(__file__).resolve().parent / "data"
 
 #: Test-only helper modules (e.g. ``stage_faults``), importable by name here and in the worker
 #: processes that unpickle test-defined stages (they inherit ``sys.path``).
@@ -22,16 +22,16 @@ if str(HELPERS) not in sys.path:
 @pytest.fixture(scope="session")
 def openslide_fixtures() -> Path:
     """OpenSlide's own small good and broken test files."""
-    path = SHARED / "data" / "openslide-fixtures"
-    assert path.is_dir(), f"missing {path}: shared/ must sit beside the checkout"
+    path = DATA / "openslide-fixtures"
+    assert path.is_dir(), f"missing {path}: part of the repository (tests/data)"
     return path
 
 
 @pytest.fixture(scope="session")
 def real_slide() -> Path:
     """A real Aperio H&E crop (2220x2967, one level, MPP 0.499)."""
-    path = SHARED / "data" / "real" / "cmu_small_region.svs"
-    assert path.is_file(), f"missing {path}: shared/ must sit beside the checkout"
+    path = DATA / "real" / "cmu_small_region.svs"
+    assert path.is_file(), f"missing {path}: part of the repository (tests/data)"
     return path
 
 

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "executors": 8,
     "phases": 8,
     "tracking_hook": 8,
+    "preflight": 8,
     "runner": 9,
     "quick": 10,
     "compare": 10,
@@ -58,7 +59,9 @@ LAYERS: dict[str, int] = {
     "viewer": 11,
     "doctor": 11,
     "cli_tools": 12,
+    "cli_output": 12,
     "cli": 13,
+    "__main__": 14,
 }
 ALLOWED_UPWARD = {("config", "clam_heat.models.registry")}
 MAX_LINES = 600

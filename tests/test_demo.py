@@ -84,8 +84,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoProject, floa
 
 
 def test_tiny_slide_is_a_generic_tiff_pyramid_with_mpp(tiny: tuple[DemoSlide, float]) -> None:
-    slide, seconds = tiny
-    assert seconds < 5
+    slide, _seconds = tiny  # timing belongs in bench/
     assert slide.dimensions == (4096, 3072)
     assert slide.level_dimensions == TINY_LEVELS
 
@@ -372,8 +371,7 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name_or_run(tmp_path: Path) 
 
 
 def test_tiny_project_is_complete_and_fast(project: tuple[DemoProject, float]) -> None:
-    made, seconds = project
-    assert seconds < 15
+    made, _seconds = project  # timing belongs in bench/
     folder = made.folder
     assert made.slide_ids == ("demo_000", "demo_001", "demo_002", "demo_003", "demo_004")
     assert made.labels == ("tumour", "normal", "tumour", "normal", "tumour")

@@ -10,7 +10,6 @@ public registry) or by SIGKILL-ing a real worker process.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -334,8 +333,10 @@ def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
     assert sorted(o.slide_id for o in outcomes) == [f"s{k}" for k in range(6)]
     assert {o.status for o in outcomes} == {"done"}
     assert local_pool.pids == pids  # the same workers served every row, and stay for more
+    killed = next(w.process for w in local_pool._pool if w.process.pid == pids[0])
     os.kill(pids[0], signal.SIGKILL)  # an idle worker dies: it is replaced
-    time.sleep(0.2)
+    killed.join(timeout=120)  # wait for the death itself, not for a guessed delay
+    assert not killed.is_alive()
     again = list(local_pool.map_rows(rows, ()))
     assert sorted(o.status for o in again) == ["done"] * 6
     assert pids[0] not in local_pool.pids and len(local_pool.pids) == 2
@@ -515,8 +516,8 @@ def local_pool(fault_file: Path):
 def dask_cluster(fault_file: Path):
     """A real LocalCluster: 2 worker processes, 1 thread each. Dask gives up on a task at the
     first worker death (allowed-failures 0), so the executor's own resubmission is exercised."""
-    distributed = pytest.importorskip("distributed")
     import dask
+    import distributed  # in the test extra: missing it is a failure, never a skip
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(
@@ -623,30 +624,16 @@ def test_workers_pin_rows_to_gpus_round_robin(fresh, reference) -> None:
     assert fresh.runner_arguments.device == "auto"  # the driver's config is untouched
 
 
-def _runner_has_shards() -> bool:
-    from clam_heat.runner import run_pipeline
-
-    return "shard" in inspect.signature(run_pipeline).parameters
-
-
-@pytest.mark.skipif(not _runner_has_shards(), reason="run_pipeline(shard=...) not wired yet")
 def test_job_array_shards_merge_back_into_the_serial_list(fresh, reference) -> None:
     n = 3
     for i in range(n):  # what a Slurm job array runs, one task after another here
         summary = _run(fresh, shard=(i, n))
         assert summary.ok and summary.process_list == shard_path(fresh.process_list_path, i, n)
     report = merge_process_list(fresh.process_list_path, results_csv=fresh.results_csv_path)
-    used = {shard_of(f"demo_{k:03d}", n) for k in range(N_SLIDES)}  # a shard may have no rows
-    assert report.shards == [shard_path(fresh.process_list_path, i, n) for i in sorted(used)]
+    # every task leaves its shard file, also a shard with no rows
+    assert report.shards == [shard_path(fresh.process_list_path, i, n) for i in range(n)]
     assert report.rows_taken == N_SLIDES
     assert _snapshot(fresh) == reference
-
-
-def _cli_has_executor_options() -> bool:
-    from clam_heat.cli import app
-
-    names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    return "merge" in names
 
 
 def _cli(cfg, *args: str):
@@ -663,7 +650,6 @@ def _cli(cfg, *args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-@pytest.mark.skipif(not _cli_has_executor_options(), reason="CLI options not wired yet")
 def test_cli_workers_scheduler_and_shards_write_the_serial_outputs(
     fresh, reference, dask_cluster
 ) -> None:

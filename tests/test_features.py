@@ -1,5 +1,5 @@
 """Features reader: real HDF5 files in TRIDENT and CLAM layouts, every patch-size rule, every
-error. Slides are real OpenSlide files from the shared fixtures (and an in-memory ArraySlide)."""
+error. Slides are real OpenSlide files from tests/data (and an in-memory ArraySlide)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,9 @@ from clam_heat.features import (
 )
 from clam_heat.slide import ArraySlide, open_slide
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.exists():
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_SLIDE = SHARED / "data" / "real" / "cmu_small_region.svs"  # MPP 0.499 -> 20x, one level
-BOXES = SHARED / "data" / "openslide-fixtures" / "boxes.tiff"  # 4 levels, downsample 8.108 at 3
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository
+REAL_SLIDE = DATA / "real" / "cmu_small_region.svs"  # MPP 0.499 -> 20x, one level
+BOXES = DATA / "openslide-fixtures" / "boxes.tiff"  # 4 levels, downsample 8.108 at 3
 
 
 def grid(n: int = 12, step: int = 256, cols: int = 4) -> np.ndarray:

@@ -781,11 +781,8 @@ def test_render_killed_mid_way_leaves_only_names_the_sweep_removes(tmp_path: Pat
 
 
 @pytest.fixture()
-def real_slide_path() -> Path:
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "cmu_small_region.svs"
-    if not path.exists():
-        pytest.skip("shared real slide not available")
-    return path
+def real_slide_path(real_slide: Path) -> Path:
+    return real_slide
 
 
 # ------------------------------------------------------------------------- names/geojson

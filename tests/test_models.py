@@ -242,7 +242,8 @@ def test_pickled_non_tensor_object_is_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "evil.pt", "clam_sb", n_classes=2, embed_dim=D)
     message = str(err.value)
     assert message.startswith(
-        f"{tmp_path / 'evil.pt'}: cannot be read as a weights-only torch checkpoint ("
+        f"{tmp_path / 'evil.pt'}: cannot be read as a weights-only torch checkpoint: it holds "
+        "pickled Python objects"
     )
     assert message.endswith("save it with torch.save(model.state_dict(), path)")
     assert "\n" not in message

@@ -687,3 +687,18 @@ def test_presets_ship_inside_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in SPEC_PRESETS:
         assert f"clam_heat/presets/{name}.csv" in names
+
+
+def test_a_shard_with_no_rows_still_writes_its_file(tmp_path: Path) -> None:
+    """The README promises one shard file per array task, also for a task with nothing to do."""
+    from clam_heat.process_list.shards import shard_frame, shard_of, shard_path
+
+    ids = ["a", "b", "c"]
+    empty = next(i for i in range(16) if all(shard_of(s, 16) != i for s in ids))
+    df = pd.DataFrame({"slide_id": ids, "label": ["x", "y", "x"], "status": ["tbp"] * 3})
+    listing = tmp_path / "list.csv"
+    rows = shard_frame(df, listing, empty, 16)
+    assert len(rows) == 0
+    written = shard_path(listing, empty, 16)
+    assert written.read_text().splitlines() == ["slide_id,label,status"]
+    assert len(shard_frame(df, listing, empty, 16)) == 0  # resumes from the empty file

@@ -149,10 +149,26 @@ def test_bad_rows_fail_with_reasons_and_do_not_stop_the_run(
     assert df.loc["demo_003", "status"] == "done"
     for bad in ("bad_open", "no_h5", "wide"):
         assert df.loc[bad, "status"] == "failed" and df.loc[bad, "error"] == errors[bad]
-    # failed rows are left alone unless asked
-    assert run_pipeline(cfg).counts == {"done": 1, "failed": 3}
-    retried = run_pipeline(cfg, retry_failed=True)
-    assert retried.counts == {"done": 1, "failed": 3}
+    # the missing H5 appears: without --retry-failed no failed row is attempted (the fixed one
+    # stays failed, nothing runs); with it every failed row is attempted and the fixed one runs
+    shutil.copy(features / "demo_001.h5", features / "no_h5.h5")
+    attempts: dict[str, dict[str, float]] = {}
+
+    def seen(outcome) -> None:
+        attempts[outcome.slide_id] = dict(outcome.ran)
+
+    again = run_pipeline(cfg, on_row=seen)
+    assert not any(attempts.values()), attempts  # no stage ran for any row
+    assert not {"bad_open", "no_h5", "wide"} & set(attempts)
+    assert again.stage_seconds == {} and again.counts == {"done": 1, "failed": 3}
+    assert ("no_h5", "infer") not in _finished(cfg)
+    attempts.clear()
+    retried = run_pipeline(cfg, retry_failed=True, on_row=seen)
+    assert {"bad_open", "no_h5", "wide"} <= set(attempts)
+    assert attempts.get("demo_003", {}) == {}  # a done row is not redone
+    assert {"infer", "heatmap", "sample"} <= set(attempts["no_h5"])  # segment was kept
+    assert ("no_h5", "infer") in _finished(cfg) and ("no_h5", "sample") in _finished(cfg)
+    assert retried.counts == {"done": 2, "failed": 2}
 
 
 def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
@@ -161,8 +177,10 @@ def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
     blocker = demo_project.parent / "blocker"
     blocker.write_text("a file, not a folder")
     cfg = load_config(demo_project, overrides=[f"exp_arguments.raw_save_dir={blocker / 'raw'}"])
-    with pytest.raises(OutputError, match="output folder is not writable"):
+    with pytest.raises(OutputError, match=r"raw_save_dir .*blocker is a file, not a folder") as err:
         run_pipeline(cfg)
+    assert err.value.exit_code == 2  # bad input found before any work
+    assert not cfg.process_list_path.with_suffix(".csv").read_text().count("running")
 
 
 def _valid(path: Path) -> bool:

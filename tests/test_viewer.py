@@ -518,6 +518,51 @@ def test_browser_asks_again_for_a_tile_that_failed(
         assert _mad(shown, want) < 6  # every tile arrived on the second request
 
 
+def _raw_get(port: int, host_header: str | None) -> tuple[int, bytes]:
+    """GET / with exactly this Host header (None: none at all), as a rebinding page sends it."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", "/api/slides", skip_host=True)
+        if host_header is not None:
+            conn.putheader("Host", host_header)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_foreign_host_header_is_refused(viewed_run: Path) -> None:
+    """DNS rebinding: evil.example resolving to 127.0.0.1 must not read the run's slides."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("clam_heat")  # the viewer's records reach it, whatever the CLI did
+    logger.addHandler(catcher)
+    entries = viewer_entries(load_config(viewed_run))
+    with ViewerServer(entries, port=0) as server:
+        port = int(server.url.rsplit(":", 1)[1].strip("/"))
+        for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+            assert _raw_get(port, good)[0] == 200, good
+        try:
+            status, body = _raw_get(port, f"evil.example:{port}")
+            assert status == 421 and b"demo_000" not in body
+            assert (
+                body.decode() == f"Host 'evil.example:{port}' is not this server; open {server.url}"
+            )
+            assert _raw_get(port, f"127.0.0.1:{port + 1}")[0] == 421  # another port
+            assert _raw_get(port, None)[0] == 400
+        finally:
+            logger.removeHandler(catcher)
+        refused = [r.getMessage() for r in records if "refused" in r.getMessage()]
+        assert len(refused) == 3 and all("\n" not in line for line in refused)
+        assert "evil.example" in refused[0]
+
+
 # ------------------------------------------------------------------------------ pair viewer
 
 

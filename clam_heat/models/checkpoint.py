@@ -8,6 +8,8 @@ spec's own guess, e.g. CLAM's model_size / n_classes, or the generic one below).
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,23 @@ def normalise_mil_lab_state_dict(
     return out
 
 
+def _unreadable_reason(err: BaseException, size: int) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, as a clause with the fix."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in first:
+        return (
+            "cannot be read as a weights-only torch checkpoint: it holds pickled Python objects "
+            "(a plain pickle or a whole pickled model), which are never unpickled here; save it "
+            "with torch.save(model.state_dict(), path)"
+        )
+    if isinstance(err, EOFError) or "central directory" in first or "reading zip" in first:
+        return f"{size} bytes, cut short (not a complete torch archive); re-copy it"
+    return (
+        f"cannot be read as a weights-only torch checkpoint ({first}); "
+        "save it with torch.save(model.state_dict(), path)"
+    )
+
+
 #: The weights file of a MIL-Lab / Hugging Face ``save_pretrained`` folder.
 SAFETENSORS_NAME = "model.safetensors"
 
@@ -118,17 +137,22 @@ def load_checkpoint_state(
     ``model_ema`` entry, as MIL-Lab's loader does.
     """
     path = _checkpoint_file(Path(path))
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{path}: 0 bytes; re-copy it (an interrupted copy or download leaves an empty file)"
+        )
     if path.suffix.lower() == ".safetensors":
         obj: Any = _read_safetensors(path, device)
     else:
         try:
-            obj = torch.load(path, map_location=device, weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about the pickle protocol of a plain pickle before refusing it;
+                # our one-line error below says the same thing with the fix
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
-                "save it with torch.save(model.state_dict(), path)"
-            ) from None
+            raise CheckpointError(f"{path}: {_unreadable_reason(err, size)}") from None
     for wrapper in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

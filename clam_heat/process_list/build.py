@@ -9,6 +9,7 @@ byte-identical and a crash never leaves a half-written CSV.
 from __future__ import annotations
 
 import io
+import logging
 import numbers
 import os
 from collections.abc import Mapping
@@ -30,11 +31,15 @@ from .columns import (
 )
 from .csvfile import read_csv, render_csv, write_csv_atomic
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "build_process_list",
     "build_process_list_from",
     "read_process_list",
+    "missing_slide_reason",
     "slide_path_for_row",
+    "unusable_slide_reason",
 ]
 
 
@@ -74,6 +79,31 @@ def _validate_ids(ids: pd.Series, where: list[str], source: str) -> None:
         )
 
 
+def _validate_labels(frame: pd.DataFrame, where: list[str], source: str) -> None:
+    """Refuse labels that would leave the output folders: a label names a sub-folder of the
+    raw and production roots (CLAM's layout), so it is checked like a slide id."""
+    if "label" not in frame.columns:
+        return
+    for i, value in enumerate(frame["label"].astype(object)):
+        if _is_blank(value, "str"):
+            continue
+        text = str(value).strip()
+        bad = (
+            "contains a path separator"
+            if "/" in text or "\\" in text or (os.altsep and os.altsep in text)
+            else "contains '..'"
+            if ".." in text
+            else "is '.'"
+            if text == "."
+            else ""
+        )
+        if bad:
+            raise ProcessListError(
+                f"{source}: {where[i]}: label {text!r} {bad}; labels name output folders, so "
+                "give a plain name (e.g. tumour) in the label column"
+            )
+
+
 def _line_labels(n: int) -> list[str]:
     """CSV line numbers of data rows (header is line 1)."""
     return [f"line {i + 2}" for i in range(n)]
@@ -94,6 +124,7 @@ def _read_raw_list(path: Path, *, what: str, slide_ext: str) -> pd.DataFrame:
     ids = [normalize_slide_id(v, slide_ext) for v in raw["slide_id"]]
     raw["slide_id"] = pd.Series(ids, index=raw.index, dtype="str")
     _validate_ids(raw["slide_id"], _line_labels(len(raw)), str(path))
+    _validate_labels(raw, _line_labels(len(raw)), str(path))
     return raw
 
 
@@ -113,6 +144,7 @@ def _parse_typed(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise ProcessListError(f"{source}: no 'slide_id' column; add one naming each slide file")
     df["slide_id"] = df["slide_id"].astype("str")
     _validate_ids(df["slide_id"], _line_labels(len(df)), source)
+    _validate_labels(df, _line_labels(len(df)), source)
     return _type_known_columns(df, source)
 
 
@@ -172,8 +204,12 @@ def slide_path_for_row(row: Mapping[str, Any] | pd.Series, cfg_or_data_args: Any
 # building
 
 
-def _list_folder(folder: Path, slide_ext: str, label: str) -> list[Path]:
-    """Slide files in ``folder``: names ending with ``slide_ext`` (no dot-files), sorted."""
+def _list_folder(
+    folder: Path, slide_ext: str, label: str, problems: dict[str, str] | None = None
+) -> list[Path]:
+    """Slide files in ``folder``: names ending with ``slide_ext`` (no dot-files), sorted.
+
+    Dangling links and unreadable entries are left out, their reasons put in ``problems``."""
     if not folder.is_dir():
         raise ProcessListError(
             f"{label}: folder {folder} does not exist; fix the path in the config"
@@ -184,16 +220,50 @@ def _list_folder(folder: Path, slide_ext: str, label: str) -> list[Path]:
         raise ProcessListError(
             f"{label}: cannot list {folder} ({err.strerror or err}); check permissions"
         ) from None
-    files = [
-        p
-        for p in entries
-        if p.name.endswith(slide_ext) and not p.name.startswith(".") and p.is_file()
-    ]
+    files = []
+    for p in entries:
+        if not p.name.endswith(slide_ext) or p.name.startswith("."):
+            continue
+        problem = unusable_slide_reason(p)
+        if problem is None:
+            files.append(p)
+        elif problem and problems is not None:
+            problems[str(p)] = problem
     return sorted(files, key=lambda p: p.name)
 
 
+def missing_slide_reason(path: Path) -> str:
+    """The ``error`` of a row skipped because its slide file is missing or unusable."""
+    return unusable_slide_reason(path) or (
+        f"slide file not found: {path} (restore it, or set process to 0 for this row)"
+    )
+
+
+def unusable_slide_reason(path: Path) -> str | None:
+    """Why a slide entry cannot be used (a dangling symbolic link, an unreadable file), as a
+    one-line reason naming it and the fix; None when it is a readable file, "" for a folder."""
+    try:
+        if not path.exists() and not path.is_symlink():
+            return None  # plainly missing: the caller says "not found"
+        if path.is_symlink() and not path.exists():
+            return (
+                f"{path}: symbolic link to {os.readlink(path)}, which does not exist; "
+                "restore the target or remove the link"
+            )
+        if not path.is_file():
+            return "" if path.is_dir() else f"{path}: not a regular file; remove it"
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        return f"{path}: cannot be read ({err.strerror or err}); fix its permissions"
+    return None
+
+
 def _enumerate_slides(
-    data_dir: Path | str | Mapping[str, Path | str], data_dir_key: str, slide_ext: str
+    data_dir: Path | str | Mapping[str, Path | str],
+    data_dir_key: str,
+    slide_ext: str,
+    problems: dict[str, str],
 ) -> pd.DataFrame:
     """``slide_id`` (+ the data_dir_key column for a dict) for every slide file found."""
     if isinstance(data_dir, Mapping):
@@ -201,7 +271,9 @@ def _enumerate_slides(
         keys: list[str] = []
         where: list[str] = []
         for key, folder in data_dir.items():
-            for p in _list_folder(Path(folder), slide_ext, f"data_arguments.data_dir[{key!r}]"):
+            for p in _list_folder(
+                Path(folder), slide_ext, f"data_arguments.data_dir[{key!r}]", problems
+            ):
                 ids.append(p.name.removesuffix(slide_ext))
                 keys.append(str(key))
                 where.append(f"{p}")
@@ -214,7 +286,7 @@ def _enumerate_slides(
         raise ProcessListError(
             "data_arguments.data_dir is a list; give one folder or a dict of named folders"
         )
-    files = _list_folder(Path(data_dir), slide_ext, "data_arguments.data_dir")
+    files = _list_folder(Path(data_dir), slide_ext, "data_arguments.data_dir", problems)
     frame = pd.DataFrame(
         {"slide_id": pd.Series([p.name.removesuffix(slide_ext) for p in files], dtype="str")}
     )
@@ -268,6 +340,7 @@ def build_process_list_from(
     """
     list_path = Path(list_path)
     source = Path(source_csv) if source_csv is not None else None
+    problems: dict[str, str] = {}  # path -> why the slide entry is unusable (warned once)
     if source is not None and source.exists():
         base = _read_raw_list(source, what="process list", slide_ext=slide_ext)
         if isinstance(data_dir, Mapping) and data_dir_key not in base.columns:
@@ -277,7 +350,7 @@ def build_process_list_from(
             )
         same = list_path.exists() and list_path.resolve() == source.resolve()
     else:
-        base = _enumerate_slides(data_dir, data_dir_key, slide_ext)
+        base = _enumerate_slides(data_dir, data_dir_key, slide_ext, problems)
         same = False
     existing = None
     if list_path.exists() and not same:
@@ -293,8 +366,16 @@ def build_process_list_from(
     table = initialize_columns(merged, defaults, source=str(list_path))
     args = _PlainDataArgs(data_dir=data_dir, data_dir_key=data_dir_key, slide_ext=slide_ext)
     records = table.to_dict("records")
-    gone = [not slide_path_for_row(record, args).exists() for record in records]
+    gone = []
+    for record in records:
+        path = slide_path_for_row(record, args)
+        problem = unusable_slide_reason(path) if path.exists() or path.is_symlink() else None
+        if problem:
+            problems[str(path)] = problem
+        gone.append(not path.exists() or bool(problem))
     table["missing"] = pd.Series(gone, index=table.index, dtype="bool")
+    for problem in problems.values():
+        log.warning("%s", problem)  # one line each; the CLI shows it as "warning: ..."
     data = render_csv(table)
     if write:
         old = list_path.read_bytes() if list_path.is_file() else None

@@ -249,4 +249,8 @@ def shard_frame(df: pd.DataFrame, list_path: Path | str, i: int, n: int) -> pd.D
     existing = shard_path(list_path, i, n)
     if existing.is_file():
         rows, _taken, _unknown = _overlay(rows, _read_text_frame(existing), existing)
+    elif len(rows) == 0:
+        # a shard with no rows still leaves its file (the list's columns, no rows): a job array
+        # can then check that every task ran, and `merge` finds all n shard files
+        write_text_atomic(existing, rows.to_csv(index=False))
     return rows

@@ -57,6 +57,51 @@ def _extract_bag_features(ctx: RowContext) -> None:
     )
 
 
+def check_coords_in_slide(
+    coords_l0: np.ndarray, side: int, dims: tuple[int, int], h5: Path, slide_path: Path
+) -> str | None:
+    """Patches that do not overlap the slide at all: every one -> :class:`FeatureError` with
+    the counts and the likely cause; some -> a one-line warning for the row (else None).
+
+    >>> inside = np.array([[0, 0], [900, 0]])  # the second patch overlaps the right edge
+    >>> check_coords_in_slide(inside, 256, (1000, 800), Path("a.h5"), Path("a.svs")) is None
+    True
+    >>> check_coords_in_slide(inside * 2, 256, (1000, 800), Path("a.h5"), Path("a.svs"))[:36]
+    'a.h5: 1 of 2 patches lie outside the'
+
+    """
+    if len(coords_l0) == 0:
+        return None
+    width, height = dims
+    x, y = coords_l0[:, 0].astype(np.int64), coords_l0[:, 1].astype(np.int64)
+    outside = (x >= width) | (y >= height) | (x + side <= 0) | (y + side <= 0)
+    n_out, n = int(outside.sum()), len(coords_l0)
+    if n_out == 0:
+        return None
+    reach_x, reach_y = int(x.max()) + side, int(y.max()) + side
+    where = (
+        f"{slide_path} is {width}x{height} px at level 0, the coordinates reach "
+        f"x {reach_x}, y {reach_y}"
+    )
+    scale = max(reach_x / width, reach_y / height)
+    if scale > 1.5 and abs(scale - 2 ** round(np.log2(scale))) / scale < 0.15:
+        cause = (
+            f"coordinates at another level or magnification (about {scale:.1f}x the slide), "
+            "or features of another slide"
+        )
+    else:
+        cause = "features of another slide, or coordinates at another level"
+    if n_out == n:
+        raise FeatureError(
+            f"{h5}: all {n} patch coordinates lie outside the slide ({where}); likely cause: "
+            f"{cause}; check features_dir and the H5's coords"
+        )
+    return (
+        f"{h5}: {n_out} of {n} patches lie outside the slide ({where}); they get scores but "
+        f"are not drawn; likely cause: {cause}"
+    )
+
+
 class InferStage(Stage):
     name = "infer"
     depends_on = ("segment",)  # only when it extracts features itself
@@ -117,6 +162,13 @@ class InferStage(Stage):
             patch_size_level0_override=ctx.cfg.runner_arguments.patch_size_level0,
             patches_dir=ctx.cfg.runner_arguments.patches_dir,
         )
+        warnings: list[str] = []
+        if slide is not None:
+            warning = check_coords_in_slide(
+                bag.coords_l0, int(bag.patch_size_l0), slide.dimensions, path, ctx.slide_path
+            )
+            if warning:
+                warnings.append(warning)
         model, device = model_for(ctx.cfg)
         try:
             out = run_attention(model, bag.features, device=device)
@@ -136,5 +188,7 @@ class InferStage(Stage):
             "patch_size_rule": bag.patch_size_rule,
             "features_path": str(path),
         }
+        if warnings:
+            result["warnings"] = warnings
         write_blockmap(blockmap_h5_path(ctx), out.attention, bag.coords_l0, result)
         return StageRun(list(self.outputs(ctx).values()), result)

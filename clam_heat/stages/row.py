@@ -118,6 +118,8 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
         infer = ledger.record("infer")
         if infer:
             outcome.result = dict(infer.get("result", {}))
+        if outcome.warnings:  # a done row keeps its warnings where users look: the error column
+            outcome.error = "warning: " + "; ".join(dict.fromkeys(outcome.warnings))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the run
         outcome.status = "failed"
         outcome.error = _one_line(err, ctx)

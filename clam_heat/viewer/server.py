@@ -28,10 +28,12 @@ Nothing here draws a production heatmap: the viewer shows the files the ``heatma
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 import logging
 import math
 import re
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -243,6 +245,20 @@ class ViewerServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}/"
 
+    @property
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """``Host`` header values accepted (lower case, with the port); None: any, when bound
+        to all interfaces (0.0.0.0), whose names this server cannot know (IPv4 server)."""
+        host, port = self.httpd.server_address[:2]
+        if host == "0.0.0.0":
+            return None
+        names = {host}
+        if ipaddress.ip_address(host).is_loopback:
+            names |= {"localhost", "127.0.0.1"}
+        else:
+            names |= {socket.gethostname(), socket.getfqdn()}
+        return frozenset(f"{n.lower()}:{port}" for n in names)
+
     def serve_forever(self) -> None:
         self.httpd.serve_forever(poll_interval=0.2)
 
@@ -379,6 +395,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         path = unquote(self.path.split("?", 1)[0])
+        if not self._host_ok():
+            return
         try:
             if path == "/":
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", _index_page(self.viewer))
@@ -402,6 +420,24 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # one bad file must not take the server down
             log.exception("viewer request %s failed", path)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(err).splitlines()[0])
+
+    def _host_ok(self) -> bool:
+        """Refuse a request whose ``Host`` is not an address this server answers to: a page
+        on another site that rebinds its DNS name to 127.0.0.1 must not read the slides."""
+        host = self.headers.get("Host")
+        allowed = self.viewer.allowed_hosts
+        if host is None:
+            status, why = HTTPStatus.BAD_REQUEST, "no Host header"
+        elif allowed is None or host.lower() in allowed:
+            return True
+        else:
+            status, why = HTTPStatus.MISDIRECTED_REQUEST, f"Host {host!r} is not this server"
+        log.warning(
+            "viewer: refused %s from %s: %s (serving %s)",
+            self.path[:200], self.address_string(), why, self.viewer.url,
+        )  # fmt: skip
+        self._error(status, f"{why}; open {self.viewer.url}")
+        return False
 
     def _known(self, slide_id: str) -> str | None:
         if slide_id in self.viewer.entries:

@@ -1,0 +1,5 @@
+"""``python -m clam_heat``: the ``clam-heat`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Checks made once, before any row is touched: the output roots and the global inputs.
+
+A problem that every row would hit (an output folder under a regular file, a read-only or full
+volume, a missing or wrong-architecture checkpoint, missing encoder weights) stops the run here
+with exit code 2 and one line naming the folder, file or key and the fix, instead of failing
+10,000 rows one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ClamHeatError, OutputError, os_error_advice
+
+__all__ = [
+    "GlobalInputError",
+    "OutputRootError",
+    "check_global_inputs",
+    "check_output_roots",
+    "preflight",
+]
+
+#: Bytes written (and synced) into each output root to prove it can take data, not only names.
+PROBE_BYTES = 64 * 1024
+
+
+class OutputRootError(OutputError):
+    """An output root cannot be written: bad input found before any work (exit 2)."""
+
+    exit_code = 2
+
+
+class GlobalInputError(CheckpointError):
+    """The checkpoint or the encoder weights are unusable for every row (exit 2)."""
+
+    exit_code = 2
+
+
+def output_folders(cfg: Any) -> list[tuple[str, Path]]:
+    """(config key, folder) of every place a run writes, in the order they are checked."""
+    exp = cfg.exp_arguments
+    folders = [
+        ("exp_arguments.raw_save_dir", Path(exp.raw_save_dir)),
+        ("exp_arguments.production_save_dir", Path(exp.production_save_dir)),
+        ("runner_arguments.results_dir", Path(cfg.results_csv_path).parent),
+        ("the process list's folder", Path(cfg.process_list_path).parent),
+    ]
+    seen: set[Path] = set()
+    unique = []
+    for key, folder in folders:
+        if folder not in seen:
+            seen.add(folder)
+            unique.append((key, folder))
+    return unique
+
+
+def _probe(folder: Path) -> None:
+    """Create ``folder`` and write, sync and remove a small hidden file in it."""
+    from .atomic import temp_path_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = temp_path_for(folder / ".clam_heat_probe", tag="probe")
+    except OutputError as err:  # mkstemp's OSError, already explained
+        raise _Explained(str(err)) from None
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class _Explained(Exception):
+    """An OutputError text from :mod:`clam_heat.atomic` (carried out of :func:`_probe`)."""
+
+
+def check_output_roots(folders: Iterable[tuple[str, Path]]) -> None:
+    """Each folder can be created and written (data, not only names), or one line, exit 2."""
+    for key, folder in folders:
+        try:
+            _probe(folder)
+        except OSError as err:
+            raise OutputRootError(
+                f"{key} {folder}: cannot write output here; {os_error_advice(folder, err)}"
+            ) from None
+        except _Explained as err:
+            raise OutputRootError(f"{key} {folder}: cannot write output here; {err}") from None
+
+
+def check_global_inputs(cfg: Any, stage_names: Iterable[str]) -> None:
+    """The checkpoint loads into the configured model; encoder weights exist when extracting."""
+    names = set(stage_names)
+    args = cfg.model_arguments
+    if names & {"infer", "overlap", "heatmap", "sample"}:
+        from .models import load_model
+
+        try:
+            load_model(
+                Path(args.ckpt_path),
+                args.model_type,
+                n_classes=cfg.exp_arguments.n_classes,
+                embed_dim=args.embed_dim,
+                model_size=args.model_size,
+                device="cpu",
+            )
+        except ClamHeatError as err:
+            raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
+    if cfg.heatmap_arguments.calc_heatmap or _extracts_features(cfg):
+        from .encoders import find_encoder_weights
+
+        weights = find_encoder_weights(
+            cfg.encoder_arguments.model_name, cfg.runner_arguments.encoder_weights
+        )
+        if weights is not None and not weights.is_file():
+            raise GlobalInputError(
+                f"runner_arguments.encoder_weights: {weights}: no such file; download the "
+                f"{cfg.encoder_arguments.model_name} weights there or fix the path"
+            )
+        if weights is not None and weights.stat().st_size == 0:
+            raise GlobalInputError(
+                f"runner_arguments.encoder_weights: {weights}: 0 bytes; re-copy it"
+            )
+
+
+def _extracts_features(cfg: Any) -> bool:
+    """Whether rows without a feature H5 are encoded from the slide (then weights are needed)."""
+    return bool(getattr(cfg.runner_arguments, "extract_features", False))
+
+
+def preflight(cfg: Any, stages: Iterable[Any], *, dry_run: bool = False) -> None:
+    """Everything checked once before any row is touched (a dry run writes nothing, so it
+    checks only the inputs)."""
+    if not dry_run:
+        check_output_roots(output_folders(cfg))
+    check_global_inputs(cfg, [getattr(s, "name", str(s)) for s in stages])
