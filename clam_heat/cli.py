@@ -42,6 +42,33 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override any key: --set heatmap_arguments.alpha=0.5 (repeatable)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+RetryFailedOpt = Annotated[bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="Local worker processes (default: the config's, or 1)."),
+]
+# Where `run` sends its rows (clam_heat.executors).
+ExecutorOpt = Annotated[
+    str | None, typer.Option("--executor", help="local (default), dask or serial.")
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (implies dask)."
+    ),
+]
+SchedulerFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--scheduler-file", help="Dask scheduler JSON file on shared storage (implies dask)."
+    ),
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard", help="Run shard i of n (i/n, from 0) into <list>.shard-i-of-n.csv; see `merge`."
+    ),
+]
 
 
 def _fail(err: ClamHeatError) -> None:
@@ -144,42 +171,16 @@ def run(
     save_exp_code: SaveExpOpt = None,
     overlap: OverlapOpt = None,
     set_: SetOpt = None,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")
-    ] = False,
+    retry_failed: RetryFailedOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run and why.")
     ] = False,
     quiet: QuietOpt = False,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", min=1, help="Local worker processes (default: runner_arguments.workers)."
-        ),
-    ] = None,
-    executor: Annotated[
-        str | None,
-        typer.Option("--executor", help="local (default), dask or serial."),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (implies dask)."
-        ),
-    ] = None,
-    scheduler_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--scheduler-file", help="Dask scheduler JSON file on shared storage (implies dask)."
-        ),
-    ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            "--shard",
-            help="Run shard i of n (i/n, from 0) into <list>.shard-i-of-n.csv; see `merge`.",
-        ),
-    ] = None,
+    workers: WorkersOpt = None,
+    executor: ExecutorOpt = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
+    shard: ShardOpt = None,
 ) -> None:
     """Run segment -> infer -> heatmap -> sample for every pending row (resumable)."""
     import functools
@@ -303,11 +304,9 @@ def quick(
             "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
         ),
     ] = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Local worker processes.")] = 1,
+    workers: WorkersOpt = None,
     set_: SetOpt = None,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Rerun rows marked failed.")
-    ] = False,
+    retry_failed: RetryFailedOpt = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Write config.yaml and the list; print what would run."),
@@ -336,7 +335,7 @@ def quick(
         embed_dim=embed_dim,
         slide_ext=slide_ext,
         labels=labels,
-        workers=workers,
+        workers=workers or 1,
         sets=set_ or [],
         limit=limit,
         csv=csv,

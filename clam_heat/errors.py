@@ -102,3 +102,16 @@ def os_error_advice(path: Path | str, err: OSError) -> str:
     if err.errno == errno.ENOTDIR:
         return f"{existing} is a file, not a folder; choose another output folder"
     return f"{err.strerror or err}; check that the folder exists and is writable"
+
+
+def message_line(err: BaseException, empty: str = "") -> str:
+    """The first line of ``err``'s message, to quote in a one-line error; for an empty message
+    ``empty``, or else the exception's type name.
+
+    >>> message_line(OSError("disk full\\nmore detail"))
+    'disk full'
+    >>> message_line(ValueError()), message_line(ValueError(), "unreadable")
+    ('ValueError', 'unreadable')
+    """
+    text = str(err).strip()
+    return text.splitlines()[0] if text else (empty or type(err).__name__)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from .errors import FeatureError
+from .errors import FeatureError, message_line
 
 if TYPE_CHECKING:
     from .slide import Slide
@@ -315,7 +315,7 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        reason = message_line(err, "unreadable")
         raise FeatureError(
             f"{path}: not a readable HDF5 file ({reason}); re-extract the features or remove the "
             "slide from the process list"
@@ -329,10 +329,9 @@ def _read_dataset(path: Path, handle: h5py.File, name: str) -> np.ndarray:
     try:
         return np.asarray(node[()])
     except (OSError, ValueError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FeatureError(
-            f"{path}: dataset '{name}' cannot be read ({reason}); the file may be truncated, "
-            "re-extract the features"
+            f"{path}: dataset '{name}' cannot be read ({message_line(err)}); the file may be "
+            "truncated, re-extract the features"
         ) from None
 
 

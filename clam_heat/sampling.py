@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 import numpy as np
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "PatchTarget",
     "SampleMode",
     "export_threshold",
     "threshold_indices",
@@ -192,16 +193,22 @@ def save_sampled_patches(
         return list(pool.map(lambda job: save(job[0], *job[1]), jobs))
 
 
+class PatchTarget(TypedDict):
+    """The keywords every sampler takes besides the slide, its patch coords and their scores."""
+
+    #: A ``sample_arguments.samples`` entry (CLAM's sampler keys, or ``mode: threshold``'s).
+    spec: Any
+    slide_id: str
+    #: The folder the sampler writes into.
+    folder: str | os.PathLike[str]
+    #: The slide level patches are read at.
+    patch_level: int
+    #: The patch side at level 0 (as in the blockmap's ``coords`` attributes).
+    patch_size_level0: int
+
+
 def sample_patches(
-    slide: Slide,
-    coords: np.ndarray,
-    scores: np.ndarray,
-    *,
-    spec: Any,
-    slide_id: str,
-    folder: str | os.PathLike[str],
-    patch_level: int,
-    patch_size_level0: int,
+    slide: Slide, coords: np.ndarray, scores: np.ndarray, **target: Unpack[PatchTarget]
 ) -> tuple[list[Path], str | None]:
     """Run one configured sampler (a ``sample_arguments.samples`` entry) and save its patches.
 
@@ -213,6 +220,7 @@ def sample_patches(
     -------
     (paths written, warning or None)
     """
+    spec, patch_level = target["spec"], target["patch_level"]
     flat = np.asarray(scores).reshape(-1)
     xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if len(flat) != len(xy):
@@ -229,10 +237,10 @@ def sample_patches(
         return [], warning
     slide.check_level(patch_level)
     downsample = slide.level_downsamples[patch_level][0]
-    patch_size = max(1, int(round(patch_size_level0 / downsample)))
+    patch_size = max(1, int(round(target["patch_size_level0"] / downsample)))
     pct = to_percentiles(flat)
     paths = save_sampled_patches(
-        slide, xy[idx], pct[idx], folder, slide_id, patch_level, patch_size
+        slide, xy[idx], pct[idx], target["folder"], target["slide_id"], patch_level, patch_size
     )
     return paths, warning
 
@@ -316,12 +324,8 @@ def export_threshold(
     coords: np.ndarray,
     scores: np.ndarray,
     *,
-    spec: Any,
-    slide_id: str,
-    folder: str | os.PathLike[str],
-    patch_level: int,
-    patch_size_level0: int,
     file_names: dict[str, str],
+    **target: Unpack[PatchTarget],
 ) -> tuple[list[Path], str | None]:
     """Export every patch at or above ``spec.threshold`` (``spec.score``: percentile or raw).
 
@@ -340,6 +344,8 @@ def export_threshold(
 
     from .atomic import write_text_atomic
 
+    spec, slide_id, patch_level = target["spec"], target["slide_id"], target["patch_level"]
+    patch_size_level0 = target["patch_size_level0"]
     flat = np.asarray(scores, dtype=np.float64).reshape(-1)
     xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if len(flat) != len(xy):
@@ -351,7 +357,7 @@ def export_threshold(
     slide.check_level(patch_level)
     patch_size = max(1, int(round(patch_size_level0 / slide.level_downsamples[patch_level][0])))
     pct = to_percentiles(flat)[idx] / 100 if len(flat) else np.zeros(0)
-    out_dir = Path(folder)
+    out_dir = Path(target["folder"])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -168,24 +168,18 @@ class OpenSlideSlide(Slide):
             )
         try:
             self._osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as err:
+        except openslide.OpenSlideError as err:  # unsupported formats are a subclass
             cut = _cut_short(self.path, size)
             if cut:
                 raise SlideError(self.path, f"{size} bytes, {cut}", "re-copy it") from None
-            raise SlideError(
-                self.path,
-                f"unsupported or unrecognised slide format ({err})".replace("\n", " "),
-                "convert it to a pyramidal tiled TIFF or remove it from the process list",
-            ) from None
-        except openslide.OpenSlideError as err:
-            cut = _cut_short(self.path, size)
-            if cut:
-                raise SlideError(self.path, f"{size} bytes, {cut}", "re-copy it") from None
-            raise SlideError(
-                self.path,
-                f"OpenSlide cannot open the file ({err})".replace("\n", " "),
-                "the file may be corrupt or truncated; re-export or remove it",
-            ) from None
+            if isinstance(err, openslide.OpenSlideUnsupportedFormatError):
+                reason = "unsupported or unrecognised slide format"
+                fix = "convert it to a pyramidal tiled TIFF or remove it from the process list"
+            else:
+                reason = "OpenSlide cannot open the file"
+                fix = "the file may be corrupt or truncated; re-export or remove it"
+            detail = str(err).replace("\n", " ")
+            raise SlideError(self.path, f"{reason} ({detail})", fix) from None
         props = dict(self._osr.properties)
         self.properties = props
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)

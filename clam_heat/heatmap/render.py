@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from ..slide import Slide
     from ..tissue import TissueContours
 
+    #: :func:`render_heatmap`'s positional inputs: slide, level-0 coords, scores, patch
+    #: footprint, spec.
+    RenderInputs = tuple[Slide, np.ndarray, np.ndarray, int | Sequence[int], HeatmapSpec]
+
 __all__ = ["heatmap_image", "render_heatmap", "save_orig"]
 
 
@@ -226,18 +230,11 @@ def render_heatmap(
 
 
 def heatmap_image(
-    slide: Slide,
-    l0_coords: np.ndarray,
-    scores: np.ndarray,
-    patch_size_l0: int | Sequence[int],
-    spec: HeatmapSpec,
-    *,
-    tissue: TissueContours | np.ndarray | None = None,
+    *inputs: *RenderInputs, tissue: TissueContours | np.ndarray | None = None
 ) -> np.ndarray:
-    """The heatmap as an (h, w, 3) uint8 RGB array, nothing written (for tests and notebooks)."""
-    result = render_heatmap(
-        slide, l0_coords, scores, patch_size_l0, spec, tissue=tissue, keep_image=True
-    )
+    """The heatmap as an (h, w, 3) uint8 RGB array, nothing written (for tests and notebooks);
+    ``inputs`` and ``tissue`` as for :func:`render_heatmap`."""
+    result = render_heatmap(*inputs, tissue=tissue, keep_image=True)
     assert result.image is not None
     return result.image
 

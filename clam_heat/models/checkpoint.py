@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
-from ..errors import CheckpointError
+from ..errors import CheckpointError, message_line
 from .registry import ModelChoice, ModelSpec, all_model_specs, get_model_spec, parse_model_type
 
 __all__ = [
@@ -73,7 +73,7 @@ def normalise_mil_lab_state_dict(
 
 def _unreadable_reason(err: BaseException, size: int) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, as a clause with the fix."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = message_line(err)
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in first:
         return (
             "cannot be read as a weights-only torch checkpoint: it holds pickled Python objects "
@@ -100,9 +100,8 @@ def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{path}: cannot be read as safetensors ({first}); save it again with "
+            f"{path}: cannot be read as safetensors ({message_line(err)}); save it again with "
             "model.save_pretrained(folder) or safetensors.torch.save_file"
         ) from None
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .layers import (
-    drop_none,
+    EmbedParams,
+    MilLabNet,
     mlp_embed,
     n_linear,
     register_mil_lab,
@@ -55,7 +57,7 @@ class _BagHead(nn.Module):
         return self.norm(attention.T @ self.v(x)), attention
 
 
-class DSMIL(nn.Module):
+class DSMIL(MilLabNet):
     """Dual-stream MIL (Li et al. 2021) with MIL-Lab's keys and forward (``dsmil.base``).
 
     Stream 1: ``i_classifier.inst_classifier`` scores each patch per class; each class's top
@@ -67,20 +69,17 @@ class DSMIL(nn.Module):
     Attention returned: A's column of the predicted class (sums to 1).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 512,
-        attn_dim: int = 384,
-        num_fc_layers: int = 1,
-    ) -> None:
-        super().__init__()
-        self.patch_embed = mlp_embed(in_dim, hidden_dim, num_fc_layers)
-        self.i_classifier = _InstanceHead(hidden_dim, n_classes)
-        self.b_classifier = _BagHead(hidden_dim, attn_dim)
-        self.classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
+    @dataclass(frozen=True)
+    class Params(EmbedParams):
+        """Width of the query that compares patches with the critical ones."""
+
+        attn_dim: int = 384
+
+    def build(self, in_dim: int, n_classes: int, hp: Params) -> None:
+        self.patch_embed = mlp_embed(in_dim, hp.hidden_dim, hp.num_fc_layers)
+        self.i_classifier = _InstanceHead(hp.hidden_dim, n_classes)
+        self.b_classifier = _BagHead(hp.hidden_dim, hp.attn_dim)
+        self.classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hp.hidden_dim)
 
     def class_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` (N, D) -> logits (C,), attention A (N, C) of every class."""
@@ -96,11 +95,11 @@ class DSMIL(nn.Module):
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return drop_none(
-            hidden_dim=shape_of(state, "model.b_classifier.norm.weight", 0),
-            attn_dim=shape_of(state, "model.b_classifier.q.weight", 0),
-            num_fc_layers=n_linear(state, "model.patch_embed"),
-        )
+        return {
+            "hidden_dim": shape_of(state, "model.b_classifier.norm.weight", 0),
+            "attn_dim": shape_of(state, "model.b_classifier.q.weight", 0),
+            "num_fc_layers": n_linear(state, "model.patch_embed"),
+        }
 
 
 def _attention(

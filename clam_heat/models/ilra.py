@@ -7,6 +7,7 @@ must be scored whole.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
+    MilLabNet,
+    MilLabParams,
     count_indices,
-    drop_none,
     register_mil_lab,
     shape_of,
 )
@@ -90,7 +92,7 @@ class _NonLocalPool(nn.Module):
         return pooled[0], weights[0]
 
 
-class ILRA(nn.Module):
+class ILRA(MilLabNet):
     """ILRA-MIL (Xiang & Zhang 2023) with MIL-Lab's keys and forward (``ilra.base``).
 
     No patch embedding: ``gab_blocks.0`` reads the features directly. Then non-local pooling:
@@ -100,24 +102,24 @@ class ILRA(nn.Module):
     (N,), sums to 1.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 256,
-        num_heads: int = 8,
-        topk: int = 64,
-        num_attention_layers: int = 2,
-        ln: bool = True,
-    ) -> None:
-        super().__init__()
+    @dataclass(frozen=True)
+    class Params(MilLabParams):
+        """Low-rank latent size ``topk``; ``ln``: LayerNorms in every attention block."""
+
+        hidden_dim: int = 256
+        num_heads: int = 8
+        topk: int = 64
+        num_attention_layers: int = 2
+        ln: bool = True
+
+    def build(self, in_dim: int, n_classes: int, hp: Params) -> None:
+        width = hp.hidden_dim
         self.gab_blocks = nn.ModuleList(
-            _GAB(in_dim if i == 0 else hidden_dim, hidden_dim, num_heads, topk, ln)
-            for i in range(num_attention_layers)
+            _GAB(in_dim if i == 0 else width, width, hp.num_heads, hp.topk, hp.ln)
+            for i in range(hp.num_attention_layers)
         )
-        self.pooling = _NonLocalPool(hidden_dim, num_heads, ln)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
+        self.pooling = _NonLocalPool(width, hp.num_heads, hp.ln)
+        self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = h
@@ -128,12 +130,13 @@ class ILRA(nn.Module):
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return drop_none(
-            hidden_dim=shape_of(state, "model.gab_blocks.0.latent", 2),
-            topk=shape_of(state, "model.gab_blocks.0.latent", 1),
-            num_attention_layers=count_indices(state, r"model\.gab_blocks\.(\d+)\.latent") or None,
-            ln="model.pooling.mha.ln0.weight" in state,
-        )
+        blocks = count_indices(state, r"model\.gab_blocks\.(\d+)\.latent")
+        return {
+            "hidden_dim": shape_of(state, "model.gab_blocks.0.latent", 2),
+            "topk": shape_of(state, "model.gab_blocks.0.latent", 1),
+            "num_attention_layers": blocks or None,
+            "ln": "model.pooling.mha.ln0.weight" in state,
+        }
 
 
 register_mil_lab(

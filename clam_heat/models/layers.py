@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,12 @@ from torch import nn
 from .registry import register_model
 
 __all__ = [
+    "EmbedParams",
     "FeedForward",
     "GatedAttention",
     "MilLabModel",
+    "MilLabNet",
+    "MilLabParams",
     "NystromAttention",
     "NystromBlock",
     "PPEG",
@@ -193,6 +197,47 @@ class NystromBlock(nn.Module):
         return x + getattr(self, self._attention_name)(self.norm(x))
 
 
+@dataclass(frozen=True)
+class MilLabParams:
+    """What every MIL-Lab network is sized by: the token width ``hidden_dim``."""
+
+    hidden_dim: int = 512
+
+
+@dataclass(frozen=True)
+class EmbedParams(MilLabParams):
+    """A network whose ``patch_embed`` is MIL-Lab's MLP: also its depth ``num_fc_layers``."""
+
+    num_fc_layers: int = 1
+
+
+class MilLabNet(nn.Module):
+    """A MIL-Lab network: ``Net(in_dim, n_classes, **hparams)``.
+
+    Each network declares its hyper-parameters once, as its frozen dataclass ``Params``
+    (extending :class:`MilLabParams` or :class:`EmbedParams`, so the shared ones are declared
+    once too), and builds its layers in :meth:`build` from the checked record, kept as
+    ``hparams``. An unknown hyper-parameter name is a TypeError, as from a keyword signature.
+    """
+
+    Params: ClassVar[type[MilLabParams]] = MilLabParams
+
+    def __init__(self, in_dim: int, n_classes: int, **hparams: Any) -> None:
+        super().__init__()
+        self.hparams = self.Params(**hparams)
+        self.build(in_dim, n_classes, self.hparams)
+
+    def build(self, in_dim: int, n_classes: int, hp: Any) -> None:
+        """Create the layers (in MIL-Lab's order, so seeded initialisation matches)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """``Params`` fields read from a ``model.``-prefixed state dict's shapes; a None value
+        (not in the checkpoint) keeps the default (:func:`register_mil_lab` drops it)."""
+        raise NotImplementedError
+
+
 class MilLabModel(nn.Module):
     """Outer module: the network sits in ``.model`` so every key starts with ``model.``.
 
@@ -225,7 +270,7 @@ class MilLabModel(nn.Module):
 
 def register_mil_lab(
     name: str,
-    net_cls: type[nn.Module],
+    net_cls: type[MilLabNet],
     *,
     signature: tuple[str, ...],
     input_key: str = "model.patch_embed.0.weight",
@@ -233,7 +278,7 @@ def register_mil_lab(
     **options: Any,
 ) -> None:
     """Register a MIL-Lab-layout network: built wrapped in :class:`MilLabModel` (keys start with
-    ``model.``), hidden sizes read by the class's ``infer_hparams``."""
+    ``model.``), hidden sizes read by the class's ``infer_hparams`` (its None values dropped)."""
 
     def build(*, in_dim: int, n_classes: int, **hparams: Any) -> nn.Module:
         net = net_cls(in_dim, n_classes, **hparams)
@@ -246,7 +291,7 @@ def register_mil_lab(
         name,
         build,
         replace=False,
-        infer_hparams=net_cls.infer_hparams,  # type: ignore[attr-defined]
+        infer_hparams=lambda state: drop_none(net_cls.infer_hparams(state)),
         max_bag_size=max_bag_size,
         layout="mil-lab",
         signature=signature,
@@ -267,7 +312,8 @@ def count_indices(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m[1] for k in state if (m := regex.fullmatch(k))})
 
 
-def drop_none(**values: Any) -> dict[str, Any]:
+def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without its None entries (the hyper-parameters a checkpoint does not fix)."""
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -6,6 +6,7 @@ Attention is the pooling softmax over the bag after Nystrom layers, so a bag mus
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 from .layers import (
     PPEG,
     FeedForward,
+    MilLabNet,
+    MilLabParams,
     NystromAttention,
     count_indices,
-    drop_none,
     register_mil_lab,
     shape_of,
 )
@@ -132,7 +134,7 @@ class _RRTEncoder(nn.Module):
         return weights @ x, weights
 
 
-class RRT(nn.Module):
+class RRT(MilLabNet):
     """RRT-MIL as MIL-Lab builds it (``rrt.base``), with MIL-Lab's keys and forward.
 
     With MIL-Lab's defaults the encoder layers are **Nystrom** attention layers (its
@@ -146,37 +148,36 @@ class RRT(nn.Module):
     Attention returned: the softmax pooling weights (N,), sum to 1.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 512,
-        num_heads: int = 8,
-        dim_head: int = 64,
-        n_layers: int = 2,
-        pool_dim: int = 128,
-        pool_gated: bool = False,
-        pool_bias: bool = False,
-        ffn_dim: int | None = None,
-        pos: str = "ppeg",
-        pos_kernel: int = 7,
-        pos_bias: bool = True,
-        landmarks: int = 256,
-    ) -> None:
-        super().__init__()
-        self.patch_embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
+    @dataclass(frozen=True)
+    class Params(MilLabParams):
+        """Encoder (heads, ``dim_head``, layers, FFN, landmarks), pooling and position module."""
+
+        num_heads: int = 8
+        dim_head: int = 64
+        n_layers: int = 2
+        pool_dim: int = 128
+        pool_gated: bool = False
+        pool_bias: bool = False
+        ffn_dim: int | None = None
+        pos: str = "ppeg"
+        pos_kernel: int = 7
+        pos_bias: bool = True
+        landmarks: int = 256
+
+    def build(self, in_dim: int, n_classes: int, hp: Params) -> None:
+        width = hp.hidden_dim
+        self.patch_embed = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU())
         self.encoder = _RRTEncoder(
-            hidden_dim,
-            heads=num_heads,
-            dim_head=dim_head,
-            n_layers=n_layers,
-            pool=_RRTPool(hidden_dim, pool_dim, gated=pool_gated, bias=pool_bias),
-            ffn_dim=ffn_dim,
-            pos_embedding=_rrt_position_module(hidden_dim, pos, pos_kernel, pos_bias),
-            landmarks=landmarks,
+            width,
+            heads=hp.num_heads,
+            dim_head=hp.dim_head,
+            n_layers=hp.n_layers,
+            pool=_RRTPool(width, hp.pool_dim, gated=hp.pool_gated, bias=hp.pool_bias),
+            ffn_dim=hp.ffn_dim,
+            pos_embedding=_rrt_position_module(width, hp.pos, hp.pos_kernel, hp.pos_bias),
+            landmarks=hp.landmarks,
         )
-        self.classifier = nn.Linear(hidden_dim, n_classes)
+        self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, weights = self.encoder(self.patch_embed(h))
@@ -194,19 +195,19 @@ class RRT(nn.Module):
             pos = "ppeg"
         elif "model.encoder.pos_embedding.proj.weight" in state:
             pos = "peg"
-        return drop_none(
-            hidden_dim=shape_of(state, "model.patch_embed.0.weight", 0),
-            num_heads=heads,
-            dim_head=qkv // (3 * heads) if heads and qkv else None,
-            n_layers=1 + count_indices(state, r"model\.encoder\.layers\.(\d+)\.norm\.weight"),
-            pool_dim=shape_of(state, f"{first}.weight", 0),
-            pool_gated=gated,
-            pool_bias=f"{first}.bias" in state,
-            ffn_dim=shape_of(state, "model.encoder.layer1.mlp.fc1.weight", 0),
-            pos=pos,
-            pos_kernel=shape_of(state, "model.encoder.pos_embedding.proj.weight", 2),
-            pos_bias="model.encoder.pos_embedding.proj.bias" in state,
-        )
+        return {
+            "hidden_dim": shape_of(state, "model.patch_embed.0.weight", 0),
+            "num_heads": heads,
+            "dim_head": qkv // (3 * heads) if heads and qkv else None,
+            "n_layers": 1 + count_indices(state, r"model\.encoder\.layers\.(\d+)\.norm\.weight"),
+            "pool_dim": shape_of(state, f"{first}.weight", 0),
+            "pool_gated": gated,
+            "pool_bias": f"{first}.bias" in state,
+            "ffn_dim": shape_of(state, "model.encoder.layer1.mlp.fc1.weight", 0),
+            "pos": pos,
+            "pos_kernel": shape_of(state, "model.encoder.pos_embedding.proj.weight", 2),
+            "pos_bias": "model.encoder.pos_embedding.proj.bias" in state,
+        }
 
 
 register_mil_lab("rrt", RRT, signature=("model.encoder.layer1.", "model.encoder.pool_fn."))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
+    EmbedParams,
+    MilLabNet,
     count_indices,
-    drop_none,
     mlp_embed,
     n_linear,
     register_mil_lab,
@@ -66,7 +68,7 @@ class _TransformerBlock(nn.Module):
         return x
 
 
-class TransformerMIL(nn.Module):
+class TransformerMIL(MilLabNet):
     """Plain transformer MIL with MIL-Lab's keys and forward (``transformer.base``).
 
     ``patch_embed.0``, ``cls_token`` (1, 1, E), ``blocks.<i>.norm``,
@@ -79,26 +81,24 @@ class TransformerMIL(nn.Module):
     attention of the class token over the N patches (row 0, columns 1..N).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 512,
-        num_heads: int = 8,
-        num_attention_layers: int = 2,
-        num_fc_layers: int = 1,
-        encoder_mlp_dim: int = -1,
-    ) -> None:
-        super().__init__()
-        self.patch_embed = mlp_embed(in_dim, hidden_dim, num_fc_layers)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+    @dataclass(frozen=True)
+    class Params(EmbedParams):
+        """Heads and blocks; ``encoder_mlp_dim`` -1: blocks without an MLP."""
+
+        num_heads: int = 8
+        num_attention_layers: int = 2
+        encoder_mlp_dim: int = -1
+
+    def build(self, in_dim: int, n_classes: int, hp: Params) -> None:
+        width = hp.hidden_dim
+        self.patch_embed = mlp_embed(in_dim, width, hp.num_fc_layers)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
         self.blocks = nn.ModuleList(
-            _TransformerBlock(hidden_dim, num_heads, encoder_mlp_dim)
-            for _ in range(num_attention_layers)
+            _TransformerBlock(width, hp.num_heads, hp.encoder_mlp_dim)
+            for _ in range(hp.num_attention_layers)
         )
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([self.cls_token.reshape(1, -1), self.patch_embed(h)])
@@ -109,13 +109,13 @@ class TransformerMIL(nn.Module):
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return drop_none(
-            hidden_dim=shape_of(state, "model.norm.weight", 0),
-            num_attention_layers=count_indices(state, r"model\.blocks\.(\d+)\.norm\.weight")
+        return {
+            "hidden_dim": shape_of(state, "model.norm.weight", 0),
+            "num_attention_layers": count_indices(state, r"model\.blocks\.(\d+)\.norm\.weight")
             or None,
-            num_fc_layers=n_linear(state, "model.patch_embed"),
-            encoder_mlp_dim=shape_of(state, "model.blocks.0.mlp.0.weight", 0) or -1,
-        )
+            "num_fc_layers": n_linear(state, "model.patch_embed"),
+            "encoder_mlp_dim": shape_of(state, "model.blocks.0.mlp.0.weight", 0) or -1,
+        }
 
 
 register_mil_lab(

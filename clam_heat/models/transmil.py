@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,10 +16,11 @@ from torch import nn
 
 from .layers import (
     PPEG,
+    EmbedParams,
+    MilLabNet,
     NystromAttention,
     NystromBlock,
     count_indices,
-    drop_none,
     mlp_embed,
     n_linear,
     register_mil_lab,
@@ -26,7 +28,7 @@ from .layers import (
 )
 
 
-class TransMIL(nn.Module):
+class TransMIL(MilLabNet):
     """TransMIL (Shao et al. 2021) with MIL-Lab's keys and forward (``transmil.base``).
 
     The embedded bag is padded to ceil(sqrt(N))² tokens by repeating its first patches, a class
@@ -40,35 +42,30 @@ class TransMIL(nn.Module):
     token after block 0 (unnormalised, any sign), first N entries (padding copies dropped).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        *,
-        hidden_dim: int = 512,
-        num_heads: int = 4,
-        num_attention_layers: int = 2,
-        num_fc_layers: int = 1,
-    ) -> None:
-        super().__init__()
-        self.patch_embed = mlp_embed(in_dim, hidden_dim, num_fc_layers)
-        self.pos_layer = PPEG(hidden_dim)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+    @dataclass(frozen=True)
+    class Params(EmbedParams):
+        """Heads and Nystrom blocks (head width and landmarks follow from ``hidden_dim``)."""
+
+        num_heads: int = 4
+        num_attention_layers: int = 2
+
+    def build(self, in_dim: int, n_classes: int, hp: Params) -> None:
+        width = hp.hidden_dim
+        self.patch_embed = mlp_embed(in_dim, width, hp.num_fc_layers)
+        self.pos_layer = PPEG(width)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
         self.blocks = nn.ModuleList(
             NystromBlock(
-                hidden_dim,
+                width,
                 NystromAttention(
-                    hidden_dim,
-                    heads=num_heads,
-                    dim_head=hidden_dim // num_heads,
-                    landmarks=hidden_dim // 2,
+                    width, heads=hp.num_heads, dim_head=width // hp.num_heads, landmarks=width // 2
                 ),
                 "attention",
             )
-            for _ in range(num_attention_layers)
+            for _ in range(hp.num_attention_layers)
         )
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = h.shape[0]
@@ -86,13 +83,13 @@ class TransMIL(nn.Module):
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return drop_none(
-            hidden_dim=shape_of(state, "model.norm.weight", 0),
-            num_heads=shape_of(state, "model.blocks.0.attention.res_conv.weight", 0),
-            num_attention_layers=count_indices(state, r"model\.blocks\.(\d+)\.norm\.weight")
+        return {
+            "hidden_dim": shape_of(state, "model.norm.weight", 0),
+            "num_heads": shape_of(state, "model.blocks.0.attention.res_conv.weight", 0),
+            "num_attention_layers": count_indices(state, r"model\.blocks\.(\d+)\.norm\.weight")
             or None,
-            num_fc_layers=n_linear(state, "model.patch_embed"),
-        )
+            "num_fc_layers": n_linear(state, "model.patch_embed"),
+        }
 
 
 register_mil_lab("transmil", TransMIL, signature=("model.pos_layer.",))

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ..atomic import commit, temp_path_for
-from ..errors import OutputError, ProcessListError
+from ..errors import OutputError, ProcessListError, message_line
 
 __all__ = ["read_csv", "render_csv", "write_csv_atomic"]
 
@@ -31,9 +31,8 @@ def read_csv(path: Path, *, what: str, dtype: Any) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise ProcessListError(f"{path}: {what} file is empty; it needs a header row") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProcessListError(
-            f"{path}: {what} is not a readable UTF-8 CSV ({first}); re-save it as CSV"
+            f"{path}: {what} is not a readable UTF-8 CSV ({message_line(err)}); re-save it as CSV"
         ) from None
     except OSError as err:
         raise ProcessListError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import ClamHeatError, ConfigError
+from ..errors import ClamHeatError, ConfigError, message_line
 
 #: How many names a warning or error quotes before "...".
 _SHOWN = 3
@@ -59,9 +59,9 @@ def feature_width(path: Path) -> int:
             node = handle.get("features")
             shape = tuple(node.shape) if isinstance(node, h5py.Dataset) else None
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        reason = message_line(err, "unreadable")
         raise ConfigError(
-            f"{path}: not a readable HDF5 file ({first}); re-extract it or remove it from --h5-dir"
+            f"{path}: not a readable HDF5 file ({reason}); re-extract it or remove it from --h5-dir"
         ) from None
     if shape is None:
         raise ConfigError(
@@ -172,7 +172,7 @@ def read_slide_table(
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = message_line(err)
         raise ConfigError(f"{flag} {path}: cannot be read as CSV ({first})") from None
     wanted = ("slide_id", "label") if need_label else ("slide_id",)
     absent = [c for c in wanted if c not in table.columns]

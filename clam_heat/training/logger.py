@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Required, TypedDict, Unpack
 
 import numpy as np
 
@@ -45,6 +45,19 @@ _TENSORBOARD_HINT = (
     "tensorboard is not installed, so training heatmaps cannot be written "
     "(pip install 'clam-heat[tensorboard]' or pip install tensorboard)"
 )
+
+
+class LogKeys(TypedDict, total=False):
+    """The keywords of :meth:`AttentionHeatmapLogger.log` and ``log_model``."""
+
+    #: The epoch (or step): drawn every ``every_n_epochs``, once per step.
+    step: Required[int]
+    #: Names the slide; loads its coords from the features folder when ``coords`` is None.
+    slide_id: str | None
+    #: The class whose map is drawn (default: the model's reduction, the predicted class).
+    class_index: int | None
+    #: Level-0 patch side for these coords (overrides H5 attrs and the default).
+    patch_size: float | None
 
 
 class ImageWriter(Protocol):
@@ -253,64 +266,45 @@ class AttentionHeatmapLogger:
                 return None, None, f"{_first_line(err)}; "
         return None, None, ""
 
-    def log(
-        self,
-        attention: Any,
-        coords: Any = None,
-        *,
-        step: int,
-        slide_id: str | None = None,
-        class_index: int | None = None,
-        patch_size: float | None = None,
-    ) -> str | None:
+    def log(self, attention: Any, coords: Any = None, **where: Unpack[LogKeys]) -> str | None:
         """Draw and write this epoch's heatmap if due; return the tag written, else None.
 
         ``attention``: a registered model's forward output or scores (see
         :func:`~clam_heat.training.attention_scores`).
         ``coords``: (N, 2) level-0 (x, y), or None to load them by ``slide_id``.
-        ``patch_size``: level-0 patch side for these coords (overrides H5 attrs and default).
+        Keywords: :class:`LogKeys` (``step`` required).
         """
-        return self._guarded(lambda: attention, coords, step, slide_id, class_index, patch_size)
+        return self._guarded(lambda: attention, coords, **where)
 
     def log_model(
-        self,
-        model: Any,
-        features: Any,
-        coords: Any = None,
-        *,
-        step: int,
-        slide_id: str | None = None,
-        class_index: int | None = None,
-        patch_size: float | None = None,
+        self, model: Any, features: Any, coords: Any = None, **where: Unpack[LogKeys]
     ) -> str | None:
         """Like :meth:`log`, but the scores come from ``model`` on the bag ``features`` (N, D)
         through the model's own reduction (:func:`~clam_heat.training.model_attention`); the
         model only runs on epochs that are drawn. Works for every registered model, and lets
         ``class_index`` pick any class's map, also for models that reduce inside their forward
         (DSMIL)."""
+        class_index = where.get("class_index")
         return self._guarded(
-            lambda: model_attention(model, features, class_index=class_index),
-            coords,
-            step,
-            slide_id,
-            class_index,
-            patch_size,
+            lambda: model_attention(model, features, class_index=class_index), coords, **where
         )
 
     def _guarded(
-        self,
-        attention: Callable[[], Any],
-        coords: Any,
-        step: int,
-        slide_id: str | None,
-        class_index: int | None,
-        patch_size: float | None,
+        self, attention: Callable[[], Any], coords: Any, **where: Unpack[LogKeys]
     ) -> str | None:
+        step, slide_id = where["step"], where.get("slide_id")
         try:
             if not self.should_log(step):
                 return None
             self._last_step = step  # one attempt per epoch: a failure is not retried per slide
-            return self._log(attention(), coords, step, slide_id, class_index, patch_size)
+            return self._log(
+                attention(),
+                coords,
+                step,
+                slide_id,
+                where.get("class_index"),
+                where.get("patch_size"),
+            )
         except Exception as err:  # noqa: BLE001 - the training loop must survive any failure
             where = f" (slide {slide_id!r})" if slide_id is not None else ""
             warnings.warn(
@@ -418,4 +412,4 @@ def log_validation_attention(
         data = batch[0] if isinstance(batch, (tuple, list)) else batch
         return model_attention(model, data.detach().cpu() if hasattr(data, "detach") else data)
 
-    return logger._guarded(first_bag, None, epoch, slide_id, None, None)
+    return logger._guarded(first_bag, None, step=epoch, slide_id=slide_id)
