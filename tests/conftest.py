@@ -77,3 +77,16 @@ def tests_leave_the_checkout_alone() -> Iterator[None]:
     if before is not None and after is not None:
         added = sorted(after - before)
         assert not added, f"tests wrote into the checkout: {added}"
+
+
+@pytest.fixture()
+def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No tracking server, API key or user folders: everything MLflow/W&B write is in tmp_path."""
+    for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_CONFIGURE_LOGGING"):  # undone after the test
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))

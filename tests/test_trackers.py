@@ -68,19 +68,6 @@ def _log_run(tracker: Tracker, outputs: dict[str, Path]) -> None:
     tracker.log_artifact(outputs["config"], "resolved_config.yaml")
 
 
-@pytest.fixture()
-def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No tracking server, API key or user folders: everything W&B/MLflow write is in tmp_path."""
-    for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_CONFIGURE_LOGGING"):  # undone after the test
-        monkeypatch.setenv(name, "x")
-        monkeypatch.delenv(name)
-    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
-
-
 # --------------------------------------------------------------------------- thumbnails
 
 

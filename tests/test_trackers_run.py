@@ -13,19 +13,6 @@ from clam_heat.rows import resolved_config_path
 from clam_heat.runner import run_pipeline
 
 
-@pytest.fixture()
-def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No tracking server, API key or user folders: everything the backends write is in tmp."""
-    for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_CONFIGURE_LOGGING"):  # undone after the test
-        monkeypatch.setenv(name, "x")
-        monkeypatch.delenv(name)
-    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
-
-
 def test_demo_run_with_mlflow_reads_back(demo_project: Path, tmp_path: Path, quiet_env) -> None:
     pytest.importorskip("mlflow", reason="pip install 'clam-heat[mlflow]'")
     from mlflow.tracking import MlflowClient

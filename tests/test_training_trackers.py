@@ -41,19 +41,6 @@ MLFLOW_IMAGE = re.compile(
 )
 
 
-@pytest.fixture()
-def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No tracking server, API key or user folders: everything the backends write is in tmp."""
-    for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_CONFIGURE_LOGGING"):  # undone after the test
-        monkeypatch.setenv(name, "x")
-        monkeypatch.delenv(name)
-    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
-
-
 @pytest.fixture(scope="module")
 def model() -> ClamSB:
     torch.manual_seed(0)
