@@ -21,15 +21,6 @@ from clam_heat.errors import ConfigError
 TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "clam_template.yaml"
 
 
-@pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh, empty working directory (CLAM's paths are CWD-relative)."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")

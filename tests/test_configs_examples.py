@@ -21,15 +21,6 @@ PANDA = CONFIGS / "abmil_panda.yaml"
 ISUP = {f"isup_{grade}": grade for grade in range(6)}
 
 
-@pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory (relative config paths that do not exist resolve here)."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
 def test_abmil_panda_validates_with_documented_values(cwd: Path) -> None:
     """Catches: an example that no longer validates, or whose values drift from its comments
     (classes, MIL-Lab name, UNI v2 width, PANDA extension, no encoder pass)."""
