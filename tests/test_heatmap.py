@@ -595,7 +595,8 @@ def test_save_orig_streams_the_slide(tmp_path: Path, slide) -> None:
     np.testing.assert_array_equal(imagecodecs.png_decode(tiled.read_bytes()), odd.read_level(1))
 
 
-def test_failed_render_leaves_no_file(tmp_path: Path, slide, monkeypatch) -> None:
+def _fail_reads_after(monkeypatch: pytest.MonkeyPatch, n_reads: int) -> None:
+    """Fault: every ArraySlide read after the first ``n_reads`` raises SlideError."""
     from clam_heat.errors import SlideError
 
     calls = {"n": 0}
@@ -603,11 +604,17 @@ def test_failed_render_leaves_no_file(tmp_path: Path, slide, monkeypatch) -> Non
 
     def flaky(self, l0_xy, level, size):
         calls["n"] += 1
-        if calls["n"] > 3:
+        if calls["n"] > n_reads:
             raise SlideError(self.path, "reading pixels failed", "the file is corrupt")
         return real(self, l0_xy, level, size)
 
     monkeypatch.setattr(ArraySlide, "read_region", flaky)
+
+
+def test_failed_render_leaves_no_file(tmp_path: Path, slide, monkeypatch) -> None:
+    from clam_heat.errors import SlideError
+
+    _fail_reads_after(monkeypatch, 3)
     spec = HeatmapSpec(vis_level=0, tile_size=128)
     with pytest.raises(SlideError, match="reading pixels failed"):
         render_heatmap(
@@ -891,16 +898,7 @@ def test_streamed_render_that_fails_leaves_no_file_or_spool(
     from clam_heat.heatmap import writers
 
     monkeypatch.setattr(writers, "STREAM_MIN_PIXELS", 0)
-    calls = {"n": 0}
-    real = ArraySlide.read_region
-
-    def flaky(self, l0_xy, level, size):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise SlideError(self.path, "reading pixels failed", "the file is corrupt")
-        return real(self, l0_xy, level, size)
-
-    monkeypatch.setattr(ArraySlide, "read_region", flaky)
+    _fail_reads_after(monkeypatch, 3)
     with pytest.raises(SlideError, match="reading pixels failed"):
         render_heatmap(
             slide, np.zeros((1, 2), int), np.ones(1), 64, HeatmapSpec(vis_level=0, tile_size=128),
