@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .cli_output import error_line, missing_list_text, run_app
+from .cli_output import fail, missing_list_text, run_app
 from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
@@ -71,11 +71,6 @@ ShardOpt = Annotated[
 ]
 
 
-def _fail(err: ClamHeatError) -> None:
-    error_line(str(err))
-    raise typer.Exit(err.exit_code)
-
-
 def _load(
     config: str, save_exp_code: str | None, overlap: float | None, sets: list[str] | None
 ) -> Any:
@@ -113,7 +108,7 @@ def validate(
     try:
         cfg = _load(config, save_exp_code, overlap, set_)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     typer.echo(f"# {cfg.source_path}: valid")
     typer.echo(yaml.safe_dump(cfg.to_yaml_dict(), default_flow_style=False, sort_keys=False))
 
@@ -131,7 +126,7 @@ def list_(
         cfg = _load(config, save_exp_code, None, set_)
         df, path = build_process_list(cfg, write=True)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     counts = status_summary(df)
     missing = int(df["missing"].astype(bool).sum()) if "missing" in df.columns else 0
     typer.echo(
@@ -159,7 +154,7 @@ def status(
             raise ProcessListError(missing_list_text(path))
         df = read_process_list(path)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     typer.echo(f"{path}: {len(df)} rows ({_counts_text(status_summary(df))})")
     for row in failed_rows(df).to_dict("records"):
         typer.echo(f"  failed {row['slide_id']}: {row.get('error', '')}")
@@ -199,7 +194,7 @@ def run(
         )
         shard_ids = parse_shard(shard) if shard else None
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     runner = functools.partial(run_pipeline, executor=pool, shard=shard_ids)
     summary = _run_with_progress(
         cfg, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
@@ -348,7 +343,7 @@ def quick(
         plan = prepare_quick(options)
         pool = make_executor(workers=plan.config.runner_arguments.workers)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     for line in plan.warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo(f"config: {plan.config_path} (same run: clam-heat run {plan.config_path})")
@@ -360,7 +355,7 @@ def quick(
         try:
             written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
         except ClamHeatError as err:
-            _fail(err)
+            fail(err)
         typer.echo(f"MIL-Lab results: {written.csv_path} ({written.rows} slides)")
     if not summary.ok:
         raise typer.Exit(1)
@@ -383,7 +378,7 @@ def _run_with_progress(
         try:
             check_output_roots(output_folders(cfg))
         except ClamHeatError as err:
-            _fail(err)
+            fail(err)
     _setup_logging(None if dry_run else log_file, quiet, cfg.runner_arguments.log_level)
     progress = Progress(
         TextColumn("[bold]clam-heat"),
@@ -416,7 +411,7 @@ def _run_with_progress(
                 cfg, retry_failed=retry_failed, dry_run=dry_run, on_row=on_row, on_start=on_start
             )
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     if getattr(summary, "stopped_by", None) is not None:  # SIGTERM/SIGINT: one line, 143/130
         from .runner import stop_line
 
@@ -478,7 +473,7 @@ def merge(
         with list_lock(path):  # never under a live run of the list or of one of its shards
             report = merge_process_list(path, shard_files, results_csv=results, remove=remove)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     typer.echo(
         f"{path}: merged {len(report.shards)} shard file(s), {report.rows_taken} rows updated"
         + (f"; {len(report.unknown)} shard rows not in the list, ignored" if report.unknown else "")
@@ -535,7 +530,7 @@ def view(
             save_exp_code=save_exp_code, sets=set_,
         )  # fmt: skip
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     url = server.url + (f"view/{quote(slide)}" if slide else "")
     drawn = sum(e.heatmap_path is not None for e in entries)
     typer.echo(f"viewer: {url} ({len(entries)} slides, {drawn} with heatmaps; Ctrl-C to stop)")
@@ -573,7 +568,7 @@ def demo(
         typer.echo(f"demo project: {project.folder} (config {project.config_path})")
         cfg = load_config(project.config_path)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     summary = _run_with_progress(
         cfg, retry_failed=False, dry_run=False, quiet=quiet, runner=run_pipeline
     )

@@ -25,10 +25,19 @@ __all__ = [
     "ToRunLog",
     "UserWarnings",
     "error_line",
+    "fail",
     "missing_list_text",
     "run_app",
     "unexpected",
 ]
+
+
+def fail(err: ClamHeatError) -> None:
+    """End a command on a library error: its one line on stderr and its exit code."""
+    import typer
+
+    error_line(str(err))
+    raise typer.Exit(err.exit_code)
 
 
 def error_line(text: str) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from .cli_output import fail
 from .errors import ClamHeatError
 
 __all__ = ["compare", "doctor", "video"]
@@ -19,11 +20,6 @@ __all__ = ["compare", "doctor", "video"]
 ConfigArg = Annotated[
     str, typer.Argument(help="YAML config (path, or a name found in configs/ or heatmaps/configs/)")
 ]
-
-
-def _fail(err: ClamHeatError) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(err.exit_code)
 
 
 def doctor(
@@ -80,7 +76,7 @@ def compare(
     try:
         summary = compare_runs(config_a, config_b, out, topk=topk, pictures=not no_pictures)
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     means = summary.means
     typer.echo(
         f"{summary.csv_path}: {len(summary.rows)} slides; mean spearman "
@@ -136,7 +132,7 @@ def video(
             alpha=alpha,
         )
     except ClamHeatError as err:
-        _fail(err)
+        fail(err)
     typer.echo(
         f"{info.path}: {info.n_frames} frames, {info.seconds:g} s at {info.fps:g} fps, "
         f"{info.size[0]}x{info.size[1]}, {len(info.regions)} regions "

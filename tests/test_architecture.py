@@ -59,7 +59,7 @@ LAYERS: dict[str, int] = {
     "viewer": 11,
     "doctor": 11,
     "cli_tools": 12,
-    "cli_output": 12,
+    "cli_output": 11,
     "cli": 13,
     "__main__": 14,
 }
