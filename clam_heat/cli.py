@@ -16,6 +16,7 @@ import typer
 
 from . import cli_tools
 from .cli_output import fail, missing_list_text, run_app
+from .cli_tools import ConfigArg
 from .errors import ClamHeatError, ProcessListError
 
 app = typer.Typer(
@@ -24,9 +25,6 @@ app = typer.Typer(
     help="Resumable, CLAM-compatible attention heatmaps for MIL models on whole-slide images.",
 )
 
-ConfigArg = Annotated[
-    str, typer.Argument(help="YAML config (path, or a name found in configs/ or heatmaps/configs/)")
-]
 SaveExpOpt = Annotated[
     str | None,
     typer.Option(
