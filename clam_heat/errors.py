@@ -115,3 +115,14 @@ def message_line(err: BaseException, empty: str = "") -> str:
     """
     text = str(err).strip()
     return text.splitlines()[0] if text else (empty or type(err).__name__)
+
+
+def typed_message_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (or just the type), for details of third-party
+    errors whose type says more than their text.
+
+    >>> typed_message_line(OSError("disk\\nfull")), typed_message_line(KeyError())
+    ('OSError: disk', 'KeyError')
+    """
+    text = message_line(err)
+    return f"{type(err).__name__}: {text}" if str(err).strip() else type(err).__name__

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from .atomic import write_bytes_atomic
-from .errors import ClamHeatError
+from .errors import ClamHeatError, typed_message_line
 
 __all__ = ["MlflowTracker", "NullTracker", "Tracker", "TrackerError", "WandbTracker"]
 __all__ += ["TrackerKind", "flatten_config", "make_tracker", "thumbnail"]
@@ -70,11 +70,6 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("_") or "_"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _is_metric(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -92,7 +87,8 @@ def _require(module: str, setting: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         raise TrackerError(
-            f"{setting}: {module} is installed but does not import ({_first_line(err)}): {hint}"
+            f"{setting}: {module} is installed but does not import "
+            f"({typed_message_line(err)}): {hint}"
         ) from None
 
 
@@ -194,7 +190,7 @@ class Tracker:
                 yield
             except Exception as err:  # noqa: BLE001 - tracking must never fail the run
                 self.failures += 1
-                why = _first_line(err)
+                why = typed_message_line(err)
                 log.warning("%s tracker: %s failed (%s); the run goes on", self.kind, what, why)
         for item in caught:
             log.debug("%s tracker: %s: %s", self.kind, item.category.__name__, item.message)
@@ -207,7 +203,7 @@ class Tracker:
                 warnings.simplefilter("always")
                 yield
         except Exception as err:  # noqa: BLE001 - whatever the backend raises
-            why = f"{self.kind} could not start a run{where} ({_first_line(err)})"
+            why = f"{self.kind} could not start a run{where} ({typed_message_line(err)})"
             raise TrackerError(f"{self.setting}: {why}") from None
 
     def _stage(self, name: str, data: bytes) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..errors import typed_message_line as first_line
+
 __all__ = ["Check", "DoctorReport", "exit_code", "first_line", "format_report"]
 
 
@@ -82,13 +84,3 @@ def format_report(report: DoctorReport, *, ascii_only: bool = False) -> list[str
 def exit_code(report: DoctorReport) -> int:
     """1 when a required check failed, else 0 (warnings do not fail)."""
     return 1 if report.failed else 0
-
-
-def first_line(err: BaseException) -> str:
-    """``Type: first line of the message``, for one-line details.
-
-    >>> first_line(OSError("disk\\nfull"))
-    'OSError: disk'
-    """
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Required, TypedDict, Unpack
 
 import numpy as np
 
-from ..errors import FeatureError
+from ..errors import FeatureError, typed_message_line
 from .maps import (
     DEFAULT_BACKGROUND,
     GridFallbackWarning,
@@ -119,11 +119,6 @@ def open_summary_writer(logdir: str | Path, **kwargs: Any) -> Any:
     except ImportError as err:
         raise ImportError(_TENSORBOARD_HINT) from err
     return SummaryWriter(log_dir=str(logdir), **kwargs)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 class AttentionHeatmapLogger:
@@ -263,7 +258,7 @@ class AttentionHeatmapLogger:
             try:
                 return (*_read_coords_h5(self.features_dir, slide_id), "")
             except (FeatureError, OSError) as err:
-                return None, None, f"{_first_line(err)}; "
+                return None, None, f"{typed_message_line(err)}; "
         return None, None, ""
 
     def log(self, attention: Any, coords: Any = None, **where: Unpack[LogKeys]) -> str | None:
@@ -308,7 +303,7 @@ class AttentionHeatmapLogger:
         except Exception as err:  # noqa: BLE001 - the training loop must survive any failure
             where = f" (slide {slide_id!r})" if slide_id is not None else ""
             warnings.warn(
-                f"attention heatmap for step {step}{where} skipped: {_first_line(err)}; "
+                f"attention heatmap for step {step}{where} skipped: {typed_message_line(err)}; "
                 "training continues",
                 HeatmapSkippedWarning,
                 stacklevel=3,
