@@ -56,7 +56,6 @@ __all__ = [
     "RunSummary",
     "StopRequested",
     "StopSignals",
-    "check_writable",
     "clean_outputs",
     "run_pipeline",
     "stop_line",
@@ -183,22 +182,6 @@ def _save_resolved_config(cfg: HeatmapConfig) -> Path:
     text = yaml.safe_dump(cfg.to_yaml_dict(), default_flow_style=False, sort_keys=True)
     write_text_atomic(path, text)
     return path
-
-
-def check_writable(path: Path) -> None:
-    """Fail early, naming the folder, if an output root cannot be created or written."""
-    from .errors import OutputError
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".clam_heat_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(
-            f"{path}: output folder is not writable ({err.strerror or err}); "
-            "fix its permissions or set exp_arguments.raw_save_dir/production_save_dir elsewhere"
-        ) from None
 
 
 def run_pipeline(
@@ -381,15 +364,14 @@ def _pending_rows(
 def _prepare_outputs(
     cfg: HeatmapConfig, list_path: Path, results_csv: Path, *, sweep_roots: bool
 ) -> None:
-    """Check the output roots, sweep a killed run's temp files, save the resolved config.
+    """Sweep a killed run's temp files and save the resolved config (the output roots were
+    checked by :func:`~clam_heat.preflight.preflight`).
 
     ``sweep_roots`` False (a shard of a job array) leaves the shared output roots alone: another
     shard's live temp files may be there. This run is the only writer of its list and results
     CSV (or of its own shard files), so their temp files are always swept.
     """
-    raw_root, production_root = output_roots(cfg)
-    check_writable(raw_root.parent)
-    check_writable(production_root.parent)
+    raw_root, production_root = output_roots(cfg)  # writable: checked by preflight
     swept = sweep_temp_files(raw_root, production_root) if sweep_roots else 0
     swept += sweep_temp_files_of(list_path, results_csv)
     if swept:
