@@ -86,6 +86,17 @@ def _clam_heat_calls(text: str) -> list[tuple[str, str, list[str]]]:
     return calls
 
 
+def _cited_pages() -> list[tuple[str, str, str]]:
+    """(file, page, anchor) of every ``docs/<page>.md#<anchor>`` cited in the code and tests."""
+    cited = []
+    for folder in ("clam_heat", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            for m in re.finditer(r"docs/([\w/.-]+?\.md)(?:#([\w-]+))?", text):
+                cited.append((str(path.relative_to(ROOT)), m.group(1), m.group(2) or ""))
+    return cited
+
+
 def test_site_builds_strictly(tmp_path: Path) -> None:
     """``mkdocs build --strict``: a broken link or anchor, an unknown page or a docstring the API
     reference cannot render fails the build (and this test)."""
@@ -105,6 +116,13 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     api = (site / "api" / "heatmap" / "index.html").read_text(encoding="utf-8")
     assert "clam_heat.heatmap.maths.to_percentiles" in api
     assert "language-pycon" in api or 'class="gp"' in api  # doctests shown as code
+    # every docs page (and anchor) a code comment cites exists in the built site
+    for source, page, anchor in _cited_pages():
+        html = site / ("index.html" if page == "index.md" else page[: -len(".md")] + "/index.html")
+        assert html.is_file(), f"{source} cites docs/{page}, which is not a page of the site"
+        if anchor:
+            text = html.read_text(encoding="utf-8")
+            assert f'id="{anchor}"' in text, f"{source} cites docs/{page}#{anchor}: no such anchor"
 
 
 def test_readme_is_a_front_page() -> None:
