@@ -2,7 +2,7 @@
 
 One ``error:`` line per problem on stderr, never wrapped; Python warnings and library logging
 handed to the run log (never the terminal); a bug as one line naming the file that holds its
-traceback. The exit codes are documented in the README ("Exit codes and errors").
+traceback. The exit codes are documented in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def error_line(text: str) -> None:
     sys.stderr.flush()
 
 
-#: Exit codes (README "Exit codes and errors"): all rows done; some rows failed; bad input
+#: Exit codes (docs/reliability.md): all rows done; some rows failed; bad input
 #: found before any work (config, list, flags, checkpoint, output folders); stopped by Ctrl-C
 #: (SIGINT) or SIGTERM.
 EXIT_DONE, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143

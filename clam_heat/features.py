@@ -2,9 +2,10 @@
 
 A bag is the feature matrix of one slide plus the level-0 top-left corner of every patch and the
 patch side in level-0 pixels, which the heatmap needs to paint each patch's footprint. Files come
-from several tools that store the patch geometry differently (formats spec §1.2-§1.3, §3.1-§3.2),
-so the level-0 patch size is resolved by a fixed order of rules (spec §3.5); the rule that fired
-is kept on the bag so the runner can record it:
+from several tools that store the patch geometry differently
+(docs/rules/formats.md#trident-features, docs/rules/formats.md#clam-features), so the level-0 patch
+size is resolved by a fixed order of rules (docs/rules/formats.md#patch-size-rules); the rule that
+fired is kept on the bag so the runner can record it:
 
 ``override``  the config's ``runner_arguments.patch_size_level0``
 ``a``         ``coords.attrs['patch_size_level0']`` (TRIDENT; int or float)
@@ -277,7 +278,10 @@ def patch_size_from_attrs(
 
 
 def _overlap_from_attrs(attrs: Mapping[str, Any]) -> int | None:
-    """TRIDENT's absolute overlap converted to level-0 pixels (spec §3.5 item 4)."""
+    """TRIDENT's absolute overlap converted to level-0 pixels.
+
+    See docs/rules/formats.md#trident-magnification.
+    """
     overlap = _number(attrs, "overlap")
     src_mag = _number(attrs, "level0_magnification")
     dst_mag = _number(attrs, "target_magnification")

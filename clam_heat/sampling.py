@@ -1,4 +1,6 @@
-"""Top-patch sampling (CLAM's ``sample_rois``, spec §7): pick patches by attention, save them.
+"""Top-patch sampling (CLAM's ``sample_rois``): pick patches by attention, save them.
+
+See docs/rules/heatmaps.md#sampling.
 
 Selection is pure (:func:`sample_indices`); saving reads each chosen patch from the slide and
 writes it as a PNG with CLAM's file name (:func:`save_sampled_patches`).

@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import SlideError
 
-#: Whole-level reads above this many pixels are refused (CLAM has no guard; see spec §10.12).
+#: Whole-level reads above this many pixels are refused (CLAM has no guard; see
+#: docs/rules/heatmaps.md#whole-level-reads).
 MAX_LEVEL_READ_PIXELS = 400_000_000
 
 #: Relative tolerance when matching a requested downsample to a level ("32x" may report 32.03).

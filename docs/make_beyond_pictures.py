@@ -1,4 +1,4 @@
-"""README pictures of issue 16 from the demo: ``python docs/make_beyond_pictures.py``.
+"""The pictures of docs/beyond-clam.md from the demo: ``python docs/make_beyond_pictures.py``.
 
 Writes docs/img/cohort_scale.png, threshold_export.png, all_class_maps.png and
 tracker_thumbnails.png (each a small PNG, < 200 KB), from a fresh 5-slide demo in a temp folder.

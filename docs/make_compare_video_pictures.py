@@ -1,4 +1,4 @@
-"""Make the README pictures for `clam-heat compare` and `clam-heat video` from the demo.
+"""Make the pictures of docs/compare-video.md (`clam-heat compare` and `video`) from the demo.
 
     python docs/make_compare_video_pictures.py OUT_DIR
 

@@ -1,5 +1,5 @@
-"""All-class maps (issue 16 item 4) on the demo: a CLAM_MB (and DSMIL) checkpoint with
-``classes: all`` writes one map per class named with the class; ``[names]`` only those."""
+"""All-class maps (docs/beyond-clam.md#all-class-maps) on the demo: a CLAM_MB (and DSMIL) checkpoint
+with ``classes: all`` writes one map per class named with the class; ``[names]`` only those."""
 
 from __future__ import annotations
 

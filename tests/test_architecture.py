@@ -1,6 +1,6 @@
 """The plug-in spine holds: imports only go down the layers, no module outgrows one concern, a
 model registered from outside the package runs the whole demo pipeline, and the overlap pass
-works for every registered attention model (issue 12)."""
+works for every registered attention model (docs/models.md#encoder-path)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from clam_heat.runner import run_pipeline
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clam_heat"
 
-#: The layering rule of the README's Architecture section: a room may import only rooms on a
+#: The layering rule of docs/architecture.md: a room may import only rooms on a
 #: lower layer (and itself). ``config`` may import the torch-free ``models.registry`` (the one
 #: list of model names it validates against), nothing else of ``models``.
 LAYERS: dict[str, int] = {

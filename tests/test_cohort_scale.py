@@ -1,5 +1,5 @@
-"""Cohort-wide colour scale (issue 16 item 2) on the demo: one score, one colour on every slide;
-switching score_scale reruns only the heatmap stage."""
+"""Cohort-wide colour scale (docs/beyond-clam.md#cohort-colour-scale) on the demo: one score, one
+colour on every slide; switching score_scale reruns only the heatmap stage."""
 
 from __future__ import annotations
 

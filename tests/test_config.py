@@ -35,7 +35,7 @@ def problems_of(path: Path | str, **kwargs: object) -> list[str]:
 
 
 def documented_defaults(cwd: Path) -> dict[str, object]:
-    """CLAM's template values (spec §1.2), paths resolved against an empty CWD."""
+    """CLAM's template values (configs/clam_template.yaml), paths resolved against an empty CWD."""
     return {
         "exp_arguments": {
             "n_classes": 2,

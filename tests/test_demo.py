@@ -32,7 +32,8 @@ from clam_heat.slide import open_slide
 
 TINY_LEVELS = ((4096, 3072), (1024, 768), (256, 192), (128, 96))
 
-#: CLAM_SB small, gated, n_classes=2: name -> shape, with E = 64 (spec clam-heatmaps §5.3).
+#: CLAM_SB small, gated, n_classes=2: name -> shape, with E = 64
+#: (docs/rules/formats.md#checkpoints).
 SB_SMALL_KEYS = {
     "attention_net.0.weight": (512, 64),
     "attention_net.0.bias": (512,),

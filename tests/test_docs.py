@@ -28,7 +28,7 @@ DOCS = ROOT / "docs"
 #: Lines of the README a reader sees before scrolling: the two commands must be in it.
 FIRST_SCREEN = 40
 
-#: README options that another branch of the same issue adds (issue 19 item 5: ``demo --model``).
+#: README options another branch adds (``demo --model``, the MIL-Lab demo checkpoint).
 #: An entry here is allowed to be missing from ``--help``; drop it once the option exists.
 PENDING_OPTIONS = {("demo", "--model")}
 

@@ -641,7 +641,8 @@ def test_patch_dataset_resizes_and_normalises_like_clams_transforms(pyramid: Pat
 
 def test_custom_downsample_reads_the_footprint_at_the_best_level(pyramid: Path) -> None:
     """cd=2 at level 0: 128 level-0 px, read as 64 px at level 1 (downsample 2). cd=2 at level 1:
-    256 level-0 px, read at level 2 (CLAM would read 128 px at level 1 here, spec §10.15)."""
+    256 level-0 px, read at level 2 (CLAM would read 128 px at level 1 here,
+    docs/rules/heatmaps.md#custom-downsample-level)."""
     coords = np.array([[128, 64]], dtype=np.int64)
     with open_slide(pyramid) as slide:
         at1 = slide.read_region((128, 64), 1, (64, 64))

@@ -94,7 +94,9 @@ def clam_visheatmap(
     custom_downsample=1,
     cmap="jet",
 ):
-    """CLAM's visHeatmap written step by step from spec §6.4, one patch at a time.
+    """CLAM's visHeatmap written step by step from its rules, one patch at a time.
+
+    The rules: docs/rules/heatmaps.md#drawing.
 
     Only the final shrink uses our documented block mean instead of PIL's bicubic.
     """

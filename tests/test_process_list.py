@@ -50,7 +50,8 @@ def build(tmp_path: Path, data_dir, **kw) -> tuple[pd.DataFrame, Path]:
 
 
 # (seg_level, sthresh, mthresh, close, use_otsu, a_t, a_h, max_n_holes, vis_level,
-#  line_thickness, use_padding, contour_fn, keep_ids, exclude_ids) from spec §2.1's table.
+#  line_thickness, use_padding, contour_fn, keep_ids, exclude_ids) from the table of
+#  docs/rules/heatmaps.md#presets.
 SPEC_PRESETS = {
     "bwh_biopsy": (-1, 15, 11, 2, False, 1.0, 1.0, 2, -1, 50, True, "four_pt", "none", "none"),
     "bwh_resection": (
@@ -690,7 +691,7 @@ def test_presets_ship_inside_the_wheel(tmp_path: Path) -> None:
 
 
 def test_a_shard_with_no_rows_still_writes_its_file(tmp_path: Path) -> None:
-    """The README promises one shard file per array task, also for a task with nothing to do."""
+    """One shard file per array task, even a task with nothing to do (docs/cohorts.md#shards)."""
     from clam_heat.process_list.shards import shard_frame, shard_of, shard_path
 
     ids = ["a", "b", "c"]

@@ -1,5 +1,6 @@
-"""Threshold export (issue 16 item 3) on the demo: every patch at or above the threshold, with a
-manifest and a QuPath GeoJSON; the oracle is computed from the blockmap H5 with SciPy."""
+"""Threshold export (docs/beyond-clam.md#threshold-export) on the demo: every patch at or above the
+threshold, with a manifest and a QuPath GeoJSON; the oracle is computed from the blockmap H5 with
+SciPy."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Trackers wired into ``clam-heat run`` (issue 16 item 5) on the demo: MLflow against a local
-``file:`` store read back with MLflow's own client, W&B offline with its run files checked."""
+"""Trackers wired into ``clam-heat run`` (docs/beyond-clam.md#trackers) on the demo: MLflow against
+a local ``file:`` store read back with MLflow's own client, W&B offline with its run files
+checked."""
 
 from __future__ import annotations
 

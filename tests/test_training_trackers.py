@@ -1,6 +1,6 @@
-"""The training logger's ``tracker=`` option (issue 16 item 5), for real: a CLAM-layout model on
-small bags, maps sent to MLflow (a ``file:`` store read back with ``MlflowClient``) and to W&B
-offline (its run's media files read back); mocks only inject faults."""
+"""The training logger's ``tracker=`` option (docs/training.md#trackers), for real: a CLAM-layout
+model on small bags, maps sent to MLflow (a ``file:`` store read back with ``MlflowClient``) and to
+W&B offline (its run's media files read back); mocks only inject faults."""
 
 from __future__ import annotations
 

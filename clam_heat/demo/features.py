@@ -35,7 +35,8 @@ class DemoBag:
 
 
 def level0_magnification(mpp: float) -> int:
-    """TRIDENT's nominal scan magnification for a level-0 MPP (bucketed, spec formats §1.4).
+    """TRIDENT's nominal scan magnification for a level-0 MPP (bucketed,
+    docs/rules/formats.md#trident-magnification).
 
     >>> level0_magnification(0.5), level0_magnification(0.25), level0_magnification(0.2527)
     (20, 40, 40)
@@ -79,7 +80,7 @@ def make_demo_features(
     seed: int = 0,
     target_magnification: int = 20,
 ) -> DemoBag:
-    """Write a TRIDENT-format features H5 for ``slide`` (spec formats §1.2-1.3).
+    """Write a TRIDENT-format features H5 for ``slide`` (docs/rules/formats.md#trident-features).
 
     Patches form a row-major grid of ``patch_size_level0`` squares whose centre lies in tissue.
     Features are seeded Gaussian noise in a shared :data:`FEATURE_RANK`-dimensional subspace plus

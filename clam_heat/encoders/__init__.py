@@ -1,9 +1,9 @@
 """Patch encoders and the slide -> features -> attention path of CLAM's heatmap script.
 
-CLAM's ``create_heatmaps.py`` re-reads pixels from the slide and encodes them twice (spec §8):
-the non-overlapping grid gives the bag (``<id>.h5``), the overlapping grid gives per-patch
-attention for the fine heatmap (``<id>_<overlap>_roi_<use_roi>.h5``). The package holds both
-halves, one concern per module:
+CLAM's ``create_heatmaps.py`` re-reads pixels from the slide and encodes them twice
+(docs/rules/heatmaps.md#encoder-pass): the non-overlapping grid gives the bag (``<id>.h5``), the
+overlapping grid gives per-patch attention for the fine heatmap
+(``<id>_<overlap>_roi_<use_roi>.h5``). The package holds both halves, one concern per module:
 
 * :mod:`.specs`: the encoder table (widths, normalisation, weight locations) and
   :class:`EncoderError`;

@@ -43,9 +43,10 @@ class PatchDataset(Dataset):
     ``patch_level`` (CLAM). With cd > 1 the patch covers ``patch_size * downsample(patch_level) *
     cd`` level-0 px; it is read at the best level for that downsample and resized to
     ``patch_size`` (PIL bicubic, as CLAM). CLAM instead reads ``int(patch_size * ds * cd)`` px AT
-    ``patch_level``, which covers ds times too much tissue when patch_level > 0 (spec §10.15);
-    at patch_level 0 the two agree. The resize to ``target_img_size`` is PIL bilinear, as
-    torchvision's ``Resize`` does on PIL images.
+    ``patch_level``, which covers ds times too much tissue when patch_level > 0
+    (docs/rules/heatmaps.md#custom-downsample-level); at patch_level 0 the two agree. The
+    resize to ``target_img_size`` is PIL bilinear, as torchvision's ``Resize`` does on PIL
+    images.
 
     The slide is opened lazily in each process that reads (never shared across DataLoader
     workers); pickling drops the handle, so the dataset works with the spawn start method.

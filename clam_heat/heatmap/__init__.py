@@ -5,20 +5,21 @@ Coordinate frames (named as in openslide's deepzoom): ``l0_`` values are level-0
 the ROI's box there), whose (0, 0) is the region's top-left; ``out_`` values are pixels of the
 saved image (the region shrunk by ``custom_downsample``).
 
-CLAM (``WholeSlideImage.visHeatmap``, spec §6.4) paints a full-size float canvas with a Python
-loop per patch. Here the same picture is produced tile by tile: for each output tile only the
-patches that touch it are accumulated, on a compressed grid of *cells* (the rectangles between
-consecutive patch edges, inside which the overlay is constant), with integer difference arrays,
-so the work per tile is numpy only and memory does not grow with the slide. Per-patch values
-are summed in exact fixed-point integers, which makes every pixel independent of the tiling
-(and equal to CLAM's sequential float64 sum whenever that sum is exact, e.g. float32 scores).
+CLAM (``WholeSlideImage.visHeatmap``, docs/rules/heatmaps.md#drawing) paints a full-size float
+canvas with a Python loop per patch. Here the same picture is produced tile by tile: for each output
+tile only the patches that touch it are accumulated, on a compressed grid of *cells* (the rectangles
+between consecutive patch edges, inside which the overlay is constant), with integer difference
+arrays, so the work per tile is numpy only and memory does not grow with the slide. Per-patch values
+are summed in exact fixed-point integers, which makes every pixel independent of the tiling (and
+equal to CLAM's sequential float64 sum whenever that sum is exact, e.g. float32 scores).
 
 Deviations from CLAM, all deliberate and documented where they happen:
 
 * ``custom_downsample`` shrinks with an exact block mean (``cv2.INTER_AREA`` on whole
   ``cd`` x ``cd`` blocks) instead of PIL's default bicubic filter, so tiles shrink exactly.
 * the blending canvas is the canvas that was painted on (CLAM re-reads it with truncated
-  integer downsamples, which misaligns on non-integer pyramids, spec §10.18).
+  integer downsamples, which misaligns on non-integer pyramids,
+  docs/rules/heatmaps.md#exact-blending).
 * patch rectangles with negative vis coordinates are clipped at 0 (CLAM's numpy slicing would
   wrap around); such coordinates never come out of a valid patch grid.
 * the tissue mask is rasterised in fixed :data:`MASK_TILE` blocks (OpenCV's polygon fill is not

@@ -1,4 +1,4 @@
-"""Exact overlap accumulation (CLAM §6.4 steps 6-7) on a compressed grid of cells.
+"""Exact overlap accumulation on a compressed grid of cells (docs/rules/heatmaps.md#drawing, 6-7).
 
 A window's overlay is constant on the rectangles between consecutive patch edges (*cells*), so
 patches are summed with integer difference arrays on that grid, never per pixel. Per-patch
@@ -165,7 +165,9 @@ def accumulate_patches(
     *,
     binarize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Overlap-averaged patch values on a (h, w) vis canvas (CLAM §6.4 steps 6-7).
+    """Overlap-averaged patch values on a (h, w) vis canvas.
+
+    CLAM's rule: docs/rules/heatmaps.md#drawing, steps 6-7.
 
     Every patch adds its value over its square (clipped to the canvas) and 1 to the counter;
     the overlay is ``sum / counter`` where the counter is positive (``np.around`` of it when

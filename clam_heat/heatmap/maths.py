@@ -183,7 +183,9 @@ def vis_geometry(
     region_l0: tuple[int, int, int, int] | None = None,
     level_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """Patch squares in the vis frame, as CLAM computes them (spec §6.4 steps 3-4).
+    """Patch squares in the vis frame, as CLAM computes them.
+
+    CLAM's rule: docs/rules/heatmaps.md#drawing, steps 3-4.
 
     ``scale = 1 / downsample`` per axis; a ROI keeps the patches whose level-0 top-left lies in
     ``[x1, x2] x [y1, y2]`` (inclusive) and shifts them; then ``vis_xy = ceil(coords * scale)``

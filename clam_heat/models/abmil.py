@@ -1,4 +1,6 @@
-"""ABMIL: gated-attention MIL (Ilse et al.) in MIL-Lab's layout (formats §2.2).
+"""ABMIL: gated-attention MIL (Ilse et al.) in MIL-Lab's layout.
+
+The layout: docs/rules/formats.md#mil-lab-layout.
 
 A patch's attention logit depends on that patch alone, so bags may be scored in batches.
 """
@@ -24,7 +26,8 @@ from .layers import (
 
 
 class ABMIL(MilLabNet):
-    """Gated-attention MIL (Ilse et al.) in MIL-Lab's layout and forward (formats §2.2).
+    """Gated-attention MIL (Ilse et al.) in MIL-Lab's layout and forward
+    (docs/rules/formats.md#mil-lab-layout).
 
     Keys: ``patch_embed.{0,3,..}`` (Linear in->E, ReLU, Dropout per layer),
     ``global_attn.attention_a.0`` / ``attention_b.0`` (E->A), ``global_attn.attention_c``

@@ -1,12 +1,13 @@
 """CLAM (``clam_sb``, ``clam_mb``) and MIL-Lab's ``clam``, registered like any other model.
 
-Written from the layout in the spec (clam-heatmaps §5), not from CLAM's code, so a CLAM
+Written from the layout in docs/rules/formats.md#checkpoints, not from CLAM's code, so a CLAM
 ``s_<fold>_checkpoint.pt`` loads strictly: ``attention_net.0`` (Linear E->512),
 ``attention_net.3`` (gated attention: ``attention_a.0``, ``attention_b.0``, ``attention_c``;
 plain: ``module.0`` and ``module.2``, or ``module.3`` when trained with dropout), ``classifiers``
 and ``instance_classifiers.<k>``. Dropout layers occupy the same positions as in CLAM so indices
 match, and are inactive in ``eval()``. MIL-Lab's ``clam`` checkpoints (``model.patch_embed.0``
-...) are renamed to this layout by the mapping of formats §3.3 and built as CLAM_SB.
+...) are renamed to this layout by the mapping of docs/rules/formats.md#clam-to-mil-lab and
+built as CLAM_SB.
 
 Reduction: the raw (pre-softmax) attention row of the asked class (CLAM_MB; the predicted class
 ``Y_hat`` by default, as CLAM draws ``A[Y_hat]``), or the single row (CLAM_SB). A patch's logit
@@ -169,7 +170,9 @@ _MIL_LAB_CLAM_RENAMES = (
 
 
 def clam_state_dict_from_mil_lab(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a (normalised) MIL-Lab ``clam`` state dict to CLAM_SB's layout (formats §3.3).
+    """Rename a (normalised) MIL-Lab ``clam`` state dict to CLAM_SB's layout.
+
+    The mapping: docs/rules/formats.md#clam-to-mil-lab.
 
     >>> sorted(clam_state_dict_from_mil_lab({"model.patch_embed.0.weight": 1,
     ...     "model.global_attn.attention_c.bias": 2, "model.classifier.weight": 3}))

@@ -56,8 +56,9 @@ BUILTIN_MODELS: dict[str, str] = {
     "transformer": "transformer",
 }
 
-#: MIL-Lab's encoder -> feature width table (formats §2.1), plus TRIDENT's spellings of the two
-#: encoders MIL-Lab names differently (``uni_v1`` = ``uni``, ``hoptimus0`` = ``hoptimus``).
+#: MIL-Lab's encoder -> feature width table (docs/rules/formats.md#mil-lab-names), plus TRIDENT's
+#: spellings of the two encoders MIL-Lab names differently (``uni_v1`` = ``uni``,
+#: ``hoptimus0`` = ``hoptimus``).
 ENCODER_DIM_MAPPING: dict[str, int] = {
     "uni": 1024,
     "uni_v2": 1536,

@@ -1,11 +1,11 @@
 """The process list: one CSV row per slide, CLAM's columns plus our status columns.
 
 CLAM's ``create_heatmaps.py`` builds this table from a folder listing or a user CSV, fills the
-segmentation/filter/vis/patch defaults from a preset (spec §2.1-2.2) and lets any row override
-them (§2.3). clam-heat keeps that file format, so a CLAM list works here and ours works in CLAM,
-and adds the bookkeeping CLAM lacks: ``status`` (tbp/running/done/failed/skipped, CLAM's 'tbp'
-kept), ``stage`` (last completed stage), ``error`` (one line), ``updated_at`` (ISO timestamp)
-and ``missing`` (the slide file is gone).
+segmentation/filter/vis/patch defaults from a preset (docs/rules/heatmaps.md#presets) and lets any
+row override them (docs/rules/heatmaps.md#per-row-overrides). clam-heat keeps that file format, so a
+CLAM list works here and ours works in CLAM, and adds the bookkeeping CLAM lacks: ``status``
+(tbp/running/done/failed/skipped, CLAM's 'tbp' kept), ``stage`` (last completed stage), ``error``
+(one line), ``updated_at`` (ISO timestamp) and ``missing`` (the slide file is gone).
 
 Building is idempotent: a rerun merges with the list already on disk, so no status, user column
 or hand edit is lost, new slides are appended and vanished slides are flagged rather than

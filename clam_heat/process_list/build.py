@@ -167,7 +167,7 @@ def _key_text(value: object) -> str | None:
 
 
 def slide_path_for_row(row: Mapping[str, Any] | pd.Series, cfg_or_data_args: Any) -> Path:
-    """Where a row's slide file lives (spec §0.5).
+    """Where a row's slide file lives (docs/rules/heatmaps.md#slide-paths).
 
     ``data_dir`` str → ``data_dir/slide_name``; dict → ``data_dir[row[data_dir_key]]/
     slide_name``; ``slide_name`` = ``slide_id + slide_ext`` unless it already ends with it.

@@ -141,7 +141,7 @@ class HeatmapStage(Stage):
         return StageRun(list(outs.values()), {"vis_level": level})
 
 
-# ---------------------------------------------------------------- cohort scale (issue 16)
+# ------------------------------------ cohort scale (docs/beyond-clam.md#cohort-colour-scale)
 
 
 def _drawn_keys(ctx: RowContext) -> dict[str, Any]:

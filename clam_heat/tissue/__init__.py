@@ -1,7 +1,7 @@
 """Tissue segmentation, tissue masks and in-tissue patch grids (CLAM-compatible).
 
-What this reproduces (spec ``clam-heatmaps.md`` §3, §4, §6.5), in our own code, one concern per
-module:
+What this reproduces (docs/rules/heatmaps.md#segmentation, docs/rules/heatmaps.md#patch-grids and
+docs/rules/heatmaps.md#tissue-mask), in our own code, one concern per module:
 
 * :mod:`.params`: :class:`SegmentationParams`, CLAM's seg/filter/vis keys, validated;
 * :mod:`.segment`: :func:`segment_array` / :func:`segment_slide`, CLAM's ``segmentTissue``;

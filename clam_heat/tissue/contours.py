@@ -131,7 +131,9 @@ def rasterize_tissue(
     scale: tuple[float, float],
     use_holes: bool = True,
 ) -> np.ndarray:
-    """Tissue mask of one window, with CLAM's ``get_seg_mask`` semantics (§6.5).
+    """Tissue mask of one window, with CLAM's ``get_seg_mask`` semantics.
+
+    See docs/rules/heatmaps.md#tissue-mask.
 
     Parameters
     ----------

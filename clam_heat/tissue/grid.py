@@ -49,7 +49,10 @@ def _test_points(
 
 
 class _ContourTester:
-    """CLAM's ``isInContours`` for one tissue contour and its holes (§4.2, §4.3)."""
+    """CLAM's ``isInContours`` for one tissue contour and its holes.
+
+    See docs/rules/heatmaps.md#tissue-tests.
+    """
 
     def __init__(self, contour: np.ndarray, holes: Sequence[np.ndarray]) -> None:
         self.outer = _PolygonSign(contour)
@@ -81,7 +84,7 @@ def patch_in_tissue(
     contour_fn: ContourFn = "four_pt_hard",
     center_shift: float = 0.5,
 ) -> np.ndarray:
-    """Which patches CLAM's tissue test keeps (§4.2, §4.3), vectorised.
+    """Which patches CLAM's tissue test keeps (docs/rules/heatmaps.md#tissue-tests), vectorised.
 
     Parameters
     ----------
@@ -143,7 +146,9 @@ def patch_in_tissue(
 
 
 def center_shift_for_overlap(overlap: float, use_center_shift: bool) -> float:
-    """CLAM's four-point shift for the heatmap grid (§4.4), from ``overlap = 1 - step/patch``.
+    """CLAM's four-point shift for the heatmap grid, from ``overlap = 1 - step/patch``.
+
+    See docs/rules/heatmaps.md#heatmap-grid.
 
     >>> center_shift_for_overlap(0.5, False)
     0.0
@@ -172,7 +177,9 @@ def grid_coords(
     center_shift: float = 0.5,
     use_padding: bool = True,
 ) -> np.ndarray:
-    """CLAM's per-contour patch grid (``process_contour``, §4.1), level-0 top-left corners.
+    """CLAM's per-contour patch grid (``process_contour``), level-0 top-left corners.
+
+    See docs/rules/heatmaps.md#patch-grid.
 
     For each contour in list order: start at its bounding rect ``(x0, y0, w, h)`` (OpenCV,
     inclusive width); end at ``x0 + w`` / ``y0 + h`` (padding on) or ``min(x0 + w, W0 - ps +

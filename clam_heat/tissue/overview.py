@@ -30,7 +30,9 @@ def draw_overview(
     line_thickness: int = 250,
     number_contours: bool = True,
 ) -> np.ndarray:
-    """The segmentation overview CLAM saves as ``<id>_mask.jpg`` (``visWSI``, §3.6).
+    """The segmentation overview CLAM saves as ``<id>_mask.jpg`` (``visWSI``).
+
+    See docs/rules/heatmaps.md#segmentation-overview.
 
     Returns an (h, w, 3) uint8 RGB image of the whole ``vis_level`` (-1: best level for 32x):
     tissue contours in green (0, 255, 0), holes in blue (0, 0, 255), line thickness

@@ -45,7 +45,9 @@ def _filter_contours(
     a_h_px: float,
     max_n_holes: int,
 ) -> tuple[list[int], list[list[int]]]:
-    """CLAM's contour filter (§3.3) on findContours output; returns kept indices and holes.
+    """CLAM's contour filter on findContours output; returns kept indices and holes.
+
+    See docs/rules/heatmaps.md#contour-filter.
 
     ``hierarchy`` is (M, 4) ``[next, prev, first_child, parent]``. Net area = outer area minus
     the area of all its holes; a contour is kept if net != 0 and net > a_t_px. Its holes are
@@ -67,7 +69,9 @@ def _filter_contours(
 
 
 def _select_ids(n: int, keep_ids: tuple[int, ...], exclude_ids: tuple[int, ...]) -> list[int]:
-    """CLAM's keep/exclude rule (§3.4), ids in ascending order; bad ids raise.
+    """CLAM's keep/exclude rule, ids in ascending order; bad ids raise.
+
+    See docs/rules/heatmaps.md#contour-selection.
 
     >>> _select_ids(4, (), (1,)), _select_ids(4, (3, 0, 1), (1,))
     ([0, 2, 3], [0, 3])
@@ -88,7 +92,9 @@ def segment_array(
     downsample: tuple[float, float],
     params: SegmentationParams | None = None,
 ) -> TissueContours:
-    """Segment tissue in a segmentation-level image, CLAM's ``segmentTissue`` (§3.2-§3.4).
+    """Segment tissue in a segmentation-level image, CLAM's ``segmentTissue``.
+
+    See docs/rules/heatmaps.md#segmentation.
 
     Parameters
     ----------
