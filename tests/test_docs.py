@@ -130,6 +130,17 @@ def test_readme_is_a_front_page() -> None:
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move sections to docs/"
 
 
+def test_readme_links_resolve() -> None:
+    """The README is not part of the site build, so its links are checked here: every relative
+    link (pages, pictures) names a file of the checkout."""
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and t[0] != "#"]
+    assert "docs/configuration.md" in local and "docs/img/video_frames.jpg" in local
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
 def test_readme_first_screen_has_the_two_commands() -> None:
     """The demo command and the test command are at the top, and the test command is the one CI
     runs, word for word."""
