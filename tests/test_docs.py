@@ -179,6 +179,11 @@ def test_every_documented_command_is_real(page: str) -> None:
             f for f in flags if f not in options[command] and (command, f) not in PENDING_OPTIONS
         ]
         assert not unknown, f"{page}: {line!r}: {command} has no option {unknown}"
+    # the repository's own scripts (docs/, bench/, examples/) that a page tells you to run
+    for _, body in _bash_blocks(path.read_text(encoding="utf-8")):
+        for line in _command_lines(body):
+            for script in re.findall(r"\bpython3? ((?:docs|bench|examples)/\S+\.py)", line):
+                assert (ROOT / script).is_file(), f"{page}: {line!r}: no script {script}"
 
 
 def test_command_check_catches_a_wrong_option() -> None:
