@@ -31,8 +31,6 @@ _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", Path: "path
 
 def _type_name(annotation: Any) -> str:
     """A short, readable type: ``int``, ``path or null``, ``one of: a, b``."""
-    if isinstance(annotation, typing.ForwardRef | str):  # classes: resolved lazily by pydantic
-        return "predicted, all, or a list of class names"
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated:
@@ -46,7 +44,10 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         return f"mapping {_type_name(args[0])} → {_type_name(args[1])}"
     if origin is list:
-        return "list"
+        item = args[0] if args else None
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return "list of entries (below)"
+        return f"list of {_type_name(item)}" if item is not None else "list"
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
@@ -108,6 +109,10 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
 
 def config_reference() -> str:
     """The generated part of docs/configuration.md: one table per block."""
+    for model in (*BLOCKS.values(), SampleSpec):
+        # resolve annotations pydantic left as forward references (a validator defined after
+        # its block), so the page is the same whether or not a config was validated before
+        model.model_rebuild()
     out: list[str] = [BEGIN, ""]
     for name, model in BLOCKS.items():
         out += [f"### `{name}` {{#{name}}}", "", (model.__doc__ or "").strip(), ""]
