@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from collections.abc import Iterator
@@ -79,6 +80,24 @@ def tests_leave_the_checkout_alone() -> Iterator[None]:
     if before is not None and after is not None:
         added = sorted(after - before)
         assert not added, f"tests wrote into the checkout: {added}"
+
+
+@pytest.fixture(autouse=True)
+def clam_heat_logging_restored() -> Iterator[None]:
+    """The ``clam_heat`` logger as it was before the test: a CLI run adds a handler on its log
+    file and stops propagation, which would leak into later tests (a worker pool then logs to a
+    deleted test folder; ``caplog`` sees nothing)."""
+    logger = logging.getLogger("clam_heat")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.propagate, logger.level = propagate, level
 
 
 @pytest.fixture()
