@@ -22,6 +22,8 @@ from .errors import ClamHeatError, ProcessListError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # plain help: rich's boxed table cuts option names (--model_name ...) at 80 columns
+    rich_markup_mode=None,
     help="Resumable, CLAM-compatible attention heatmaps for MIL models on whole-slide images.",
 )
 
@@ -278,23 +280,23 @@ def quick(
             "if any, sets labels).",
         ),
     ] = None,
-    cmap: Annotated[
-        str | None, typer.Option("--cmap", help="Matplotlib colormap (default: jet).")
-    ] = None,
+    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[
-        float | None,
-        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide (0.4)."),
-    ] = None,
+        float,
+        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide."),
+    ] = 0.5,
     vis_level: Annotated[
-        int | None,
+        int,
         typer.Option(
-            "--vis-level", "--vis_level", min=-1, help="Slide level of the heatmap image (1)."
+            "--vis-level", "--vis_level", min=-1, help="Slide level of the image; -1: auto."
         ),
-    ] = None,
-    no_segment: Annotated[
+    ] = -1,
+    segment: Annotated[
         bool,
         typer.Option(
-            "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
+            "--segment/--no-segment",
+            " /--no_segment",
+            help="Mask the heatmap to detected tissue (off, as MIL-Lab's script).",
         ),
     ] = False,
     workers: WorkersOpt = None,
@@ -335,7 +337,7 @@ def quick(
         cmap=cmap,
         alpha=alpha,
         vis_level=vis_level,
-        no_segment=no_segment,
+        segment=segment,
     )
     try:
         plan = prepare_quick(options)
@@ -437,8 +439,14 @@ def _summary_text(summary: Any) -> str:
         )
     if summary.slowest:
         lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
-    for slide_id, error in summary.failed:
-        lines.append(f"failed {slide_id}: {error}")
+    # each failed row's error was printed when it failed (on_row): not repeated here
+    waiting = getattr(summary, "waiting", 0)
+    if waiting:
+        rows = "row" if waiting == 1 else "rows"
+        lines.append(
+            f"{waiting} failed {rows} unchanged since {'it' if waiting == 1 else 'they'} "
+            "failed: rerun with --retry-failed"
+        )
     lines.append(f"process list: {summary.process_list}")
     if summary.results_csv:
         lines.append(f"results: {summary.results_csv}")

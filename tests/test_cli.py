@@ -21,6 +21,27 @@ def test_help_lists_commands() -> None:
         assert command in result.output
 
 
+def test_help_at_80_columns_shows_every_option_name(monkeypatch) -> None:
+    """Catches: a help layout that cuts option names (rich's table showed ``--model-type,-…``
+    and hid ``--model_name`` at 80 columns)."""
+    import typer.main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERMINAL_WIDTH", "80")
+    group = typer.main.get_command(app)
+    assert group.commands  # type: ignore[attr-defined]
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        result = runner.invoke(app, [name, "--help"], terminal_width=80)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, (name, max(lines, key=len))
+        words = set(result.output.replace(",", " ").replace("/", " ").split())
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if flag.startswith("-"):
+                    assert flag in words, f"clam-heat {name} --help hides {flag}"
+
+
 def test_validate_shipped_template_by_bare_name(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     result = runner.invoke(app, ["validate", "clam_template.yaml"])

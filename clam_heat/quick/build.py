@@ -52,14 +52,14 @@ class QuickOptions:
     labels: Path | None = None
     workers: int = 1
     sets: Sequence[str] = ()
-    #: MIL-Lab generate_heatmaps.py: first N slides (sorted), a slide_id[,label] CSV, drawing
-    #: options (None: the template's) and no tissue mask on the heatmap
+    #: MIL-Lab generate_heatmaps.py: first N slides (sorted), a slide_id[,label] CSV, and its
+    #: drawing defaults (jet, alpha 0.5, vis_level -1 = auto, no tissue mask on the heatmap)
     limit: int | None = None
     csv: Path | None = None
-    cmap: str | None = None
-    alpha: float | None = None
-    vis_level: int | None = None
-    no_segment: bool = False
+    cmap: str = "jet"
+    alpha: float = 0.5
+    vis_level: int = -1
+    segment: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,13 +220,13 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         "model_arguments": {"ckpt_path": str(ckpt), "embed_dim": embed_dim},
         "heatmap_arguments": {  # no fine pass: it needs encoder weights
             "calc_heatmap": False,
-            **{k: v for k, v in drawing.items() if v is not None},
+            **drawing,
         },
         "runner_arguments": {
             "features_dir": str(h5_dir),
             "results_dir": str(out / "results"),
             "workers": options.workers,
-            "segment_heatmap": not options.no_segment,
+            "segment_heatmap": options.segment,
         },
     }
     return QuickPlan(
