@@ -396,3 +396,30 @@ def test_failed_row_reruns_when_its_parameter_changes_and_waits_when_not(
     assert "rows: 1 done" in fixed.output and "unchanged since" not in fixed.output
     plist = pd.read_csv(tmp_path / "out" / "process_list.csv", dtype=str, keep_default_na=False)
     assert plist["status"].tolist() == ["done"] and plist["error"].tolist() == [""]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "message"),
+    [
+        (
+            "abmil.base.uni_v2.pc108-24k",
+            "error: --model_name abmil.base.uni_v2.pc108-24k: encoder 'uni_v2' gives 1536-wide "
+            "features but --h5_dir's {h5}/demo_000.h5 has 64-wide 'features'",
+        ),
+        ("abmil", "error: --checkpoint: {ckpt}: does not fit abmil ("),
+        ("clam_mb", "pass --model_name clam_sb"),
+    ],
+)
+def test_refused_model_names_the_flags_and_leaves_nothing_behind(
+    inputs: dict[str, Path], model_name: str, message: str
+) -> None:
+    """Catches: errors in config-key words (``model_arguments.embed_dim``, ``set model_type:``)
+    for a flag the user typed, and a refused start that leaves config.yaml, a process list or
+    empty folders in --output_dir."""
+    result = runner.invoke(app, _quick(inputs, "--model_name", model_name))
+    assert result.exit_code == 2, result.output
+    expected = message.format(h5=inputs["h5"], ckpt=inputs["ckpt"])
+    assert expected in result.output, result.output
+    assert "model_arguments" not in result.output and "set model_type" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not inputs["out"].exists()

@@ -119,6 +119,61 @@ def _embed_dim(first_h5: Path, given: int | None) -> int:
     return width
 
 
+def _check_encoder_width(model_type: str, width: int, first_h5: Path) -> None:
+    """A MIL-Lab name's encoder part fixes the feature width: say so in flag words, naming the
+    H5 whose width disagrees (the config check would say ``model_arguments.embed_dim``)."""
+    from ..models.registry import ENCODER_DIM_MAPPING
+
+    parts = model_type.split(".")
+    encoder = parts[2] if len(parts) >= 3 else None
+    expected = ENCODER_DIM_MAPPING.get(encoder or "")
+    if expected is not None and expected != width:
+        raise ConfigError(
+            f"--model_name {model_type}: encoder {encoder!r} gives {expected}-wide features but "
+            f"--h5_dir's {first_h5} has {width}-wide 'features'; pass the features of "
+            f"{encoder} or a --model_name whose encoder gives {width} "
+            f"({_encoders_of(width)})"
+        )
+
+
+def _encoders_of(width: int) -> str:
+    """The encoders whose features are ``width`` wide, or the bare-name hint."""
+    from ..models.registry import ENCODER_DIM_MAPPING
+
+    names = [name for name, dim in ENCODER_DIM_MAPPING.items() if dim == width]
+    return ", ".join(names) if names else "none known: use the bare model name, e.g. abmil"
+
+
+#: Config keys -> the quick flags that set them, for messages about a flag-built config.
+FLAG_OF_KEY: dict[str, str] = {
+    "model_arguments.ckpt_path": "--checkpoint",
+    "model_arguments.model_type": "--model_name",
+    "model_arguments.embed_dim": "--embed_dim",
+    "model_arguments.model_size": "--model-size",
+    "exp_arguments.n_classes": "--num_classes",
+    "runner_arguments.features_dir": "--h5_dir",
+    "data_arguments.data_dir": "--slide_dir",
+    "data_arguments.slide_ext": "--slide_ext",
+    "heatmap_arguments.vis_level": "--vis_level",
+    "heatmap_arguments.alpha": "--alpha",
+    "heatmap_arguments.cmap": "--cmap",
+}
+
+
+def in_flag_words(message: str, sets: Sequence[str] = ()) -> str:
+    """``message`` with the config keys quick's flags set replaced by those flags (keys the
+    user set with ``--set`` keep their names).
+
+    >>> in_flag_words("model_arguments.ckpt_path: a CLAM checkpoint; set model_type: clam_sb")
+    '--checkpoint: a CLAM checkpoint; pass --model_name clam_sb'
+    """
+    for key, flag in FLAG_OF_KEY.items():
+        if not _sets_key(sets, *key.split(".", 1)):
+            message = message.replace(key, flag)
+            message = message.replace(f"set {key.split('.')[1]}: ", f"pass {flag} ")
+    return message
+
+
 def _n_classes(ckpt: Path, given: int | None) -> int:
     """The checkpoint's class count; ``--n-classes`` fills in when it cannot be read."""
     from .inputs import checkpoint_classes
@@ -182,6 +237,7 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
     matched, chosen = select_slides(matched, csv_ids, options.limit, csv_source)
     warnings += chosen
     embed_dim = _embed_dim(features[matched[0]], options.embed_dim)
+    _check_encoder_width(options.model_type, embed_dim, features[matched[0]])
     n_classes = _n_classes(ckpt, options.n_classes)
     if ckpt.is_dir():  # a save_pretrained folder: the run fingerprints its weights file
         from ..models.checkpoint import SAFETENSORS_NAME
@@ -321,6 +377,30 @@ def _write_process_list(plan: QuickPlan) -> Path:
     return path
 
 
+def _checked_plan(options: QuickOptions) -> QuickPlan:
+    """The config, with its global inputs checked (the checkpoint loads into the named model)
+    before anything is written: a refused start leaves no config, list or folder behind. Errors
+    name the flags, not the config keys they became."""
+    from ..errors import ClamHeatError
+    from ..preflight import check_global_inputs
+    from ..stages.registry import stages_for
+
+    try:
+        plan = build_quick_config(options)
+        stages = [getattr(s, "name", str(s)) for s in stages_for(plan.config, None)]
+        check_global_inputs(plan.config, stages)
+    except ClamHeatError as err:
+        text = in_flag_words(str(err), options.sets)
+        if text == str(err):
+            raise
+        try:
+            translated = type(err)(text)
+        except TypeError:  # an error type that takes more than a message
+            translated = ConfigError(text)
+        raise translated from None
+    return plan
+
+
 def prepare_quick(options: QuickOptions) -> QuickPlan:
     """The library call behind ``clam-heat quick``: build the config, then write it and the list.
 
@@ -328,7 +408,7 @@ def prepare_quick(options: QuickOptions) -> QuickPlan:
     repeats the run; an existing config for other inputs is replaced with a warning. The process
     list keeps its statuses across reruns, so rerunning the same command resumes.
     """
-    plan = build_quick_config(options)
+    plan = _checked_plan(options)
     warnings = list(plan.warnings)
     replaced = _write_config(plan)
     if replaced:
