@@ -15,9 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .cli_output import fail, missing_list_text, run_app
+from .cli_output import counts_text, fail, missing_list_text, run_app, summary_text
 from .cli_tools import ConfigArg
-from .errors import ClamHeatError, ProcessListError
+from .errors import ClamHeatError, ProcessListError, counted
 
 app = typer.Typer(
     add_completion=False,
@@ -130,13 +130,9 @@ def list_(
     counts = status_summary(df)
     missing = int(df["missing"].astype(bool).sum()) if "missing" in df.columns else 0
     typer.echo(
-        f"{path}: {len(df)} slides ({_counts_text(counts)})"
+        f"{path}: {counted(len(df), 'slide')} ({counts_text(counts)})"
         + (f"; {missing} missing on disk" if missing else "")
     )
-
-
-def _counts_text(counts: dict[str, int]) -> str:
-    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "empty"
 
 
 @app.command()
@@ -155,7 +151,7 @@ def status(
         df = read_process_list(path)
     except ClamHeatError as err:
         fail(err)
-    typer.echo(f"{path}: {len(df)} rows ({_counts_text(status_summary(df))})")
+    typer.echo(f"{path}: {counted(len(df), 'row')} ({counts_text(status_summary(df))})")
     for row in failed_rows(df).to_dict("records"):
         typer.echo(f"  failed {row['slide_id']}: {row.get('error', '')}")
 
@@ -356,7 +352,7 @@ def quick(
             written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
         except ClamHeatError as err:
             fail(err)
-        typer.echo(f"MIL-Lab results: {written.csv_path} ({written.rows} slides)")
+        typer.echo(f"MIL-Lab results: {written.csv_path} ({counted(written.rows, 'slide')})")
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -426,31 +422,8 @@ def _run_with_progress(
         if not summary.plans:
             typer.echo("nothing to run")
         return summary
-    typer.echo(_summary_text(summary))
+    typer.echo(summary_text(summary))
     return summary
-
-
-def _summary_text(summary: Any) -> str:
-    lines = [f"rows: {_counts_text(summary.counts)} in {summary.seconds:.1f}s"]
-    if summary.stage_seconds:
-        lines.append(
-            "time per stage: "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
-        )
-    if summary.slowest:
-        lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
-    # each failed row's error was printed when it failed (on_row): not repeated here
-    waiting = getattr(summary, "waiting", 0)
-    if waiting:
-        rows = "row" if waiting == 1 else "rows"
-        lines.append(
-            f"{waiting} failed {rows} unchanged since {'it' if waiting == 1 else 'they'} "
-            "failed: rerun with --retry-failed"
-        )
-    lines.append(f"process list: {summary.process_list}")
-    if summary.results_csv:
-        lines.append(f"results: {summary.results_csv}")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -481,7 +454,8 @@ def merge(
     except ClamHeatError as err:
         fail(err)
     typer.echo(
-        f"{path}: merged {len(report.shards)} shard file(s), {report.rows_taken} rows updated"
+        f"{path}: merged {counted(len(report.shards), 'shard file')}, "
+        f"{counted(report.rows_taken, 'row')} updated"
         + (f"; {len(report.unknown)} shard rows not in the list, ignored" if report.unknown else "")
     )
     if report.results_csv:
@@ -559,9 +533,18 @@ def demo(
     ] = Path("clam_heat_demo"),
     n_slides: Annotated[int, typer.Option("--slides", min=1, help="Number of demo slides.")] = 5,
     size: Annotated[str, typer.Option("--size", help="tiny, small or large.")] = "tiny",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="The model to train: clam_sb, or any registered model (abmil, transmil, ...), "
+            "saved as MIL-Lab saves it.",
+        ),
+    ] = "clam_sb",
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate demo slides, features, a trained CLAM_SB checkpoint and a config, then run it."""
+    """Generate demo slides, features, a trained checkpoint (CLAM_SB by default) and a config,
+    then run it."""
     from .config import load_config
     from .demo import make_demo_project
     from .runner import run_pipeline
@@ -570,7 +553,7 @@ def demo(
         typer.echo(f"error: --size {size!r}: must be tiny, small or large", err=True)
         raise typer.Exit(2)
     try:
-        project = make_demo_project(folder, n_slides=n_slides, size=size)  # type: ignore[arg-type]
+        project = make_demo_project(folder, n_slides=n_slides, size=size, model=model)  # type: ignore[arg-type]
         typer.echo(f"demo project: {project.folder} (config {project.config_path})")
         cfg = load_config(project.config_path)
     except ClamHeatError as err:

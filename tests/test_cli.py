@@ -139,3 +139,20 @@ def test_run_dry_run_status_and_failure_exit_code(demo_project: Path) -> None:
     assert "failed ghost:" in failed.output
     report = runner.invoke(app, ["status", str(csv)])
     assert "failed ghost:" in report.output
+
+
+def test_docs_picture_script_fails_in_one_line_on_a_missing_folder(tmp_path: Path) -> None:
+    """Catches: the script exiting 0 having written nothing (cv2.imwrite into a missing
+    folder only returns False)."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "new_dir"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "make_compare_video_pictures.py"), str(missing)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    fix = f"create it first (mkdir -p {missing})"
+    assert done.stderr == f"error: {missing}: no such folder; {fix}\n"
+    assert not missing.exists()

@@ -670,7 +670,7 @@ def test_cli_workers_scheduler_and_shards_write_the_serial_outputs(
         assert f"process list: {shard_path(fresh.process_list_path, i, 2)}" in result.output
     result = _cli(fresh, "merge", str(fresh.process_list_path), "--remove-shards")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{fresh.process_list_path}: merged 2 shard file(s), 4 rows")
+    assert result.output.startswith(f"{fresh.process_list_path}: merged 2 shard files, 4 rows")
     assert not find_shards(fresh.process_list_path)
     snapshot = _snapshot(fresh)
     assert snapshot["files"] == reference["files"] and snapshot["list"] == reference["list"]

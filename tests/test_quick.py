@@ -62,11 +62,11 @@ def test_quick_runs_matched_slides_and_saves_a_config_run_reuses(inputs: dict[st
     assert first.exit_code == 0, first.output
     assert "rows: 2 done" in first.output
     assert (
-        f"warning: 1 H5 file(s) in {inputs['h5']} have no '*.tiff' slide in {inputs['slides']}, "
+        f"warning: 1 H5 file in {inputs['h5']} has no '*.tiff' slide in {inputs['slides']}, "
         "skipped: demo_002" in first.output
     )
     assert (
-        f"warning: 1 slide(s) in {inputs['slides']} have no H5 in {inputs['h5']}, skipped: "
+        f"warning: 1 slide in {inputs['slides']} has no H5 in {inputs['h5']}, skipped: "
         "demo_004" in first.output
     )
     prod = out / "heatmap_production_results" / "quick" / "Unspecified"

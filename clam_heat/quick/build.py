@@ -10,7 +10,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..config import HeatmapConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, counted
 from .inputs import (
     _feature_files,
     _few,
@@ -90,6 +90,10 @@ def _sets_key(sets: Sequence[str], block: str, key: str) -> bool:
     return any(s.partition("=")[0].strip() == f"{block}.{key}" for s in sets)
 
 
+def _have(items: Sequence[object]) -> str:
+    return "has" if len(items) == 1 else "have"
+
+
 def _unmatched_warnings(
     h5_only: Sequence[str], slides_only: Sequence[str], h5_dir: Path, slide_dir: Path, ext: str
 ) -> list[str]:
@@ -97,12 +101,14 @@ def _unmatched_warnings(
     lines = []
     if h5_only:
         lines.append(
-            f"{len(h5_only)} H5 file(s) in {h5_dir} have no '*{ext}' slide in {slide_dir}, "
+            f"{counted(len(h5_only), 'H5 file')} in {h5_dir} {_have(h5_only)} no '*{ext}' slide "
+            f"in {slide_dir}, "
             f"skipped: {_few(h5_only)}"
         )
     if slides_only:
         lines.append(
-            f"{len(slides_only)} slide(s) in {slide_dir} have no H5 in {h5_dir}, skipped: "
+            f"{counted(len(slides_only), 'slide')} in {slide_dir} {_have(slides_only)} no H5 in "
+            f"{h5_dir}, skipped: "
             f"{_few(slides_only)}"
         )
     return lines
@@ -252,7 +258,8 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         unlabeled = [sid for sid in matched if sid not in labels]
         if unlabeled:
             warnings.append(
-                f"{len(unlabeled)} slide(s) have no label in {label_source} (filed under "
+                f"{counted(len(unlabeled), 'slide')} {_have(unlabeled)} no label in {label_source} "
+                "(filed under "
                 f"Unspecified): {_few(unlabeled)}"
             )
     label_dict, guess = label_dict_for(labels.values(), n_classes, label_source)
