@@ -309,11 +309,7 @@ def quick(
     Takes MIL-Lab generate_heatmaps.py's flags too, and writes its outputs
     (OUT/<slide_id>_heatmap.png, OUT/heatmap_results.csv) beside CLAM's layout.
     """  # fmt: skip
-    import functools
-
-    from .executors import make_executor
-    from .quick import QuickOptions, prepare_quick, write_mil_lab_outputs
-    from .runner import run_pipeline
+    from .quick import QuickOptions
 
     options = QuickOptions(
         ckpt=ckpt,
@@ -335,6 +331,19 @@ def quick(
         vis_level=vis_level,
         segment=segment,
     )
+    plan, pool = _quick_plan(options)
+    summary = _quick_run(plan, pool, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet)
+    if not dry_run:
+        _quick_mil_lab_outputs(plan)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _quick_plan(options: Any) -> tuple[Any, Any]:
+    """Step 1: config and process list written (nothing when refused), warnings shown."""
+    from .executors import make_executor
+    from .quick import prepare_quick
+
     try:
         plan = prepare_quick(options)
         pool = make_executor(workers=plan.config.runner_arguments.workers)
@@ -343,18 +352,30 @@ def quick(
     for line in plan.warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo(f"config: {plan.config_path} (same run: clam-heat run {plan.config_path})")
+    return plan, pool
+
+
+def _quick_run(plan: Any, pool: Any, *, retry_failed: bool, dry_run: bool, quiet: bool) -> Any:
+    """Step 2: the ordinary run of that config."""
+    import functools
+
+    from .runner import run_pipeline
+
     runner = functools.partial(run_pipeline, executor=pool)
-    summary = _run_with_progress(
+    return _run_with_progress(
         plan.config, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
     )
-    if not dry_run:
-        try:
-            written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
-        except ClamHeatError as err:
-            fail(err)
-        typer.echo(f"MIL-Lab results: {written.csv_path} ({counted(written.rows, 'slide')})")
-    if not summary.ok:
-        raise typer.Exit(1)
+
+
+def _quick_mil_lab_outputs(plan: Any) -> None:
+    """Step 3: MIL-Lab's files (OUT/<id>_heatmap.png, OUT/heatmap_results.csv)."""
+    from .quick import write_mil_lab_outputs
+
+    try:
+        written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
+    except ClamHeatError as err:
+        fail(err)
+    typer.echo(f"MIL-Lab results: {written.csv_path} ({counted(written.rows, 'slide')})")
 
 
 def _run_with_progress(
@@ -534,12 +555,7 @@ def demo(
     n_slides: Annotated[int, typer.Option("--slides", min=1, help="Number of demo slides.")] = 5,
     size: Annotated[str, typer.Option("--size", help="tiny, small or large.")] = "tiny",
     model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="The model to train: clam_sb, or any registered model (abmil, transmil, ...), "
-            "saved as MIL-Lab saves it.",
-        ),
+        str, typer.Option("--model", help="Model to train: clam_sb or a registered one (abmil).")
     ] = "clam_sb",
     quiet: QuietOpt = False,
 ) -> None:
