@@ -15,13 +15,15 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .cli_output import fail, missing_list_text, run_app
+from .cli_output import counts_text, fail, missing_list_text, run_app, summary_text
 from .cli_tools import ConfigArg
-from .errors import ClamHeatError, ProcessListError
+from .errors import ClamHeatError, ProcessListError, counted
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # plain help: rich's boxed table cuts option names (--model_name ...) at 80 columns
+    rich_markup_mode=None,
     help="Resumable, CLAM-compatible attention heatmaps for MIL models on whole-slide images.",
 )
 
@@ -128,13 +130,9 @@ def list_(
     counts = status_summary(df)
     missing = int(df["missing"].astype(bool).sum()) if "missing" in df.columns else 0
     typer.echo(
-        f"{path}: {len(df)} slides ({_counts_text(counts)})"
+        f"{path}: {counted(len(df), 'slide')} ({counts_text(counts)})"
         + (f"; {missing} missing on disk" if missing else "")
     )
-
-
-def _counts_text(counts: dict[str, int]) -> str:
-    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "empty"
 
 
 @app.command()
@@ -153,7 +151,7 @@ def status(
         df = read_process_list(path)
     except ClamHeatError as err:
         fail(err)
-    typer.echo(f"{path}: {len(df)} rows ({_counts_text(status_summary(df))})")
+    typer.echo(f"{path}: {counted(len(df), 'row')} ({counts_text(status_summary(df))})")
     for row in failed_rows(df).to_dict("records"):
         typer.echo(f"  failed {row['slide_id']}: {row.get('error', '')}")
 
@@ -278,23 +276,23 @@ def quick(
             "if any, sets labels).",
         ),
     ] = None,
-    cmap: Annotated[
-        str | None, typer.Option("--cmap", help="Matplotlib colormap (default: jet).")
-    ] = None,
+    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap.")] = "jet",
     alpha: Annotated[
-        float | None,
-        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide (0.4)."),
-    ] = None,
+        float,
+        typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap weight over the slide."),
+    ] = 0.5,
     vis_level: Annotated[
-        int | None,
+        int,
         typer.Option(
-            "--vis-level", "--vis_level", min=-1, help="Slide level of the heatmap image (1)."
+            "--vis-level", "--vis_level", min=-1, help="Slide level of the image; -1: auto."
         ),
-    ] = None,
-    no_segment: Annotated[
+    ] = -1,
+    segment: Annotated[
         bool,
         typer.Option(
-            "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
+            "--segment/--no-segment",
+            " /--no_segment",
+            help="Mask the heatmap to detected tissue (off, as MIL-Lab's script).",
         ),
     ] = False,
     workers: WorkersOpt = None,
@@ -311,11 +309,7 @@ def quick(
     Takes MIL-Lab generate_heatmaps.py's flags too, and writes its outputs
     (OUT/<slide_id>_heatmap.png, OUT/heatmap_results.csv) beside CLAM's layout.
     """  # fmt: skip
-    import functools
-
-    from .executors import make_executor
-    from .quick import QuickOptions, prepare_quick, write_mil_lab_outputs
-    from .runner import run_pipeline
+    from .quick import QuickOptions
 
     options = QuickOptions(
         ckpt=ckpt,
@@ -335,8 +329,21 @@ def quick(
         cmap=cmap,
         alpha=alpha,
         vis_level=vis_level,
-        no_segment=no_segment,
+        segment=segment,
     )
+    plan, pool = _quick_plan(options)
+    summary = _quick_run(plan, pool, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet)
+    if not dry_run:
+        _quick_mil_lab_outputs(plan)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _quick_plan(options: Any) -> tuple[Any, Any]:
+    """Step 1: config and process list written (nothing when refused), warnings shown."""
+    from .executors import make_executor
+    from .quick import prepare_quick
+
     try:
         plan = prepare_quick(options)
         pool = make_executor(workers=plan.config.runner_arguments.workers)
@@ -345,18 +352,30 @@ def quick(
     for line in plan.warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo(f"config: {plan.config_path} (same run: clam-heat run {plan.config_path})")
+    return plan, pool
+
+
+def _quick_run(plan: Any, pool: Any, *, retry_failed: bool, dry_run: bool, quiet: bool) -> Any:
+    """Step 2: the ordinary run of that config."""
+    import functools
+
+    from .runner import run_pipeline
+
     runner = functools.partial(run_pipeline, executor=pool)
-    summary = _run_with_progress(
+    return _run_with_progress(
         plan.config, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet, runner=runner
     )
-    if not dry_run:
-        try:
-            written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
-        except ClamHeatError as err:
-            fail(err)
-        typer.echo(f"MIL-Lab results: {written.csv_path} ({written.rows} slides)")
-    if not summary.ok:
-        raise typer.Exit(1)
+
+
+def _quick_mil_lab_outputs(plan: Any) -> None:
+    """Step 3: MIL-Lab's files (OUT/<id>_heatmap.png, OUT/heatmap_results.csv)."""
+    from .quick import write_mil_lab_outputs
+
+    try:
+        written = write_mil_lab_outputs(plan.config, plan.config_path.parent, plan.slide_ids)
+    except ClamHeatError as err:
+        fail(err)
+    typer.echo(f"MIL-Lab results: {written.csv_path} ({counted(written.rows, 'slide')})")
 
 
 def _run_with_progress(
@@ -424,25 +443,8 @@ def _run_with_progress(
         if not summary.plans:
             typer.echo("nothing to run")
         return summary
-    typer.echo(_summary_text(summary))
+    typer.echo(summary_text(summary))
     return summary
-
-
-def _summary_text(summary: Any) -> str:
-    lines = [f"rows: {_counts_text(summary.counts)} in {summary.seconds:.1f}s"]
-    if summary.stage_seconds:
-        lines.append(
-            "time per stage: "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
-        )
-    if summary.slowest:
-        lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
-    for slide_id, error in summary.failed:
-        lines.append(f"failed {slide_id}: {error}")
-    lines.append(f"process list: {summary.process_list}")
-    if summary.results_csv:
-        lines.append(f"results: {summary.results_csv}")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -473,7 +475,8 @@ def merge(
     except ClamHeatError as err:
         fail(err)
     typer.echo(
-        f"{path}: merged {len(report.shards)} shard file(s), {report.rows_taken} rows updated"
+        f"{path}: merged {counted(len(report.shards), 'shard file')}, "
+        f"{counted(report.rows_taken, 'row')} updated"
         + (f"; {len(report.unknown)} shard rows not in the list, ignored" if report.unknown else "")
     )
     if report.results_csv:
@@ -551,9 +554,13 @@ def demo(
     ] = Path("clam_heat_demo"),
     n_slides: Annotated[int, typer.Option("--slides", min=1, help="Number of demo slides.")] = 5,
     size: Annotated[str, typer.Option("--size", help="tiny, small or large.")] = "tiny",
+    model: Annotated[
+        str, typer.Option("--model", help="Model to train: clam_sb or a registered one (abmil).")
+    ] = "clam_sb",
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate demo slides, features, a trained CLAM_SB checkpoint and a config, then run it."""
+    """Generate demo slides, features, a trained checkpoint (CLAM_SB by default) and a config,
+    then run it."""
     from .config import load_config
     from .demo import make_demo_project
     from .runner import run_pipeline
@@ -562,7 +569,7 @@ def demo(
         typer.echo(f"error: --size {size!r}: must be tiny, small or large", err=True)
         raise typer.Exit(2)
     try:
-        project = make_demo_project(folder, n_slides=n_slides, size=size)  # type: ignore[arg-type]
+        project = make_demo_project(folder, n_slides=n_slides, size=size, model=model)  # type: ignore[arg-type]
         typer.echo(f"demo project: {project.folder} (config {project.config_path})")
         cfg = load_config(project.config_path)
     except ClamHeatError as err:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ClamHeatError
+from .errors import ClamHeatError, counted
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -27,9 +27,38 @@ __all__ = [
     "error_line",
     "fail",
     "missing_list_text",
+    "counts_text",
     "run_app",
+    "summary_text",
     "unexpected",
 ]
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """``2 done, 1 failed`` (statuses with a count), or ``empty``."""
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "empty"
+
+
+def summary_text(summary: Any) -> str:
+    """The end-of-run lines; each failed row's error was printed when it failed, not again."""
+    lines = [f"rows: {counts_text(summary.counts)} in {summary.seconds:.1f}s"]
+    if summary.stage_seconds:
+        lines.append(
+            "time per stage: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+        )
+    if summary.slowest:
+        lines.append("slowest: " + ", ".join(f"{s} {t:.1f}s" for s, t in summary.slowest[:3]))
+    waiting = getattr(summary, "waiting", 0)
+    if waiting:
+        lines.append(
+            f"{counted(waiting, 'failed row')} unchanged since {'it' if waiting == 1 else 'they'}"
+            " failed: rerun with --retry-failed"
+        )
+    lines.append(f"process list: {summary.process_list}")
+    if summary.results_csv:
+        lines.append(f"results: {summary.results_csv}")
+    return "\n".join(lines)
 
 
 def fail(err: ClamHeatError) -> None:

@@ -88,6 +88,8 @@ def compare(
             f"  finished in one run only: {len(summary.only_in_a)} in A, "
             f"{len(summary.only_in_b)} in B (not compared)"
         )
+    if summary.class_note:
+        typer.echo(f"  {summary.class_note}")
     if summary.most_disagreeing:
         typer.echo("  most disagreeing: " + ", ".join(summary.most_disagreeing))
     typer.echo(f"{summary.summary_path}")

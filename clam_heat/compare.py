@@ -243,7 +243,9 @@ class RunOutput:
     slide_id: str
     slide_path: Path
     blockmap: Path
-    pred: str
+    pred: str  #: the predicted class's name in this run
+    #: the predicted class index (None in ledgers that did not record it): what is compared
+    pred_index: int | None = None
 
 
 def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
@@ -272,8 +274,43 @@ def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
             continue
         result = record.get("result", {})
         names = result.get("top_names") or [str(result.get("pred", ""))]
-        found[ctx.slide_id] = RunOutput(ctx.slide_id, ctx.slide_path, blockmap, str(names[0]))
+        index = result.get("pred")
+        found[ctx.slide_id] = RunOutput(
+            ctx.slide_id,
+            ctx.slide_path,
+            blockmap,
+            str(names[0]),
+            int(index) if isinstance(index, int) else None,
+        )
     return found
+
+
+def class_names(config_path: str | Path) -> list[str]:
+    """The run's class names in index order (its ``label_dict`` inverted; an index without a
+    name is its own name, as the run writes it)."""
+    from .config import load_config
+
+    cfg = load_config(config_path)
+    names = cfg.data_arguments.label_names()
+    return [names.get(i, str(i)) for i in range(cfg.exp_arguments.n_classes)]
+
+
+def naming_note(names_a: list[str], names_b: list[str]) -> str | None:
+    """One line when the two runs name the same class index differently, else None.
+
+    >>> naming_note(["normal", "tumour"], ["normal", "1"])
+    "class names differ (compared by index): 1 is 'tumour' in A, '1' in B"
+    >>> naming_note(["a", "b"], ["a", "b"]) is None
+    True
+    """
+    pairs = [
+        f"{i} is {a!r} in A, {b!r} in B"
+        for i, (a, b) in enumerate(zip(names_a, names_b, strict=False))
+        if a != b
+    ]
+    if len(names_a) != len(names_b):
+        pairs.append(f"A has {len(names_a)} classes, B {len(names_b)}")
+    return "class names differ (compared by index): " + "; ".join(pairs) if pairs else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +348,15 @@ class CompareSummary:
     only_in_b: list[str] = field(default_factory=list)
     means: dict[str, float] = field(default_factory=dict)
     most_disagreeing: list[str] = field(default_factory=list)
+    #: one line when the runs name the same class index differently (see :func:`naming_note`)
+    class_note: str | None = None
+
+
+def _same_class(a: RunOutput, b: RunOutput) -> bool:
+    """Predictions agree on the class index; names only when an index is unknown."""
+    if a.pred_index is not None and b.pred_index is not None:
+        return a.pred_index == b.pred_index
+    return a.pred == b.pred
 
 
 def compare_slide(
@@ -330,7 +376,7 @@ def compare_slide(
         topk_jaccard=topk_jaccard(sa, sb, k),
         pred_a=a.pred,
         pred_b=b.pred,
-        agree=a.pred == b.pred,
+        agree=_same_class(a, b),
         n_only_a=len(coords_a) - len(idx_a),
         n_only_b=len(coords_b) - len(idx_b),
         topk=k,
@@ -459,6 +505,8 @@ def compare_runs(
         only_in_a=sorted(set(runs_a) - set(runs_b)),
         only_in_b=sorted(set(runs_b) - set(runs_a)),
     )
+    names_a, names_b = class_names(config_a), class_names(config_b)
+    summary.class_note = naming_note(names_a, names_b)
     for sid in shared:
         row, arrays = compare_slide(runs_a[sid], runs_b[sid], topk=topk)
         if pictures and row.n_patches:
@@ -483,6 +531,8 @@ def compare_runs(
         "only_in_b": summary.only_in_b,
         "topk": "10% of shared patches" if topk is None else int(topk),
         "means": {k: _number(v) for k, v in summary.means.items()},
+        "class_names": {"a": names_a, "b": names_b},
+        "class_names_differ": summary.class_note,
         "n_patches_shared": int(sum(r.n_patches for r in summary.rows)),
         "n_patches_only_a": int(sum(r.n_only_a for r in summary.rows)),
         "n_patches_only_b": int(sum(r.n_only_b for r in summary.rows)),

@@ -126,3 +126,12 @@ def typed_message_line(err: BaseException) -> str:
     """
     text = message_line(err)
     return f"{type(err).__name__}: {text}" if str(err).strip() else type(err).__name__
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, pluralised.
+
+    >>> counted(1, "slide"), counted(2, "slide"), counted(0, "H5 file")
+    ('1 slide', '2 slides', '0 H5 files')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

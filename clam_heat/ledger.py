@@ -162,6 +162,7 @@ class Reason:
             "changed": "changed",
             "ledger-version": "ledger written by an older format",
             "upstream": "upstream stage reruns",
+            "failed": "previous run failed",
         }
         text = labels.get(self.kind, self.kind)
         return f"{text}: {self.detail}" if self.detail else text
@@ -211,6 +212,8 @@ class Ledger:
         rec = self.stages.get(stage)
         if rec is None:
             return Reason("never-run")
+        if rec.get("state") == "failed":
+            return Reason("failed", str(rec.get("error", "")))
         if rec.get("state") != "done":
             return Reason("interrupted", f"started {rec.get('started_at', '?')}")
         for out in rec.get("outputs", []):
@@ -259,6 +262,37 @@ class Ledger:
             "result": dict(result or {}),
         }
         self.save()
+
+    def mark_failed(self, stage: str, fingerprint: Mapping[str, Any] | None, error: str) -> None:
+        """Record that ``stage`` failed, with the fingerprint it failed under (None: computing
+        it failed), so a later run can tell whether anything it depends on changed since."""
+        previous = self.stages.get(stage, {})
+        self.stages[stage] = {
+            "state": "failed",
+            "started_at": previous.get("started_at", now_iso()),
+            "finished_at": now_iso(),
+            "fingerprint": None if fingerprint is None else dict(fingerprint),
+            "error": error,
+            "outputs": previous.get("outputs", []),  # cleaned by the next successful run
+        }
+        self.save()
+
+    def changed_since_failure(
+        self, stage: str, fingerprint: Mapping[str, Any] | None
+    ) -> Reason | None:
+        """Why a stage recorded as failed should run again on its own (None: nothing it
+        depends on changed, so it waits for ``--retry-failed``). ``fingerprint`` is the current
+        one, None when it cannot be computed now."""
+        rec = self.stages.get(stage) or {}
+        old = rec.get("fingerprint")
+        if fingerprint is None:
+            return None  # still cannot even fingerprint: nothing to rerun with
+        if old is None:
+            return Reason("changed", "its inputs can be read now")
+        changes = fingerprint_diff(old, fingerprint)
+        if changes:
+            return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
+        return None
 
     def invalidate(self, stage: str) -> None:
         if self.stages.pop(stage, None) is not None:

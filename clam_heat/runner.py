@@ -47,7 +47,7 @@ from .rows import (
     results_csv_path,
 )
 from .stages.registry import stages_for
-from .stages.row import RowOutcome, plan_row
+from .stages.row import RowOutcome, failed_row_changed, plan_row
 from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class RunSummary:
     stopped_by: int | None = None
     finished: int = 0
     returned: int = 0
+    #: failed rows left alone: nothing they depend on changed since they failed
+    waiting: int = 0
 
     @property
     def ok(self) -> bool:
@@ -213,7 +215,7 @@ def run_pipeline(
             df = shard_frame(df, list_path, *shard)
             list_path = shard_path(list_path, *shard)
         summary.process_list = list_path
-        pending, _vanished = _pending_rows(cfg, df, retry_failed, summary)
+        pending, _vanished = _pending_rows(cfg, df, retry_failed, summary, plan)
         for ctx in pending:
             reasons = plan_row(ctx, plan)
             summary.plans[ctx.slide_id] = {k: (str(v) if v else None) for k, v in reasons.items()}
@@ -266,7 +268,7 @@ def _run_locked(
             with stop.held():
                 write_csv_atomic(df, list_path)
     summary.process_list = list_path
-    pending, vanished = _pending_rows(cfg, df, retry_failed, summary)
+    pending, vanished = _pending_rows(cfg, df, retry_failed, summary, plan)
     with executor:  # a local pool loads its libraries now
         _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
         summary.results_csv = results_csv
@@ -338,10 +340,12 @@ def _stop(
 
 
 def _pending_rows(
-    cfg: HeatmapConfig, df: Any, retry_failed: bool, summary: RunSummary
+    cfg: HeatmapConfig, df: Any, retry_failed: bool, summary: RunSummary, plan: Sequence[Any]
 ) -> tuple[list[RowContext], list[RowContext]]:
-    """The rows to run and the rows whose slide file vanished; failed rows wait for
-    ``retry_failed`` (both skips are counted in ``summary``)."""
+    """The rows to run and the rows whose slide file vanished. A failed row runs again when
+    something it depends on changed since it failed (the same fingerprints as a done row's
+    stages); an unchanged one waits for ``retry_failed`` (both skips are counted in
+    ``summary``)."""
     status = dict(zip(df["slide_id"].astype(str), df["status"].astype(str), strict=False))
     missing = (
         dict(zip(df["slide_id"].astype(str), df["missing"].astype(bool), strict=False))
@@ -352,8 +356,13 @@ def _pending_rows(
     vanished: list[RowContext] = []
     for ctx in build_contexts(cfg, df):
         if status.get(ctx.slide_id) == "failed" and not retry_failed:
-            summary.count("failed")
-        elif missing.get(ctx.slide_id):
+            why = failed_row_changed(ctx, plan)
+            if why is None:
+                summary.count("failed")
+                summary.waiting += 1
+                continue
+            log.info("%s: failed before; runs again, %s", ctx.slide_id, why)
+        if missing.get(ctx.slide_id):
             summary.count("skipped")
             vanished.append(ctx)
         else:

@@ -368,18 +368,21 @@ class WandbTracker(Tracker):
 
     def _start(self) -> None:
         self._wandb = wandb = _require("wandb", self.setting)
-        offline = not os.environ.get("WANDB_MODE") and not _wandb_key_known(self.uri)
-        folder = None if os.environ.get("WANDB_DIR") else self.directory
+        # mode and folder are passed explicitly: W&B reads its environment once per process, so
+        # a WANDB_MODE/WANDB_DIR set after an earlier run in this process would be ignored
+        mode = os.environ.get("WANDB_MODE") or None
+        if mode is None and not _wandb_key_known(self.uri):
+            mode = "offline"
+        folder = Path(os.environ.get("WANDB_DIR") or self.directory)
         settings = {"silent": True, "console": "off", "save_code": False}
         settings.update({"base_url": self.uri} if self.uri else {})
         with self._starting():
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
                 project=self.project,
                 name=self.run_name,
-                dir=None if folder is None else str(folder),
-                mode="offline" if offline else None,
+                dir=str(folder),
+                mode=mode,  # type: ignore[arg-type]
                 reinit="create_new",
                 settings=wandb.Settings(**settings),
             )

@@ -25,6 +25,8 @@ from clam_heat.runner import run_pipeline
 from clam_heat.video import make_flythrough
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img")
+if not out.is_dir():  # cv2.imwrite would fail silently at the end
+    sys.exit(f"error: {out}: no such folder; create it first (mkdir -p {out})")
 work = Path(tempfile.mkdtemp(prefix="clam_heat_pictures_"))
 a = make_demo_project(work / "a").config_path
 if (work / "b").exists():

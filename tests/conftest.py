@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ DATA = Path(__file__).resolve().parent / "data"
 HELPERS = Path(__file__).resolve().parent / "helpers"
 if str(HELPERS) not in sys.path:
     sys.path.insert(0, str(HELPERS))
+
+from tracker_env import wandb_settled  # noqa: E402  (needs HELPERS on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +82,28 @@ def tests_leave_the_checkout_alone() -> Iterator[None]:
         assert not added, f"tests wrote into the checkout: {added}"
 
 
+@pytest.fixture(autouse=True)
+def clam_heat_logging_restored() -> Iterator[None]:
+    """The ``clam_heat`` logger as it was before the test: a CLI run adds a handler on its log
+    file and stops propagation, which would leak into later tests (a worker pool then logs to a
+    deleted test folder; ``caplog`` sees nothing)."""
+    logger = logging.getLogger("clam_heat")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.propagate, logger.level = propagate, level
+
+
 @pytest.fixture()
-def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No tracking server, API key or user folders: everything MLflow/W&B write is in tmp_path."""
+def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No tracking server, API key or user folders: everything MLflow/W&B write is in tmp_path,
+    and W&B starts afresh with this environment (its service is torn down before and after)."""
     for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
         monkeypatch.delenv(name, raising=False)
     for name in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_CONFIGURE_LOGGING"):  # undone after the test
@@ -90,6 +112,10 @@ def quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
     monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb_settled()
+    yield
+    wandb_settled()
 
 
 @pytest.fixture

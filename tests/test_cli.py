@@ -21,6 +21,27 @@ def test_help_lists_commands() -> None:
         assert command in result.output
 
 
+def test_help_at_80_columns_shows_every_option_name(monkeypatch) -> None:
+    """Catches: a help layout that cuts option names (rich's table showed ``--model-type,-…``
+    and hid ``--model_name`` at 80 columns)."""
+    import typer.main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERMINAL_WIDTH", "80")
+    group = typer.main.get_command(app)
+    assert group.commands  # type: ignore[attr-defined]
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        result = runner.invoke(app, [name, "--help"], terminal_width=80)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, (name, max(lines, key=len))
+        words = set(result.output.replace(",", " ").replace("/", " ").split())
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if flag.startswith("-"):
+                    assert flag in words, f"clam-heat {name} --help hides {flag}"
+
+
 def test_validate_shipped_template_by_bare_name(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     result = runner.invoke(app, ["validate", "clam_template.yaml"])
@@ -118,3 +139,20 @@ def test_run_dry_run_status_and_failure_exit_code(demo_project: Path) -> None:
     assert "failed ghost:" in failed.output
     report = runner.invoke(app, ["status", str(csv)])
     assert "failed ghost:" in report.output
+
+
+def test_docs_picture_script_fails_in_one_line_on_a_missing_folder(tmp_path: Path) -> None:
+    """Catches: the script exiting 0 having written nothing (cv2.imwrite into a missing
+    folder only returns False)."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "new_dir"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "make_compare_video_pictures.py"), str(missing)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    fix = f"create it first (mkdir -p {missing})"
+    assert done.stderr == f"error: {missing}: no such folder; {fix}\n"
+    assert not missing.exists()

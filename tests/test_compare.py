@@ -211,3 +211,40 @@ def test_only_finished_slides_are_compared(runs: dict[str, Path], tmp_path: Path
 def test_no_shared_slides_is_an_error(demo_project: Path, runs: dict[str, Path]) -> None:
     with pytest.raises(CompareError, match="no slide finished in both runs"):
         compare_runs(runs["a"], demo_project, demo_project.parent / "cmp")
+
+
+def test_predictions_agree_by_class_index_whatever_the_names(
+    runs: dict[str, Path], demo_source: Path, tmp_path: Path
+) -> None:
+    """The same model, one run naming its classes (normal, tumour), the other by index.
+    Catches: predictions compared as strings ('tumour' != '1': 0 % agreement), and a naming
+    difference that goes unsaid."""
+    from typer.testing import CliRunner
+
+    from clam_heat.cli import app
+
+    folder = tmp_path / "by_index"
+    shutil.copytree(demo_source, folder)
+    config = folder / "config.yaml"
+    text = config.read_text()
+    assert "    normal: 0\n    tumour: 1\n" in text
+    config.write_text(text.replace("    normal: 0\n    tumour: 1\n", "    '0': 0\n    '1': 1\n"))
+    _run(config)
+    assert {o.pred for o in run_outputs(config).values()} <= {"0", "1"}  # really other names
+    assert {o.pred for o in run_outputs(runs["a"]).values()} <= {"normal", "tumour"}
+
+    summary = compare_runs(runs["a"], config, tmp_path / "cmp", pictures=False)
+    assert summary.means["agree"] == 1.0
+    assert [(r.pred_a, r.pred_b) for r in summary.rows if r.pred_a == "tumour"] == [
+        ("tumour", "1") for r in summary.rows if r.pred_a == "tumour"
+    ]  # shown by each run's own name
+    note = "class names differ (compared by index): 0 is 'normal' in A, '0' in B; 1 is 'tumour' in A, '1' in B"  # noqa: E501
+    assert summary.class_note == note
+    data = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert data["class_names_differ"] == note and data["means"]["agree"] == 1.0
+
+    shown = CliRunner().invoke(app, ["compare", str(runs["a"]), str(config), "--out",
+                                     str(tmp_path / "cmp2"), "--no-pictures"])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "predictions agree on 100%" in shown.output
+    assert shown.output.count("class names differ") == 1

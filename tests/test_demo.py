@@ -487,3 +487,45 @@ def test_project_is_reused_with_same_parameters_and_rebuilt_otherwise(
     assert sorted(p.name for p in (folder / "features").iterdir()) == ["demo_000.h5", "demo_001.h5"]
     assert smaller.process_list_path.read_text().count("\n") == 3
     assert '"n_slides": 2' in (folder / "demo_manifest.json").read_text()
+
+
+def test_demo_of_a_mil_lab_model_runs_with_mil_lab_flags(tmp_path: Path) -> None:
+    """``clam-heat demo --model abmil`` trains ABMIL, saves it as MIL-Lab does, and MIL-Lab's
+    command line (``--model_name abmil.base.<encoder>.<task>``) runs on it. Catches: a demo that
+    only makes CLAM checkpoints, a checkpoint in another key layout than MIL-Lab's ``model.*``,
+    and a demo whose features do not match the encoder its model name says."""
+    import pandas as pd
+    import torch
+    from typer.testing import CliRunner
+
+    from clam_heat.cli import app
+
+    runner = CliRunner()
+    folder = tmp_path / "abmil_demo"
+    made = runner.invoke(app, ["demo", "--model", "abmil", "--folder", str(folder), "--slides",
+                               "2", "-q"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "rows: 2 done" in made.output
+    ckpt = folder / "ckpts" / "abmil_demo.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert all(key.startswith("model.") for key in state), list(state)[:3]
+    assert state["model.patch_embed.0.weight"].shape[1] == 512  # conch_v1's width
+
+    out = tmp_path / "heatmaps" / "abmil_results"
+    quick = runner.invoke(app, [
+        "quick", "--checkpoint", str(ckpt), "--h5_dir", str(folder / "features"),
+        "--slide_dir", str(folder / "slides"), "--output_dir", str(out),
+        "--model_name", "abmil.base.conch_v1.demo", "-q",
+    ])  # fmt: skip
+    assert quick.exit_code == 0, quick.output
+    results = pd.read_csv(out / "heatmap_results.csv", dtype={"slide_id": str})
+    assert results["slide_id"].tolist() == ["demo_000", "demo_001"]
+    # the demo's truth: even slides hold tumour (class 1), odd ones do not
+    assert results["prediction"].astype(int).tolist() == [1, 0]
+    assert all((out / f"{sid}_heatmap.png").is_file() for sid in results["slide_id"])
+
+    unknown = runner.invoke(app, ["demo", "--model", "nope", "--folder", str(tmp_path / "x")])
+    assert unknown.exit_code == 2 and "--model 'nope': must be a registered model" in (
+        unknown.output
+    )
+    assert not (tmp_path / "x").exists()

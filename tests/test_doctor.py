@@ -64,6 +64,7 @@ def test_demo_project_passes_with_every_check_named(demo_project: Path, tmp_path
         assert name in names, f"no {name!r} line in:\n{text}"
     by_name = {check.name: check for check in report}
     assert "HDF5 " in by_name["h5py"].detail
+    assert by_name["process list"].detail.endswith(": 5 of 5 rows still to process")
     assert by_name["slides"].detail == "5 of 5 found and open"
     assert by_name["features"].detail.startswith("5 of 5 H5 found")
     assert (
@@ -73,6 +74,23 @@ def test_demo_project_passes_with_every_check_named(demo_project: Path, tmp_path
     assert any("--output-dir out/; the run creates them" in c.detail for c in report), text
     assert not (tmp_path / "out").exists(), "the doctor must not create output folders"
     assert text.splitlines()[-1].startswith("ready:")
+
+
+def test_rows_to_process_leave_out_the_done_rows(demo_project: Path, tmp_path: Path) -> None:
+    """Catches: the doctor saying "5 of 5 rows to process" after a run finished all five."""
+    from clam_heat.config import load_config
+    from clam_heat.process_list import read_process_list, write_csv_atomic
+    from clam_heat.runner import run_pipeline
+
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg, stages=("infer",)).ok
+    df = read_process_list(cfg.process_list_path)
+    df.loc[df["slide_id"] == "demo_001", "status"] = "failed"
+    write_csv_atomic(df, cfg.process_list_path)
+    by_name = {c.name: c for c in run_doctor(demo_project, output_dir=tmp_path / "out")}
+    assert by_name["process list"].detail.endswith(
+        ": 1 of 5 rows still to process (4 done, 1 failed: rerun with --retry-failed)"
+    ), by_name["process list"].detail
 
 
 def test_environment_only_without_config(tmp_path: Path) -> None:

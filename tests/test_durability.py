@@ -169,10 +169,10 @@ def test_a_failed_sync_leaves_the_stage_not_done_and_it_reruns(
     monkeypatch.setattr(stage_row, "sync_paths", failing)
     summary = run_pipeline(cfg)
     assert summary.counts == {"failed": N_ROWS}
-    assert _ledger(cfg, "demo_000").record("sample")["state"] == "started"
+    assert _ledger(cfg, "demo_000").record("sample")["state"] == "failed"  # never "done"
 
     monkeypatch.setattr(stage_row, "sync_paths", real_sync)
     plan = run_pipeline(cfg, retry_failed=True, dry_run=True).plans
-    assert plan["demo_000"]["sample"].startswith("previous run was interrupted")
+    assert plan["demo_000"]["sample"].startswith("previous run failed: OSError")
     assert run_pipeline(cfg, retry_failed=True).ok
     assert _ledger(cfg, "demo_000").record("sample")["state"] == "done"

@@ -313,9 +313,14 @@ def _ctx(slide_id: str, root: Path | None = None) -> RowContext:
     return RowContext(cfg, slide_id, {"slide_id": slide_id}, Path(f"{slide_id}.svs"), "x", {})
 
 
-def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(
-    local_pool: LocalExecutor, tmp_path: Path
-) -> None:
+def test_local_pool_runs_rows_in_worker_processes_with_thread_limits(tmp_path: Path) -> None:
+    # its own pool: the module's shared pool may hold a worker another test killed, still
+    # restarting (then only one worker reports its settings)
+    with LocalExecutor(2) as local_pool:
+        _check_pool_mechanics(local_pool, tmp_path)
+
+
+def _check_pool_mechanics(local_pool: LocalExecutor, tmp_path: Path) -> None:
     rows = [_ctx(f"s{k}", tmp_path) for k in range(6)]
     pids = local_pool.pids
     assert len(set(pids)) == 2 and os.getpid() not in pids
@@ -670,7 +675,7 @@ def test_cli_workers_scheduler_and_shards_write_the_serial_outputs(
         assert f"process list: {shard_path(fresh.process_list_path, i, 2)}" in result.output
     result = _cli(fresh, "merge", str(fresh.process_list_path), "--remove-shards")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{fresh.process_list_path}: merged 2 shard file(s), 4 rows")
+    assert result.output.startswith(f"{fresh.process_list_path}: merged 2 shard files, 4 rows")
     assert not find_shards(fresh.process_list_path)
     snapshot = _snapshot(fresh)
     assert snapshot["files"] == reference["files"] and snapshot["list"] == reference["list"]

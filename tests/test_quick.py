@@ -62,17 +62,19 @@ def test_quick_runs_matched_slides_and_saves_a_config_run_reuses(inputs: dict[st
     assert first.exit_code == 0, first.output
     assert "rows: 2 done" in first.output
     assert (
-        f"warning: 1 H5 file(s) in {inputs['h5']} have no '*.tiff' slide in {inputs['slides']}, "
+        f"warning: 1 H5 file in {inputs['h5']} has no '*.tiff' slide in {inputs['slides']}, "
         "skipped: demo_002" in first.output
     )
     assert (
-        f"warning: 1 slide(s) in {inputs['slides']} have no H5 in {inputs['h5']}, skipped: "
+        f"warning: 1 slide in {inputs['slides']} has no H5 in {inputs['h5']}, skipped: "
         "demo_004" in first.output
     )
     prod = out / "heatmap_production_results" / "quick" / "Unspecified"
     for sid in ("demo_000", "demo_001"):
-        assert len(list(prod.glob(f"{sid}_0.5_roi_0_blur_0_rs_1_bc_0_a_0.4_l_1_*.jpg"))) == 1
-        assert (prod / f"{sid}_orig_1.jpg").is_file()
+        # MIL-Lab's defaults: alpha 0.5, vis_level -1 (the heatmap is named by the level as set, the
+        # plain image by the level drawn: 3, the nearest 32x of the demo's 1/4/16/32)
+        assert len(list(prod.glob(f"{sid}_0.5_roi_0_blur_0_rs_1_bc_0_a_0.5_l_-1_*.jpg"))) == 1
+        assert (prod / f"{sid}_orig_3.jpg").is_file()
         sampled = list((prod.parent / "sampled_patches").glob(f"*/topk_high_attention/*_{sid}_*"))
         assert len(sampled) == 15
     plist = pd.read_csv(out / "process_list.csv", dtype={"slide_id": str})
@@ -102,13 +104,13 @@ def test_quick_runs_matched_slides_and_saves_a_config_run_reuses(inputs: dict[st
     assert _ledgers(out) == before and (out / "config.yaml").read_text() == text
 
     # a flag that matters reruns only the stage it affects, and lands in config.yaml
-    dry = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.5", "--dry-run"))
+    dry = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.4", "--dry-run"))
     assert "demo_000: segment: up to date; infer: up to date; heatmap: changed: " in dry.output
-    alpha = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.5"))
+    alpha = runner.invoke(app, _quick(inputs, "--set", "heatmap_arguments.alpha=0.4"))
     assert alpha.exit_code == 0, alpha.output
     stage_line = next(t for t in alpha.output.splitlines() if t.startswith("time per stage"))
     assert re.fullmatch(r"time per stage: heatmap \d+\.\ds", stage_line), stage_line
-    assert load_config(out / "config.yaml").heatmap_arguments.alpha == 0.5
+    assert load_config(out / "config.yaml").heatmap_arguments.alpha == 0.4
 
 
 def test_quick_labels_and_replaced_config(inputs: dict[str, Path], demo_source: Path) -> None:
@@ -121,8 +123,8 @@ def test_quick_labels_and_replaced_config(inputs: dict[str, Path], demo_source: 
         in result.output
     )
     prod = inputs["out"] / "heatmap_production_results" / "quick"
-    assert (prod / "tumour" / "demo_000_orig_1.jpg").is_file()
-    assert (prod / "normal" / "demo_001_orig_1.jpg").is_file()
+    assert (prod / "tumour" / "demo_000_orig_3.jpg").is_file()
+    assert (prod / "normal" / "demo_001_orig_3.jpg").is_file()
     cfg = load_config(inputs["out"] / "config.yaml")
     assert cfg.data_arguments.label_dict == {"normal": 0, "tumour": 1}
 
@@ -331,3 +333,93 @@ def test_csv_without_a_known_slide_and_bad_limit_are_clear_errors(
     result = runner.invoke(app, [*base, "--csv", str(p["csv"])])
     assert result.exit_code == 2 and "no 'slide_id' column" in result.output
     assert runner.invoke(app, [*base, "--limit", "0"]).exit_code == 2
+
+
+def _real_slide_inputs(real_slide: Path, demo_source: Path, tmp_path: Path) -> list[str]:
+    """MIL-Lab's four required flags for the real one-level Aperio crop, with 64-wide features
+    on a full 256-px grid and the demo's CLAM checkpoint."""
+    from clam_heat.h5io import write_features_h5
+
+    slides, feats = tmp_path / "slides", tmp_path / "features"
+    slides.mkdir(), feats.mkdir()
+    shutil.copy(real_slide, slides / "cmu.svs")
+    ys, xs = np.mgrid[0 : 2967 - 256 : 256, 0 : 2220 - 256 : 256]
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
+    features = np.random.default_rng(0).standard_normal((len(coords), 64)).astype(np.float32)
+    attrs = {"patch_size_level0": 256}
+    write_features_h5(feats / "cmu.h5", features, coords, coords_attrs=attrs)
+    return [
+        "quick", "--checkpoint", str(demo_source / "ckpts" / "s_0_checkpoint.pt"),
+        "--h5_dir", str(feats), "--slide_dir", str(slides), "--output_dir", str(tmp_path / "out"),
+        "-q",
+    ]  # fmt: skip
+
+
+def test_quick_defaults_run_on_a_real_single_level_slide(
+    real_slide: Path, demo_source: Path, tmp_path: Path
+) -> None:
+    """MIL-Lab's defaults on a real one-level Aperio crop, only the four required flags.
+    Catches: a level default the slide does not have (``--vis_level`` 1 failed here with
+    ``level 1 does not exist``), and quick's drawing defaults drifting from generate_heatmaps.py
+    (vis_level -1, alpha 0.5, jet, no tissue mask)."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, _real_slide_inputs(real_slide, demo_source, tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "rows: 1 done" in result.output, result.output
+    heat = load_config(out / "config.yaml").heatmap_arguments
+    assert (heat.vis_level, heat.alpha, heat.cmap) == (-1, 0.5, "jet")
+    assert load_config(out / "config.yaml").runner_arguments.segment_heatmap is False
+    image = cv2.imread(str(out / "cmu_heatmap.png"))
+    assert image is not None and image.shape == (2967, 2220, 3)  # level 0: the only level
+
+
+def test_failed_row_reruns_when_its_parameter_changes_and_waits_when_not(
+    real_slide: Path, demo_source: Path, tmp_path: Path
+) -> None:
+    """The issue's session: a level the slide lacks fails the row (its error printed once); the
+    same command again runs nothing and says how to retry; fixing the flag reruns the row.
+    Catches: failed rows skipped whatever changed, the error printed twice, and a silent
+    ``rows: 1 failed`` that does not say what to do."""
+    command = _real_slide_inputs(real_slide, demo_source, tmp_path)
+    failed = runner.invoke(app, [*command, "--vis_level", "1"])
+    assert failed.exit_code == 1, failed.output
+    assert failed.output.count("level 1 does not exist (slide has levels 0..0)") == 1, failed.output
+    assert "rows: 1 failed" in failed.output and "--retry-failed" not in failed.output
+
+    same = runner.invoke(app, [*command, "--vis_level", "1"])
+    assert same.exit_code == 0, same.output  # nothing ran, nothing newly failed
+    assert "rows: 1 failed" in same.output and "does not exist" not in same.output
+    assert "1 failed row unchanged since it failed: rerun with --retry-failed" in same.output
+
+    fixed = runner.invoke(app, [*command, "--vis_level", "-1"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "rows: 1 done" in fixed.output and "unchanged since" not in fixed.output
+    plist = pd.read_csv(tmp_path / "out" / "process_list.csv", dtype=str, keep_default_na=False)
+    assert plist["status"].tolist() == ["done"] and plist["error"].tolist() == [""]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "message"),
+    [
+        (
+            "abmil.base.uni_v2.pc108-24k",
+            "error: --model_name abmil.base.uni_v2.pc108-24k: encoder 'uni_v2' gives 1536-wide "
+            "features but --h5_dir's {h5}/demo_000.h5 has 64-wide 'features'",
+        ),
+        ("abmil", "error: --checkpoint: {ckpt}: does not fit abmil ("),
+        ("clam_mb", "pass --model_name clam_sb"),
+    ],
+)
+def test_refused_model_names_the_flags_and_leaves_nothing_behind(
+    inputs: dict[str, Path], model_name: str, message: str
+) -> None:
+    """Catches: errors in config-key words (``model_arguments.embed_dim``, ``set model_type:``)
+    for a flag the user typed, and a refused start that leaves config.yaml, a process list or
+    empty folders in --output_dir."""
+    result = runner.invoke(app, _quick(inputs, "--model_name", model_name))
+    assert result.exit_code == 2, result.output
+    expected = message.format(h5=inputs["h5"], ckpt=inputs["ckpt"])
+    assert expected in result.output, result.output
+    assert "model_arguments" not in result.output and "set model_type" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not inputs["out"].exists()

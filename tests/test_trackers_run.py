@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tracker_env import wandb_settled
 
 from clam_heat.config import load_config
 from clam_heat.rows import resolved_config_path
@@ -51,6 +52,7 @@ def test_demo_run_with_wandb_offline_writes_run_files(
     cfg = load_config(demo_project, overrides=["runner_arguments.tracker=wandb"])
     summary = run_pipeline(cfg)
     assert summary.ok, summary.failed
+    wandb_settled()  # the run's files are complete on disk
     # offline (no key known), under <raw>/<exp>/wandb/
     root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "wandb"
     (run_dir,) = [p for p in root.glob("offline-run-*") if p.is_dir()]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tracker_env import wandb_settled
 
 from clam_heat.models import ClamSB
 from clam_heat.trackers import Tracker, TrackerError, make_tracker
@@ -265,6 +266,7 @@ def test_wandb_offline_run_has_one_media_file_per_epoch(
     bags = epoch_bags(2)
     with make_tracker("wandb", run_name="t", project="train", directory=tmp_path) as run:
         run_epochs(AttentionHeatmapLogger(tracker=run), model, bags)
+    wandb_settled()  # the journal and media are complete on disk
     assert run.failures == 0
     run_dir: Path = run.run_dir  # type: ignore[attr-defined]
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")

@@ -129,3 +129,77 @@ def _training_bags(
             bag = np.concatenate([bag, pos[rng.choice(len(pos), k, replace=False)]])
         bags.append((bag, int(j % 2 == 0)))
     return bags
+
+
+#: The encoder a non-CLAM demo model is named after: its width is the demo features' width, so
+#: the MIL-Lab name ``<model>.base.conch_v1.demo`` agrees with the H5 files.
+MIL_LAB_DEMO_ENCODER = "conch_v1"
+
+
+def mil_lab_demo_name(model: str) -> str:
+    """The MIL-Lab name the demo of ``model`` is run with.
+
+    >>> mil_lab_demo_name("abmil")
+    'abmil.base.conch_v1.demo'
+    """
+    return f"{model}.base.{MIL_LAB_DEMO_ENCODER}.demo"
+
+
+def train_mil_lab_checkpoint(
+    bags: Sequence[tuple[np.ndarray, int]],
+    path: str | Path,
+    *,
+    model: str,
+    feature_dim: int,
+    n_classes: int = 2,
+    seed: int = 0,
+    seconds: float = 3.0,
+) -> Path:
+    """Train any registered model (``abmil``, ``transmil``, ...) briefly and save its
+    ``state_dict`` as MIL-Lab saves a trained model (``torch.save(model.state_dict())``: the
+    ``model.``-prefixed keys its ``create_model(checkpoint_path=...)`` loads).
+
+    Same recipe as :func:`train_demo_checkpoint` (seeded order, fixed step count, one thread,
+    bags subsampled to :data:`MAX_TRAIN_BAG`); the bag's logits are the model's first output.
+    """
+    import torch
+
+    from ..models import build_model
+
+    path = Path(path)
+    if not bags:
+        raise ValueError("bags is empty: pass at least one (features, label) pair")
+    steps = max(1, round(seconds * STEPS_PER_SECOND))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x3A11]))
+    tensors = [torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)) for f, _ in bags]
+    labels = [torch.tensor([int(lab)]) for _, lab in bags]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_model(mil_lab_demo_name(model), n_classes=n_classes, embed_dim=feature_dim)
+            optim = torch.optim.Adam(net.parameters(), lr=5e-4, weight_decay=1e-5)
+            net.train()
+            order: list[int] = []
+            for _ in range(steps):
+                if not order:
+                    order = rng.permutation(len(bags)).tolist()
+                i = order.pop()
+                h = tensors[i]
+                if len(h) > MAX_TRAIN_BAG:
+                    h = h[torch.from_numpy(np.sort(rng.choice(len(h), MAX_TRAIN_BAG, False)))]
+                logits = net(h)[0].reshape(1, n_classes)
+                loss = torch.nn.functional.cross_entropy(logits, labels[i])
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+            net.eval()
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with output_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return path

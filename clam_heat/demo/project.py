@@ -12,7 +12,14 @@ from typing import Literal
 
 import numpy as np
 
-from .checkpoint import _training_bags, train_demo_checkpoint
+from ..models.registry import ENCODER_DIM_MAPPING
+from .checkpoint import (
+    MIL_LAB_DEMO_ENCODER,
+    _training_bags,
+    mil_lab_demo_name,
+    train_demo_checkpoint,
+    train_mil_lab_checkpoint,
+)
 from .features import DemoBag, _read_bag, _read_features, make_demo_features
 from .output import write_text
 from .shapes import DemoSlide, _pyramid_dims
@@ -128,13 +135,153 @@ def _slide_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where each file of a demo project goes, and what a reusable project must hold."""
+
+    folder: Path
+    ids: tuple[str, ...]
+    has_tumour: tuple[bool, ...]
+    labels: tuple[str, ...]
+    slide_paths: tuple[Path, ...]
+    feature_paths: tuple[Path, ...]
+    ckpt: Path
+    plist: Path
+    config_path: Path
+    manifest_path: Path
+    preset_path: Path
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (
+            *self.slide_paths,
+            *self.feature_paths,
+            self.ckpt,
+            self.plist,
+            self.config_path,
+            self.preset_path,
+        )
+
+
+def _layout(folder: Path, n_slides: int, model: str) -> _Layout:
+    ids = tuple(f"demo_{i:03d}" for i in range(n_slides))
+    has_tumour = tuple(i % 2 == 0 for i in range(n_slides))
+    ckpt_name = "s_0_checkpoint.pt" if model == "clam_sb" else f"{model}_demo.pt"
+    return _Layout(
+        folder=folder,
+        ids=ids,
+        has_tumour=has_tumour,
+        labels=tuple(_LABEL_NAMES[int(t)] for t in has_tumour),
+        slide_paths=tuple(folder / "slides" / f"{sid}.tiff" for sid in ids),
+        feature_paths=tuple(folder / "features" / f"{sid}.h5" for sid in ids),
+        ckpt=folder / "ckpts" / ckpt_name,
+        plist=folder / "process_lists" / "demo.csv",
+        config_path=folder / "config.yaml",
+        manifest_path=folder / "demo_manifest.json",
+        preset_path=folder / "presets" / "demo.csv",
+    )
+
+
+def _reusable(layout: _Layout, manifest: dict[str, object]) -> bool:
+    """A complete project made with the same parameters is there (its manifest is last)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(layout.manifest_path.read_text()) == manifest and all(
+            p.is_file() for p in layout.outputs
+        )
+    return False
+
+
+def _existing_slides(layout: _Layout, size: str, seed: int) -> tuple[DemoSlide, ...]:
+    width, height = DEMO_SIZES[size]
+    return tuple(
+        DemoSlide(
+            p,
+            width,
+            height,
+            _PROJECT_MPP,
+            _slide_seed(seed, i),
+            layout.has_tumour[i],
+            _pyramid_dims(width, height),
+        )
+        for i, p in enumerate(layout.slide_paths)
+    )
+
+
+def _new_slides_and_bags(
+    layout: _Layout, size: str, seed: int, feature_dim: int
+) -> tuple[tuple[DemoSlide, ...], tuple[DemoBag, ...]]:
+    """Drop slides/features of ids no longer in the project, then render slides and features."""
+    width, height = DEMO_SIZES[size]
+    for sub, ext in (("slides", ".tiff"), ("features", ".h5")):
+        for stale in (layout.folder / sub).glob(f"demo_*{ext}"):
+            if stale.stem not in layout.ids:
+                stale.unlink()
+    slides = tuple(
+        make_demo_slide(
+            p,
+            width=width,
+            height=height,
+            seed=_slide_seed(seed, i),
+            mpp=_PROJECT_MPP,
+            tumour=layout.has_tumour[i],
+        )
+        for i, p in enumerate(layout.slide_paths)
+    )
+    bags = tuple(
+        make_demo_features(s, p, feature_dim=feature_dim, seed=_slide_seed(seed, i))
+        for i, (s, p) in enumerate(zip(slides, layout.feature_paths, strict=True))
+    )
+    return slides, bags
+
+
+def _train(
+    layout: _Layout, bags: tuple[DemoBag, ...], model: str, seed: int, feature_dim: int
+) -> None:
+    """The checkpoint: CLAM's layout for clam_sb, MIL-Lab's for any other registered model."""
+    train = _training_bags(
+        [_read_features(b.path) for b in bags], [b.is_tumour for b in bags], layout.has_tumour, seed
+    )
+    if model == "clam_sb":
+        train_demo_checkpoint(train, layout.ckpt, feature_dim=feature_dim, seed=seed)
+    else:
+        train_mil_lab_checkpoint(
+            train, layout.ckpt, model=model, feature_dim=feature_dim, seed=seed
+        )
+
+
+def _write_lists_and_config(layout: _Layout, model: str, feature_dim: int) -> None:
+    import yaml
+
+    rows = "".join(f"{sid},{lab}\n" for sid, lab in zip(layout.ids, layout.labels, strict=True))
+    write_text(layout.plist, "slide_id,label\n" + rows)
+    write_text(layout.preset_path, _DEMO_PRESET)
+    config = _demo_config(feature_dim)
+    if model != "clam_sb":
+        model_args = config["model_arguments"]
+        assert isinstance(model_args, dict)
+        model_args["ckpt_path"] = f"ckpts/{layout.ckpt.name}"
+        model_args["model_type"] = mil_lab_demo_name(model)
+    header = "# clam-heat demo config: CLAM create_heatmaps.py blocks, paths relative here\n"
+    write_text(layout.config_path, header + "---\n" + yaml.safe_dump(config, sort_keys=False))
+
+
+def _check_model(model: str) -> None:
+    from ..errors import ConfigError
+    from ..models import registered_models
+
+    known = registered_models()
+    if model not in known:
+        raise ConfigError(f"--model {model!r}: must be a registered model ({', '.join(known)})")
+
+
 def make_demo_project(
     folder: str | Path,
     *,
     n_slides: int = 5,
     size: Literal["tiny", "small", "large"] = "tiny",
     seed: int = 0,
-    feature_dim: int = 64,
+    feature_dim: int | None = None,
+    model: str = "clam_sb",
 ) -> DemoProject:
     """Write (or reuse) a complete CLAM-style demo project under ``folder``.
 
@@ -144,102 +291,49 @@ def make_demo_project(
     ``heatmaps/`` for outputs. Odd-numbered slides are tumour-free (label ``normal``).
     ``demo_manifest.json`` records the parameters; it is written last, so a call with the same
     parameters reuses a complete project and anything else regenerates it.
-    """
-    import yaml
 
+    ``model`` other than ``clam_sb`` (any registered model, e.g. ``abmil``) trains that model
+    instead and saves it as MIL-Lab does, to ``ckpts/<model>_demo.pt``; the features are then
+    512 wide (conch_v1's width) and the config names it ``<model>.base.conch_v1.demo``.
+    ``feature_dim`` defaults to 64 for CLAM_SB.
+    """
     if size not in DEMO_SIZES:
         raise ValueError(f"size must be one of {sorted(DEMO_SIZES)}, got {size!r}")
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
-    folder = Path(folder)
-    width, height = DEMO_SIZES[size]
-    ids = tuple(f"demo_{i:03d}" for i in range(n_slides))
-    has_tumour = tuple(i % 2 == 0 for i in range(n_slides))
-    labels = tuple(_LABEL_NAMES[int(t)] for t in has_tumour)
-    slide_paths = tuple(folder / "slides" / f"{sid}.tiff" for sid in ids)
-    feature_paths = tuple(folder / "features" / f"{sid}.h5" for sid in ids)
-    ckpt = folder / "ckpts" / "s_0_checkpoint.pt"
-    plist = folder / "process_lists" / "demo.csv"
-    config_path = folder / "config.yaml"
-    manifest_path = folder / "demo_manifest.json"
-    manifest = {
+    _check_model(model)
+    if feature_dim is None:
+        feature_dim = 64 if model == "clam_sb" else ENCODER_DIM_MAPPING[MIL_LAB_DEMO_ENCODER]
+    layout = _layout(Path(folder), n_slides, model)
+    manifest: dict[str, object] = {
         "format_version": DEMO_FORMAT_VERSION,
         "n_slides": n_slides,
         "size": size,
         "seed": seed,
         "feature_dim": feature_dim,
     }
-    outputs = (
-        *slide_paths,
-        *feature_paths,
-        ckpt,
-        plist,
-        config_path,
-        folder / "presets" / "demo.csv",
-    )
-
-    reuse = False
-    with contextlib.suppress(OSError, ValueError):
-        reuse = json.loads(manifest_path.read_text()) == manifest and all(
-            p.is_file() for p in outputs
-        )
-    if reuse:
-        slides = tuple(
-            DemoSlide(
-                p,
-                width,
-                height,
-                _PROJECT_MPP,
-                _slide_seed(seed, i),
-                has_tumour[i],
-                _pyramid_dims(width, height),
-            )
-            for i, p in enumerate(slide_paths)
-        )
-        bags = tuple(_read_bag(s, p) for s, p in zip(slides, feature_paths, strict=True))
+    if model != "clam_sb":  # a CLAM demo's manifest stays as it was (reused as is)
+        manifest["model"] = model
+    if _reusable(layout, manifest):
+        slides = _existing_slides(layout, size, seed)
+        bags = tuple(_read_bag(s, p) for s, p in zip(slides, layout.feature_paths, strict=True))
     else:
-        manifest_path.unlink(missing_ok=True)
-        for sub, ext in (("slides", ".tiff"), ("features", ".h5")):
-            for stale in (folder / sub).glob(f"demo_*{ext}"):
-                if stale.stem not in ids:
-                    stale.unlink()
-        slides = tuple(
-            make_demo_slide(
-                p,
-                width=width,
-                height=height,
-                seed=_slide_seed(seed, i),
-                mpp=_PROJECT_MPP,
-                tumour=has_tumour[i],
-            )
-            for i, p in enumerate(slide_paths)
-        )
-        bags = tuple(
-            make_demo_features(s, p, feature_dim=feature_dim, seed=_slide_seed(seed, i))
-            for i, (s, p) in enumerate(zip(slides, feature_paths, strict=True))
-        )
-        train = _training_bags(
-            [_read_features(b.path) for b in bags], [b.is_tumour for b in bags], has_tumour, seed
-        )
-        train_demo_checkpoint(train, ckpt, feature_dim=feature_dim, seed=seed)
-        rows = "".join(f"{sid},{lab}\n" for sid, lab in zip(ids, labels, strict=True))
-        write_text(plist, "slide_id,label\n" + rows)
-        write_text(folder / "presets" / "demo.csv", _DEMO_PRESET)
-        header = "# clam-heat demo config: CLAM create_heatmaps.py blocks, paths relative here\n"
-        body = yaml.safe_dump(_demo_config(feature_dim), sort_keys=False)
-        write_text(config_path, header + "---\n" + body)
-        (folder / "heatmaps").mkdir(parents=True, exist_ok=True)
-        write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    (folder / "heatmaps").mkdir(parents=True, exist_ok=True)
+        layout.manifest_path.unlink(missing_ok=True)
+        slides, bags = _new_slides_and_bags(layout, size, seed, feature_dim)
+        _train(layout, bags, model, seed, feature_dim)
+        _write_lists_and_config(layout, model, feature_dim)
+        (layout.folder / "heatmaps").mkdir(parents=True, exist_ok=True)
+        write_text(layout.manifest_path, json.dumps(manifest, indent=2) + "\n")
+    (layout.folder / "heatmaps").mkdir(parents=True, exist_ok=True)
     return DemoProject(
-        folder=folder,
-        config_path=config_path,
-        slide_ids=ids,
-        labels=labels,
-        slide_paths=slide_paths,
-        feature_paths=feature_paths,
-        checkpoint_path=ckpt,
-        process_list_path=plist,
+        folder=layout.folder,
+        config_path=layout.config_path,
+        slide_ids=layout.ids,
+        labels=layout.labels,
+        slide_paths=layout.slide_paths,
+        feature_paths=layout.feature_paths,
+        checkpoint_path=layout.ckpt,
+        process_list_path=layout.plist,
         slides=slides,
         bags=bags,
     )

@@ -106,6 +106,24 @@ def _inspect_slide(row: Row, vis_level: int) -> str | None:
     return None
 
 
+def _to_do_text(records: list[dict[str, Any]], total: int) -> str:
+    """How many selected rows a run would still process (not done), of how many.
+
+    >>> _to_do_text([{"status": "done"}, {"status": "failed"}, {"status": "tbp"}], 4)
+    '2 of 4 rows still to process (1 done, 1 failed: rerun with --retry-failed)'
+    >>> _to_do_text([{"status": "done"}], 1)
+    '0 of 1 row still to process (1 done)'
+    """
+    statuses = [str(r.get("status", "")) for r in records]
+    done, failed = statuses.count("done"), statuses.count("failed")
+    notes = [f"{done} done"] if done else []
+    if failed:
+        notes.append(f"{failed} failed: rerun with --retry-failed")
+    rows = "row" if total == 1 else "rows"
+    text = f"{len(records) - done} of {total} {rows} still to process"
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
 def check_rows(report: DoctorReport, cfg: Any) -> list[Row]:
     """Every row to process: its slide exists and opens, its features H5 exists and is as wide
     as the model's input. The list is the one a run would build (nothing is written)."""
@@ -123,7 +141,7 @@ def check_rows(report: DoctorReport, cfg: Any) -> list[Row]:
     if not records:
         report.add("process list", None, f"{list_path}: no row has process = 1", "set it to 1")
         return []
-    report.add("process list", True, f"{list_path}: {len(records)} of {len(df)} rows to process")
+    report.add("process list", True, f"{list_path}: {_to_do_text(records, len(df))}")
     exp, runner, width = cfg.exp_arguments, cfg.runner_arguments, cfg.model_arguments.embed_dim
     names = cfg.data_arguments.label_names()
     rows: list[Row] = []

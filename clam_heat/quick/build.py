@@ -10,7 +10,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..config import HeatmapConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, counted
 from .inputs import (
     _feature_files,
     _few,
@@ -52,14 +52,14 @@ class QuickOptions:
     labels: Path | None = None
     workers: int = 1
     sets: Sequence[str] = ()
-    #: MIL-Lab generate_heatmaps.py: first N slides (sorted), a slide_id[,label] CSV, drawing
-    #: options (None: the template's) and no tissue mask on the heatmap
+    #: MIL-Lab generate_heatmaps.py: first N slides (sorted), a slide_id[,label] CSV, and its
+    #: drawing defaults (jet, alpha 0.5, vis_level -1 = auto, no tissue mask on the heatmap)
     limit: int | None = None
     csv: Path | None = None
-    cmap: str | None = None
-    alpha: float | None = None
-    vis_level: int | None = None
-    no_segment: bool = False
+    cmap: str = "jet"
+    alpha: float = 0.5
+    vis_level: int = -1
+    segment: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ def _sets_key(sets: Sequence[str], block: str, key: str) -> bool:
     return any(s.partition("=")[0].strip() == f"{block}.{key}" for s in sets)
 
 
+def _have(items: Sequence[object]) -> str:
+    return "has" if len(items) == 1 else "have"
+
+
 def _unmatched_warnings(
     h5_only: Sequence[str], slides_only: Sequence[str], h5_dir: Path, slide_dir: Path, ext: str
 ) -> list[str]:
@@ -97,12 +101,14 @@ def _unmatched_warnings(
     lines = []
     if h5_only:
         lines.append(
-            f"{len(h5_only)} H5 file(s) in {h5_dir} have no '*{ext}' slide in {slide_dir}, "
+            f"{counted(len(h5_only), 'H5 file')} in {h5_dir} {_have(h5_only)} no '*{ext}' slide "
+            f"in {slide_dir}, "
             f"skipped: {_few(h5_only)}"
         )
     if slides_only:
         lines.append(
-            f"{len(slides_only)} slide(s) in {slide_dir} have no H5 in {h5_dir}, skipped: "
+            f"{counted(len(slides_only), 'slide')} in {slide_dir} {_have(slides_only)} no H5 in "
+            f"{h5_dir}, skipped: "
             f"{_few(slides_only)}"
         )
     return lines
@@ -117,6 +123,61 @@ def _embed_dim(first_h5: Path, given: int | None) -> int:
             f"drop --embed-dim or pass --h5-dir with the model's features"
         )
     return width
+
+
+def _check_encoder_width(model_type: str, width: int, first_h5: Path) -> None:
+    """A MIL-Lab name's encoder part fixes the feature width: say so in flag words, naming the
+    H5 whose width disagrees (the config check would say ``model_arguments.embed_dim``)."""
+    from ..models.registry import ENCODER_DIM_MAPPING
+
+    parts = model_type.split(".")
+    encoder = parts[2] if len(parts) >= 3 else None
+    expected = ENCODER_DIM_MAPPING.get(encoder or "")
+    if expected is not None and expected != width:
+        raise ConfigError(
+            f"--model_name {model_type}: encoder {encoder!r} gives {expected}-wide features but "
+            f"--h5_dir's {first_h5} has {width}-wide 'features'; pass the features of "
+            f"{encoder} or a --model_name whose encoder gives {width} "
+            f"({_encoders_of(width)})"
+        )
+
+
+def _encoders_of(width: int) -> str:
+    """The encoders whose features are ``width`` wide, or the bare-name hint."""
+    from ..models.registry import ENCODER_DIM_MAPPING
+
+    names = [name for name, dim in ENCODER_DIM_MAPPING.items() if dim == width]
+    return ", ".join(names) if names else "none known: use the bare model name, e.g. abmil"
+
+
+#: Config keys -> the quick flags that set them, for messages about a flag-built config.
+FLAG_OF_KEY: dict[str, str] = {
+    "model_arguments.ckpt_path": "--checkpoint",
+    "model_arguments.model_type": "--model_name",
+    "model_arguments.embed_dim": "--embed_dim",
+    "model_arguments.model_size": "--model-size",
+    "exp_arguments.n_classes": "--num_classes",
+    "runner_arguments.features_dir": "--h5_dir",
+    "data_arguments.data_dir": "--slide_dir",
+    "data_arguments.slide_ext": "--slide_ext",
+    "heatmap_arguments.vis_level": "--vis_level",
+    "heatmap_arguments.alpha": "--alpha",
+    "heatmap_arguments.cmap": "--cmap",
+}
+
+
+def in_flag_words(message: str, sets: Sequence[str] = ()) -> str:
+    """``message`` with the config keys quick's flags set replaced by those flags (keys the
+    user set with ``--set`` keep their names).
+
+    >>> in_flag_words("model_arguments.ckpt_path: a CLAM checkpoint; set model_type: clam_sb")
+    '--checkpoint: a CLAM checkpoint; pass --model_name clam_sb'
+    """
+    for key, flag in FLAG_OF_KEY.items():
+        if not _sets_key(sets, *key.split(".", 1)):
+            message = message.replace(key, flag)
+            message = message.replace(f"set {key.split('.')[1]}: ", f"pass {flag} ")
+    return message
 
 
 def _n_classes(ckpt: Path, given: int | None) -> int:
@@ -182,6 +243,7 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
     matched, chosen = select_slides(matched, csv_ids, options.limit, csv_source)
     warnings += chosen
     embed_dim = _embed_dim(features[matched[0]], options.embed_dim)
+    _check_encoder_width(options.model_type, embed_dim, features[matched[0]])
     n_classes = _n_classes(ckpt, options.n_classes)
     if ckpt.is_dir():  # a save_pretrained folder: the run fingerprints its weights file
         from ..models.checkpoint import SAFETENSORS_NAME
@@ -196,7 +258,8 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         unlabeled = [sid for sid in matched if sid not in labels]
         if unlabeled:
             warnings.append(
-                f"{len(unlabeled)} slide(s) have no label in {label_source} (filed under "
+                f"{counted(len(unlabeled), 'slide')} {_have(unlabeled)} no label in {label_source} "
+                "(filed under "
                 f"Unspecified): {_few(unlabeled)}"
             )
     label_dict, guess = label_dict_for(labels.values(), n_classes, label_source)
@@ -220,13 +283,13 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         "model_arguments": {"ckpt_path": str(ckpt), "embed_dim": embed_dim},
         "heatmap_arguments": {  # no fine pass: it needs encoder weights
             "calc_heatmap": False,
-            **{k: v for k, v in drawing.items() if v is not None},
+            **drawing,
         },
         "runner_arguments": {
             "features_dir": str(h5_dir),
             "results_dir": str(out / "results"),
             "workers": options.workers,
-            "segment_heatmap": not options.no_segment,
+            "segment_heatmap": options.segment,
         },
     }
     return QuickPlan(
@@ -321,6 +384,30 @@ def _write_process_list(plan: QuickPlan) -> Path:
     return path
 
 
+def _checked_plan(options: QuickOptions) -> QuickPlan:
+    """The config, with its global inputs checked (the checkpoint loads into the named model)
+    before anything is written: a refused start leaves no config, list or folder behind. Errors
+    name the flags, not the config keys they became."""
+    from ..errors import ClamHeatError
+    from ..preflight import check_global_inputs
+    from ..stages.registry import stages_for
+
+    try:
+        plan = build_quick_config(options)
+        stages = [getattr(s, "name", str(s)) for s in stages_for(plan.config, None)]
+        check_global_inputs(plan.config, stages)
+    except ClamHeatError as err:
+        text = in_flag_words(str(err), options.sets)
+        if text == str(err):
+            raise
+        try:
+            translated = type(err)(text)
+        except TypeError:  # an error type that takes more than a message
+            translated = ConfigError(text)
+        raise translated from None
+    return plan
+
+
 def prepare_quick(options: QuickOptions) -> QuickPlan:
     """The library call behind ``clam-heat quick``: build the config, then write it and the list.
 
@@ -328,7 +415,7 @@ def prepare_quick(options: QuickOptions) -> QuickPlan:
     repeats the run; an existing config for other inputs is replaced with a warning. The process
     list keeps its statuses across reruns, so rerunning the same command resumes.
     """
-    plan = build_quick_config(options)
+    plan = _checked_plan(options)
     warnings = list(plan.warnings)
     replaced = _write_config(plan)
     if replaced:

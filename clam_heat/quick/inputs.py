@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import ClamHeatError, ConfigError, message_line
+from ..errors import ClamHeatError, ConfigError, counted, message_line
 
 #: How many names a warning or error quotes before "...".
 _SHOWN = 3
@@ -213,7 +213,7 @@ def select_slides(
     first ``--limit`` of them in sorted order; ``(selected, warnings)``.
 
     >>> select_slides(["a", "b", "c"], ["c", "a", "z"], None, Path("s.csv"))
-    (['a', 'c'], ['1 slide(s) listed in s.csv have no slide and H5 pair, skipped: z'])
+    (['a', 'c'], ['1 slide listed in s.csv has no slide and H5 pair, skipped: z'])
     >>> select_slides(["b", "a", "c"], None, 2, None)
     (['a', 'b'], [])
     """
@@ -223,7 +223,8 @@ def select_slides(
         missing = sorted(set(wanted) - set(matched))
         if missing:
             warnings.append(
-                f"{len(missing)} slide(s) listed in {source} have no slide and H5 pair, "
+                f"{counted(len(missing), 'slide')} listed in {source} "
+                f"{'has' if len(missing) == 1 else 'have'} no slide and H5 pair, "
                 f"skipped: {_few(missing)}"
             )
         chosen = [sid for sid in chosen if sid in set(wanted)]

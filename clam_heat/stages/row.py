@@ -29,7 +29,7 @@ from .base import Stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RowOutcome", "plan_row", "process_row", "resolve"]
+__all__ = ["RowOutcome", "failed_row_changed", "plan_row", "process_row", "resolve"]
 
 
 @dataclass
@@ -82,15 +82,63 @@ def plan_row(
     return plan
 
 
-def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) -> RowOutcome:
-    """Run the stale stages of one row; never raises for a bad slide (returns a failed outcome)."""
-    timer = Timer()
-    outcome = RowOutcome(ctx.slide_id, "done")
+def failed_row_changed(
+    ctx: RowContext, stages: Sequence[Stage | str] | None = None
+) -> Reason | None:
+    """Why a row that failed should run again without ``--retry-failed``: the failed stage's
+    fingerprint (config keys, input files, checkpoint) differs from the one it failed under, or
+    a stage before it is no longer up to date. None: unchanged since it failed (or failed
+    before failures were recorded), so it waits for ``--retry-failed``."""
     ledger = Ledger.load(ctx.ledger_path)
     try:
         for stage in resolve(stages):
+            rec = ledger.record(stage.name) or {}
+            try:
+                fingerprint = stage.fingerprint(ctx)
+            except ClamHeatError:
+                fingerprint = None
+            if rec.get("state") == "failed":
+                return ledger.changed_since_failure(stage.name, fingerprint)
+            if rec.get("state") != "done" or fingerprint is None:
+                return None
+            reason = ledger.reason(stage.name, fingerprint, stage.outputs(ctx).values())
+            if reason is not None:
+                return Reason("upstream", f"{stage.name} {reason}")
+        return None
+    except Exception:  # noqa: BLE001 - undecidable: the row waits, as before
+        log.debug("%s: cannot tell whether the failed row changed", ctx.slide_id, exc_info=True)
+        return None
+    finally:
+        ctx.close()
+
+
+def _record_failure(
+    ledger: Ledger, stage: str, fingerprint: dict[str, Any] | None, error: str
+) -> None:
+    """The failed stage and the fingerprint it failed under; a ledger that cannot be written
+    only costs the automatic rerun on change."""
+    try:
+        ledger.mark_failed(stage, fingerprint, error)
+    except Exception:  # noqa: BLE001 - never mask the row's own error
+        log.warning("%s: cannot record the failure in the ledger", ledger.path, exc_info=True)
+
+
+def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) -> RowOutcome:
+    """Run the stale stages of one row; never raises for a bad slide (returns a failed outcome).
+
+    A failing stage is recorded in the ledger with the fingerprint it failed under
+    (:func:`failed_row_changed` compares it on the next run)."""
+    timer = Timer()
+    outcome = RowOutcome(ctx.slide_id, "done")
+    ledger = Ledger.load(ctx.ledger_path)
+    current: tuple[str, dict[str, Any] | None] | None = None
+    try:
+        for stage in resolve(stages):
             name = stage.name
-            reason = ledger.reason(name, stage.fingerprint(ctx), stage.outputs(ctx).values())
+            current = (name, None)
+            fingerprint = dict(stage.fingerprint(ctx))
+            current = (name, fingerprint)
+            reason = ledger.reason(name, fingerprint, stage.outputs(ctx).values())
             if reason is not None:
                 outcome.reasons[name] = str(reason)
                 stage_timer = Timer()
@@ -115,6 +163,7 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
             rec = ledger.record(name) or {}
             outcome.stage = name
             outcome.warnings.extend(rec.get("result", {}).get("warnings", []))
+            current = None
         infer = ledger.record("infer")
         if infer:
             outcome.result = dict(infer.get("result", {}))
@@ -124,6 +173,8 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
         outcome.status = "failed"
         outcome.error = _one_line(err, ctx)
         log.error("%s failed: %s\n%s", ctx.slide_id, outcome.error, traceback.format_exc())
+        if current is not None:
+            _record_failure(ledger, *current, outcome.error)
     finally:
         ctx.close()
         outcome.seconds = timer.seconds
