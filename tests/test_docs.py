@@ -28,11 +28,6 @@ DOCS = ROOT / "docs"
 #: Lines of the README a reader sees before scrolling: the two commands must be in it.
 FIRST_SCREEN = 40
 
-#: README options another branch adds (``demo --model``, the MIL-Lab demo checkpoint).
-#: An entry here is allowed to be missing from ``--help``; drop it once the option exists.
-PENDING_OPTIONS = {("demo", "--model")}
-
-
 def _load_docs_module(name: str) -> ModuleType:
     """A script of docs/ (not a package) imported by path."""
     spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
@@ -175,9 +170,7 @@ def test_every_documented_command_is_real(page: str) -> None:
     options = _cli_options()
     for line, command, flags in _clam_heat_calls(path.read_text(encoding="utf-8")):
         assert command in options, f"{page}: {line!r}: no command {command!r}"
-        unknown = [
-            f for f in flags if f not in options[command] and (command, f) not in PENDING_OPTIONS
-        ]
+        unknown = [f for f in flags if f not in options[command]]
         assert not unknown, f"{page}: {line!r}: {command} has no option {unknown}"
     # the repository's own scripts (docs/, bench/, examples/) that a page tells you to run
     for _, body in _bash_blocks(path.read_text(encoding="utf-8")):
