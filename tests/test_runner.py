@@ -295,6 +295,31 @@ def test_calc_heatmap_overlap_pass_is_cached_and_width_checked(demo_project: Pat
     assert "1024" in error and str(wide.model_arguments.embed_dim) in error
 
 
+def test_overlap_grid_steps_scale_with_custom_downsample(demo_project: Path) -> None:
+    """CLAM's overlap grid at custom_downsample 2: a patch covers 256 px x 2 = 512 level-0 px and
+    the grid steps by half of that (overlap 0.5), both scaled by custom_downsample."""
+    cfg = load_config(
+        demo_project, overrides=[*ENCODER_PATH, "patching_arguments.custom_downsample=2"]
+    )
+    summary = run_pipeline(cfg, stages=("segment", "infer", "overlap"))
+    assert summary.ok, summary.failed
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo"
+    overlap_files = sorted(raw.rglob("*_0.5_roi_False.h5"))
+    assert len(overlap_files) == 5
+    for path in overlap_files:
+        with h5py.File(path) as h5:
+            coords = h5["coords"][:]
+            side = int(h5["coords"].attrs["patch_size_level0"])
+        assert side == 512  # 256 px at level 0 (downsample 1) x custom_downsample 2
+        # by hand: int(256 * (1 - 0.5)) * 1 * 2 = 256 between neighbours along a row or column
+        # (each tissue piece starts its own grid, so only neighbours on one line are compared)
+        for along, line in ((0, 1), (1, 0)):
+            gaps = np.concatenate(
+                [np.diff(np.sort(coords[coords[:, line] == v, along])) for v in set(coords[:, line])]
+            )
+            assert gaps.min() == 256 and (gaps == 256).sum() > len(coords) // 4, path
+
+
 def test_bag_features_extracted_from_the_slide_when_no_h5(demo_project: Path) -> None:
     cfg = load_config(
         demo_project,
