@@ -314,9 +314,8 @@ def test_overlap_grid_steps_scale_with_custom_downsample(demo_project: Path) -> 
         # by hand: int(256 * (1 - 0.5)) * 1 * 2 = 256 between neighbours along a row or column
         # (each tissue piece starts its own grid, so only neighbours on one line are compared)
         for along, line in ((0, 1), (1, 0)):
-            gaps = np.concatenate(
-                [np.diff(np.sort(coords[coords[:, line] == v, along])) for v in set(coords[:, line])]
-            )
+            lines = (np.sort(coords[coords[:, line] == v, along]) for v in set(coords[:, line]))
+            gaps = np.concatenate([np.diff(points) for points in lines])
             assert gaps.min() == 256 and (gaps == 256).sum() > len(coords) // 4, path
 
 
