@@ -19,6 +19,7 @@ from clam_heat.rows import (
     blockmap_h5_path,
     build_contexts,
     cohort_scores_path,
+    overlap_h5_path,
     production_heatmap_path,
 )
 from clam_heat.runner import run_pipeline
@@ -96,3 +97,45 @@ def test_same_score_same_colour_and_only_heatmap_reruns(demo_project: Path) -> N
     assert run_pipeline(cfg, stages=["heatmap"]).ok
     ctx_a, ctx_b = (next(c for c in _contexts(cfg) if c.slide_id == x.slide_id) for x in (a, b))
     assert not np.array_equal(_pixel(ctx_a, *ca[ia], side), _pixel(ctx_b, *cb[ib], side))
+
+
+def test_cohort_scale_with_use_ref_scores_colours_each_patch_by_its_bag_score(
+    demo_project: Path,
+) -> None:
+    """``calc_heatmap`` + ``use_ref_scores`` under the cohort scale: the overlap file holds each
+    patch's percentile among its slide's bag scores, which the heatmap must turn back into that
+    bag score before placing it in the cohort. Overlap 0 and bag features from the same encoder
+    make the fine grid the bag grid with the same scores, so every patch must get the colour of
+    its own bag score's cohort rank (oracle: SciPy's percentileofscore, matplotlib's jet)."""
+    cfg = load_config(
+        demo_project,
+        overrides=[
+            *EXACT,
+            "heatmap_arguments.score_scale=cohort",
+            "heatmap_arguments.calc_heatmap=true",
+            "heatmap_arguments.use_ref_scores=true",
+            "encoder_arguments.model_name=tiny_cnn",
+            "encoder_arguments.target_img_size=64",
+            "exp_arguments.batch_size=64",
+            "runner_arguments.features_dir=null",
+            "runner_arguments.extract_features=true",
+        ],
+    )
+    summary = run_pipeline(cfg)
+    assert summary.ok, summary.failed
+    contexts = _contexts(cfg)
+    bags = {c.slide_id: read_scores(blockmap_h5_path(c)) for c in contexts}
+    everything = np.concatenate([scores for scores, _, _ in bags.values()])
+    jet = matplotlib.colormaps["jet"]
+    checked = 0
+    for ctx in contexts:
+        scores, coords, side = bags[ctx.slide_id]
+        fine = read_scores(overlap_h5_path(ctx))
+        np.testing.assert_array_equal(fine[1], coords)  # the same grid, in the same order
+        assert np.ptp(fine[0]) > 50  # percentiles (0..100), not raw attention
+        for score, (x, y) in zip(scores, coords, strict=True):
+            pct = percentileofscore(everything, score, kind="rank")
+            want = (np.asarray(jet(pct / 100))[:3] * 255).astype(np.uint8)
+            np.testing.assert_array_equal(_pixel(ctx, x, y, side), want, err_msg=f"{x}, {y}")
+            checked += 1
+    assert checked == len(everything) > 100

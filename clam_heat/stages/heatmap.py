@@ -179,11 +179,16 @@ def _on_scale(ctx: RowContext, scores: Any, use_percentiles: bool) -> tuple[Any,
 def _slide_percentiles_as_scores(ctx: RowContext, pct: Any) -> Any:
     """Under the cohort scale, fine-pass percentiles (of the slide's bag scores, CLAM's
     ``use_ref_scores``) as the bag score at that rank, so the cohort file can place them; exact
-    for a patch whose score equals a bag score, the lower neighbour's otherwise."""
+    for a patch whose score equals a bag score, the lower neighbour's otherwise.
+
+    CLAM's rank rule puts a score at a whole or half rank (``pct * n / 100``); the overlap file
+    stores float32, so the rank is rounded to the nearest half before ``ceil`` (a float32
+    ``r + 1e-6`` would otherwise land one bag score too high)."""
     if ctx.cfg.heatmap_arguments.score_scale != "cohort":
         return pct
     import numpy as np
 
     ref = np.sort(read_scores(blockmap_h5_path(ctx))[0])
-    k = np.clip(np.ceil(np.asarray(pct, dtype=np.float64) / 100 * len(ref)) - 1, 0, len(ref) - 1)
+    rank = np.round(np.asarray(pct, dtype=np.float64) * len(ref) / 50) / 2
+    k = np.clip(np.ceil(rank) - 1, 0, len(ref) - 1)
     return ref[k.astype(np.int64)]
