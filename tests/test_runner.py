@@ -101,6 +101,39 @@ def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> No
     assert len(pngs) == 5 * 3  # old k=15 files of each slide were removed
 
 
+def test_editing_a_rows_roi_redraws_its_heatmap(demo_project: Path) -> None:
+    """``use_roi``: the heatmap covers the row's level-0 box (x1, y1, x2, y2), so an edited x2
+    redraws that row's heatmap (and only its heatmap) at the new width. Vis level -1 is level 3
+    of the demo slides (downsample 32): a box 2048 x 1024 px wide at level 0 is 64 x 32 px."""
+    cfg = load_config(demo_project, overrides=["heatmap_arguments.use_roi=true"])
+    rows = pd.read_csv(demo_project.parent / "process_lists" / "demo.csv", dtype=str)
+    rows[["x1", "y1", "x2", "y2"]] = ["0", "0", "2048", "1024"]
+    rows.to_csv(demo_project.parent / "process_lists" / "demo.csv", index=False)
+    assert run_pipeline(cfg).ok
+
+    def heatmap(slide_id: str) -> Path:
+        prod = Path(cfg.exp_arguments.production_save_dir) / "demo"
+        (path,) = prod.rglob(f"{slide_id}_0.0_roi_1_*.jpg")
+        return path
+
+    with Image.open(heatmap("demo_001")) as image:
+        assert image.size == (64, 32)
+    before = _finished(cfg)
+    listed = _list(cfg)
+    listed.loc[listed["slide_id"] == "demo_001", "x2"] = 3072
+    listed.to_csv(cfg.process_list_path, index=False)
+    summary = run_pipeline(cfg)
+    assert summary.ok, summary.failed
+    after = _finished(cfg)
+    changed = {key for key in before if before[key] != after[key]}
+    assert ("demo_001", "heatmap") in changed and {s for s, _ in changed} == {"demo_001"}
+    assert "segment" not in summary.stage_seconds and "infer" not in summary.stage_seconds
+    with Image.open(heatmap("demo_001")) as image:
+        assert image.size == (96, 32)  # (3072 - 0) / 32
+    with Image.open(heatmap("demo_000")) as image:
+        assert image.size == (64, 32)
+
+
 def test_new_checkpoint_reruns_inference_and_downstream(demo_project: Path) -> None:
     cfg = load_config(demo_project)
     assert run_pipeline(cfg).ok
