@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -80,11 +79,9 @@ def test_thumbnail_is_a_png_that_keeps_aspect_and_colour(outputs: dict[str, Path
 
 
 def test_thumbnail_of_a_large_jpeg_is_decoded_reduced(outputs: dict[str, Path]) -> None:
-    start = time.perf_counter()
-    image = _decode(thumbnail(outputs["jpg"]))
+    image = _decode(thumbnail(outputs["jpg"]))  # its time is in bench/limits.py
     assert image.shape == (384, 512, 3)
     assert np.abs(image.astype(int) - (255, 0, 0)).max() <= 2
-    assert time.perf_counter() - start < 5
 
 
 def test_thumbnail_of_a_broken_file_is_one_line(tmp_path: Path) -> None:
@@ -297,16 +294,13 @@ def test_wandb_offline_run_files(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     (tmp_path / "wandb_dir").mkdir()
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen:  # start-up time: bench/limits.py
         warnings.simplefilter("always")
         tracker = make_tracker("wandb", run_name="run-w", project="EXP_TRACK", directory=tmp_path)
-        started = time.perf_counter() - start
         with tracker:
             _log_run(tracker, outputs)
     assert not seen, [str(w.message) for w in seen]
     assert capfd.readouterr() == ("", "")  # nothing from W&B on the terminal
-    assert started < 20, f"wandb offline init took {started:.1f} s"
     assert tracker.failures == 0
     run_dir = tracker.run_dir  # type: ignore[attr-defined]
     assert run_dir.parent == tmp_path / "wandb_dir" / "wandb"
