@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -15,9 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from clam_heat.atomic import write_text_atomic
+from clam_heat.atomic import is_temp_name, write_text_atomic
 from clam_heat.config import load_config
 from clam_heat.errors import ConfigError
 from clam_heat.ledger import file_identity
@@ -216,22 +218,34 @@ def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
     assert not cfg.process_list_path.with_suffix(".csv").read_text().count("running")
 
 
-def _valid(path: Path) -> bool:
+def _why_unreadable(path: Path) -> str | None:
+    """None when ``path`` reads back whole as its kind, else what failed. Checked: HDF5 (every
+    dataset read in full), JPEG/PNG/TIFF (every pixel decoded), JSON/GeoJSON (parsed), CSV
+    (parsed by pandas), YAML (parsed). The run log is append-only text and not checked; any
+    other kind is reported, so a new output gets a check here."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".h5":
-            with h5py.File(path) as h5:
-                list(h5.keys())
+            with h5py.File(path, "r") as h5:
+                names: list[str] = []
+                h5.visit(names.append)
+                for name in names:
+                    if isinstance(h5[name], h5py.Dataset):
+                        h5[name][()]
         elif suffix in {".jpg", ".png", ".tiff"}:
-            with Image.open(path) as im:
-                im.load()
+            with Image.open(path) as image:
+                image.load()
         elif suffix in {".json", ".geojson"}:
             json.loads(path.read_text())
         elif suffix == ".csv":
             pd.read_csv(path)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+        elif suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif suffix != ".log":
+            return f"no read-back check for {suffix!r} files (add one to _why_unreadable)"
+    except (OSError, ValueError, SyntaxError, yaml.YAMLError) as err:  # truncated or corrupt
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 @pytest.mark.slow
@@ -248,26 +262,25 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
     completed_before: dict[tuple[str, str], str] = {}
     for target in (1, 4, 9, 14):  # kill once this many stages have been recorded done
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if len(_finished(cfg)) >= target:
-                    break
-            except (json.JSONDecodeError, OSError):
-                pass
+        reached, deadline = False, time.monotonic() + 120
+        while not reached and proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(json.JSONDecodeError, OSError):  # a ledger being replaced
+                reached = len(_finished(cfg)) >= target
             time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        assert reached and proc.poll() is None, f"the run ended before {target} stages were done"
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert proc.returncode == -signal.SIGKILL  # the kill landed mid-run
         done_now = _finished(cfg)
+        assert len(done_now) < 20  # 5 slides x 4 stages: work was left
         # nothing recorded done before this kill was redone by this run
         for key, stamp in completed_before.items():
             assert done_now.get(key) == stamp, key
         completed_before = done_now
         out_root = demo_project.parent / "heatmaps"
         for path in out_root.rglob("*"):
-            if path.is_file() and not (path.name.startswith(".") and ".tmp" in path.name):
-                assert _valid(path), f"truncated or corrupt: {path}"
+            if path.is_file() and not is_temp_name(path.name):
+                assert _why_unreadable(path) is None, f"{path}: {_why_unreadable(path)}"
     final = run_pipeline(cfg)
     assert final.ok and final.counts == {"done": 5}
     for key, stamp in completed_before.items():
