@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from demo_state import TINY_ENCODER, done_stages
 from PIL import Image
 
 from clam_heat.atomic import is_temp_name, write_text_atomic
@@ -25,22 +26,6 @@ from clam_heat.errors import ConfigError
 from clam_heat.ledger import file_identity
 from clam_heat.runner import run_pipeline
 from clam_heat.stages import Stage, StageRun, base_fingerprint, registry
-
-
-def _ledgers(cfg) -> dict[str, dict]:
-    root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
-    return {p.name.split(".")[0]: json.loads(p.read_text()) for p in root.rglob("*.ledger.json")}
-
-
-def _finished(cfg) -> dict[tuple[str, str], str]:
-    """Each done stage's whole ledger record: a rerun changes it (its fingerprint, finish time or
-    duration), a skipped stage leaves it byte for byte."""
-    return {
-        (slide, stage): json.dumps(rec, sort_keys=True)
-        for slide, data in _ledgers(cfg).items()
-        for stage, rec in data["stages"].items()
-        if rec.get("state") == "done"
-    }
 
 
 def _list(cfg) -> pd.DataFrame:
@@ -67,16 +52,16 @@ def test_full_run_then_nothing_to_redo(demo_project: Path) -> None:
         assert h5["coords"].dtype == np.int64 and h5["coords"].shape[1] == 2
     assert (raw / "config.yaml").exists()
     assert len(list(raw.rglob("*_segmentation.geojson"))) == 5
-    before = _finished(cfg)
+    before = done_stages(cfg)
     again = run_pipeline(cfg)
     assert again.ok and again.stage_seconds == {}
-    assert _finished(cfg) == before
+    assert done_stages(cfg) == before
 
 
 def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> None:
     cfg = load_config(demo_project)
     assert run_pipeline(cfg).ok
-    before = _finished(cfg)
+    before = done_stages(cfg)
     alpha = load_config(demo_project, overrides=["heatmap_arguments.alpha=0.7"])
     plan = run_pipeline(alpha, dry_run=True).plans
     first = next(iter(plan.values()))
@@ -84,7 +69,7 @@ def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> No
     assert "heatmap_arguments.alpha 0.4 -> 0.7" in first["heatmap"]
     summary = run_pipeline(alpha)
     assert set(summary.stage_seconds) == {"heatmap"}
-    after = _finished(cfg)
+    after = done_stages(cfg)
     for key, stamp in before.items():
         assert (stamp == after[key]) == (key[1] != "heatmap"), key
 
@@ -120,13 +105,13 @@ def test_editing_a_rows_roi_redraws_its_heatmap(demo_project: Path) -> None:
 
     with Image.open(heatmap("demo_001")) as image:
         assert image.size == (64, 32)
-    before = _finished(cfg)
+    before = done_stages(cfg)
     listed = _list(cfg)
     listed.loc[listed["slide_id"] == "demo_001", "x2"] = 3072
     listed.to_csv(cfg.process_list_path, index=False)
     summary = run_pipeline(cfg)
     assert summary.ok, summary.failed
-    after = _finished(cfg)
+    after = done_stages(cfg)
     changed = {key for key in before if before[key] != after[key]}
     assert ("demo_001", "heatmap") in changed and {s for s, _ in changed} == {"demo_001"}
     assert "segment" not in summary.stage_seconds and "infer" not in summary.stage_seconds
@@ -196,13 +181,13 @@ def test_bad_rows_fail_with_reasons_and_do_not_stop_the_run(
     assert not any(attempts.values()), attempts  # no stage ran for any row
     assert not {"bad_open", "no_h5", "wide"} & set(attempts)
     assert again.stage_seconds == {} and again.counts == {"done": 1, "failed": 3}
-    assert ("no_h5", "infer") not in _finished(cfg)
+    assert ("no_h5", "infer") not in done_stages(cfg)
     attempts.clear()
     retried = run_pipeline(cfg, retry_failed=True, on_row=seen)
     assert {"bad_open", "no_h5", "wide"} <= set(attempts)
     assert attempts.get("demo_003", {}) == {}  # a done row is not redone
     assert {"infer", "heatmap", "sample"} <= set(attempts["no_h5"])  # segment was kept
-    assert ("no_h5", "infer") in _finished(cfg) and ("no_h5", "sample") in _finished(cfg)
+    assert ("no_h5", "infer") in done_stages(cfg) and ("no_h5", "sample") in done_stages(cfg)
     assert retried.counts == {"done": 2, "failed": 2}
 
 
@@ -265,13 +250,13 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
         reached, deadline = False, time.monotonic() + 120
         while not reached and proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(json.JSONDecodeError, OSError):  # a ledger being replaced
-                reached = len(_finished(cfg)) >= target
+                reached = len(done_stages(cfg)) >= target
             time.sleep(0.01)
         assert reached and proc.poll() is None, f"the run ended before {target} stages were done"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL  # the kill landed mid-run
-        done_now = _finished(cfg)
+        done_now = done_stages(cfg)
         assert len(done_now) < 20  # 5 slides x 4 stages: work was left
         # nothing recorded done before this kill was redone by this run
         for key, stamp in completed_before.items():
@@ -284,7 +269,7 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
     final = run_pipeline(cfg)
     assert final.ok and final.counts == {"done": 5}
     for key, stamp in completed_before.items():
-        assert _finished(cfg)[key] == stamp, key
+        assert done_stages(cfg)[key] == stamp, key
     leftovers = [p for p in (demo_project.parent / "heatmaps").rglob(".*") if ".tmp" in p.name]
     assert leftovers == []
     assert set(_list(cfg)["status"]) == {"done"}
@@ -307,9 +292,7 @@ def test_temp_csvs_of_a_killed_run_are_swept_and_others_kept(demo_project: Path)
 ENCODER_PATH = [
     "heatmap_arguments.calc_heatmap=true",
     "patching_arguments.overlap=0.5",
-    "encoder_arguments.model_name=tiny_cnn",
-    "encoder_arguments.target_img_size=64",
-    "exp_arguments.batch_size=64",
+    *TINY_ENCODER,
 ]
 
 
@@ -452,11 +435,11 @@ def test_vanished_slide_is_skipped_with_a_reason_then_resumes(demo_project: Path
     row = _list(cfg).set_index("slide_id").loc["demo_004"]
     assert row["status"] == "skipped" and bool(row["missing"])
     assert row["error"].startswith(f"slide file not found: {slide}")
-    before = _finished(cfg)
+    before = done_stages(cfg)
     hidden.rename(slide)
     again = run_pipeline(cfg)
     assert again.counts == {"done": 5} and set(_list(cfg)["status"]) == {"done"}
-    after = _finished(cfg)
+    after = done_stages(cfg)
     assert {key for key in after if before.get(key) != after[key]} == {
         ("demo_004", stage) for stage in ("segment", "infer", "heatmap", "sample")
     }
@@ -573,7 +556,7 @@ def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: 
 
         second = run_pipeline(cfg)  # resume: nothing to redo, the toy stages included
         assert second.ok and second.stage_seconds == {}
-        done = _finished(cfg)
+        done = done_stages(cfg)
 
         words.write_text("one two three four")  # the toy stage's fingerprint input changes
         plan = next(iter(run_pipeline(cfg, dry_run=True).plans.values()))
@@ -582,7 +565,7 @@ def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: 
         third = run_pipeline(cfg)
         assert set(third.stage_seconds) == {"count_words", "double_count"}
         assert (slide_dir / "demo_000_double.txt").read_text() == "8"
-        after = _finished(cfg)
+        after = done_stages(cfg)
         assert {key for key in after if done.get(key) != after[key]} == {
             (slide, stage) for slide in ("demo_000", "demo_001")
             for stage in ("count_words", "double_count")
