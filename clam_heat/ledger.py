@@ -260,10 +260,6 @@ class Ledger:
         }
         self.save()
 
-    def invalidate(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self.save()
-
 
 class Timer:
     """Tiny wall-clock helper for per-stage timings."""
