@@ -10,11 +10,9 @@ others (TransMIL, DSMIL, ILRA, RRT, Transformer) see the whole bag, as in their 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import FeatureError
@@ -37,19 +35,17 @@ def overlap_scores(
     custom_downsample: float = 1,
     batch_size: int = 256,
     num_workers: int = 0,
-    device: str | torch.device | None = None,
     amp: bool = False,
-    mp_context: str | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """CLAM's overlapping pass: encode + raw attention per patch; returns (N,) float32.
 
-    The patch-reading options (``patch_level`` ... ``progress``) are
-    :func:`~.dataset.encode_patches`' own, passed on as they are. Features are scored batch by
-    batch and dropped, so memory stays O(batch). With ``reference_scores`` (the blockmap's raw
-    attention, any shape) each score becomes its percentile (0..100) among them, CLAM's
-    ``use_ref_scores``; without, the raw logits are kept. Whole-bag models rank the overlap
-    bag's scores among themselves instead (their scores are only comparable within one bag).
+    The patch-reading options (``patch_level`` ... ``amp``) are
+    :func:`~.dataset.encode_patches`' own, passed on as they are (the encoder's device is
+    used). Features are scored batch by batch and dropped, so memory stays O(batch). With
+    ``reference_scores`` (the blockmap's raw attention, any shape) each score becomes its
+    percentile (0..100) among them, CLAM's ``use_ref_scores``; without, the raw logits are kept.
+    Whole-bag models rank the overlap bag's scores among themselves instead (their scores are
+    only comparable within one bag).
     """
     encode = functools.partial(
         encode_patches,
@@ -61,10 +57,7 @@ def overlap_scores(
         custom_downsample=custom_downsample,
         batch_size=batch_size,
         num_workers=num_workers,
-        device=device,
         amp=amp,
-        mp_context=mp_context,
-        progress=progress,
     )
     if reference_scores is not None and np.asarray(reference_scores).size == 0:
         raise FeatureError("reference_scores is empty (the blockmap has no patches)")
