@@ -1,5 +1,6 @@
-"""``heatmap``: the coarse blockmap image and the production heatmap (plus the optional plain
-slide image, pyramidal TIFF and attention GeoJSON), drawn as CLAM draws them."""
+"""``heatmap``: the coarse blockmap image and the production heatmap, drawn as CLAM draws them,
+plus the optional plain slide image and the exports switched on in :mod:`.exports` (pyramidal
+TIFF, attention GeoJSON)."""
 
 from __future__ import annotations
 
