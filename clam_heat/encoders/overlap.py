@@ -13,6 +13,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..errors import FeatureError
@@ -36,12 +37,13 @@ def overlap_scores(
     batch_size: int = 256,
     num_workers: int = 0,
     amp: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """CLAM's overlapping pass: encode + raw attention per patch; returns (N,) float32.
 
-    The patch-reading options (``patch_level`` ... ``amp``) are
-    :func:`~.dataset.encode_patches`' own, passed on as they are (the encoder's device is
-    used). Features are scored batch by batch and dropped, so memory stays O(batch). With
+    The patch-reading options (``patch_level`` ... ``device``) are
+    :func:`~.dataset.encode_patches`' own, passed on as they are (``device`` None: the
+    encoder's). Features are scored batch by batch and dropped, so memory stays O(batch). With
     ``reference_scores`` (the blockmap's raw attention, any shape) each score becomes its
     percentile (0..100) among them, CLAM's ``use_ref_scores``; without, the raw logits are kept.
     Whole-bag models rank the overlap bag's scores among themselves instead (their scores are
@@ -58,6 +60,7 @@ def overlap_scores(
         batch_size=batch_size,
         num_workers=num_workers,
         amp=amp,
+        device=device,
     )
     if reference_scores is not None and np.asarray(reference_scores).size == 0:
         raise FeatureError("reference_scores is empty (the blockmap has no patches)")
