@@ -111,8 +111,8 @@ def _case_render(args: argparse.Namespace) -> None:
     import matplotlib  # noqa: F401 - import cost is not part of the stage
 
     from clam_heat.heatmap import HeatmapSpec, colormap_lut, render_heatmap
-    from clam_heat.segmentation import load_geojson
     from clam_heat.slide import open_slide
+    from clam_heat.tissue import load_geojson
 
     colormap_lut("jet")
     coords = np.load(args.coords)
@@ -198,8 +198,8 @@ def _demo(width: int, height: int) -> Path:
 
 def _tissue(slide_path: Path) -> tuple[Path, float]:
     """Segment the slide (CLAM defaults) once; cached as GeoJSON next to it."""
-    from clam_heat.segmentation import SegmentationParams, save_geojson, segment_slide
     from clam_heat.slide import open_slide
+    from clam_heat.tissue import SegmentationParams, save_geojson, segment_slide
 
     path = slide_path.with_suffix(".tissue.geojson")
     start = time.perf_counter()
@@ -212,8 +212,8 @@ def _tissue(slide_path: Path) -> tuple[Path, float]:
 
 def _grid(slide_path: Path, overlap: float, tissue: Path) -> Path:
     """In-tissue grid at CLAM's step for ``overlap``: patches whose centre is in tissue."""
-    from clam_heat.segmentation import load_geojson, rasterize_tissue
     from clam_heat.slide import open_slide
+    from clam_heat.tissue import load_geojson, rasterize_tissue
 
     path = slide_path.with_suffix(f".grid{overlap}.npy")
     if path.exists():
@@ -441,8 +441,8 @@ def run_external(args: argparse.Namespace) -> None:
 
 
 def _tissue_into(slide_path: Path, path: Path) -> tuple[Path, float]:
-    from clam_heat.segmentation import SegmentationParams, save_geojson, segment_slide
     from clam_heat.slide import open_slide
+    from clam_heat.tissue import SegmentationParams, save_geojson, segment_slide
 
     start = time.perf_counter()
     with open_slide(slide_path) as slide:

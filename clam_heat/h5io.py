@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +21,6 @@ from .atomic import atomic_path
 from .errors import FeatureError
 
 __all__ = [
-    "H5Attrs",
     "as_coords",
     "read_scores",
     "write_blockmap",
@@ -50,25 +49,26 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value, default=str)
 
 
-class H5Attrs(TypedDict, total=False):
-    """Provenance attributes the writers take; non-scalar values are stored as JSON text."""
+def _write_h5_atomic(
+    path: Path,
+    datasets: dict[str, np.ndarray],
+    *,
+    attrs: Mapping[str, Any] | None,
+    coords_attrs: Mapping[str, Any] | None,
+) -> None:
+    """Write datasets (and attributes) to a temp file beside ``path``, then move it into place.
 
-    #: On the file root (e.g. the encoder fingerprint, a prediction).
-    attrs: Mapping[str, Any] | None
-    #: On ``coords`` (e.g. ``patch_size_level0``, which the readers understand).
-    coords_attrs: Mapping[str, Any] | None
-
-
-def _write_h5_atomic(path: Path, datasets: dict[str, np.ndarray], **meta: Unpack[H5Attrs]) -> None:
-    """Write datasets (and attributes) to a temp file beside ``path``, then move it into place."""
+    ``attrs`` go on the file root (e.g. the encoder fingerprint, a prediction), ``coords_attrs``
+    on ``coords`` (e.g. ``patch_size_level0``, which the readers understand); non-scalar values
+    are stored as JSON text."""
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for key, data in datasets.items():
             h5.create_dataset(key, data=data)
-        for key, value in (meta.get("attrs") or {}).items():
+        for key, value in (attrs or {}).items():
             h5.attrs[key] = _attr_value(value)
-        for key, value in (meta.get("coords_attrs") or {}).items():
+        for key, value in (coords_attrs or {}).items():
             h5["coords"].attrs[key] = _attr_value(value)
 
 
@@ -82,27 +82,37 @@ def _check_rows(path: Path, values: np.ndarray, coords: np.ndarray, what: str) -
 
 
 def write_features_h5(
-    path: str | Path, features: np.ndarray, coords: np.ndarray, **meta: Unpack[H5Attrs]
+    path: str | Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    *,
+    attrs: Mapping[str, Any] | None = None,
+    coords_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """CLAM's raw ``<id>.h5``: ``features`` (N, D) float32 + ``coords`` (N, 2) int64, atomic;
-    ``meta``: :class:`H5Attrs`."""
+    ``attrs`` on the root, ``coords_attrs`` on ``coords``."""
     path = Path(path)
     feats = np.asarray(features)
     if feats.ndim != 2:
         raise FeatureError(f"{path}: features must be 2-D (N, D), got shape {feats.shape}")
     coords = _check_rows(path, feats, coords, "feature")
     datasets = {"features": feats.astype(np.float32), "coords": coords}
-    _write_h5_atomic(path, datasets, **meta)
+    _write_h5_atomic(path, datasets, attrs=attrs, coords_attrs=coords_attrs)
     return path
 
 
 def write_scores_h5(
-    path: str | Path, scores: np.ndarray, coords: np.ndarray, **meta: Unpack[H5Attrs]
+    path: str | Path,
+    scores: np.ndarray,
+    coords: np.ndarray,
+    *,
+    attrs: Mapping[str, Any] | None = None,
+    coords_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """CLAM's score file (``_blockmap.h5``, ``<id>_<overlap>_roi_<use_roi>.h5``), atomic.
 
     ``attention_scores`` (N, 1) float32 from ``scores`` (N,) or (N, 1); ``coords`` (N, 2) int64;
-    ``meta``: :class:`H5Attrs`.
+    ``attrs`` on the root, ``coords_attrs`` on ``coords``.
     """
     path = Path(path)
     values = np.asarray(scores, dtype=np.float32)
@@ -110,7 +120,8 @@ def write_scores_h5(
         raise FeatureError(f"{path}: scores must have shape (N,) or (N, 1), got {values.shape}")
     values = values.reshape(-1, 1)
     coords = _check_rows(path, values, coords, "score")
-    _write_h5_atomic(path, {"attention_scores": values, "coords": coords}, **meta)
+    datasets = {"attention_scores": values, "coords": coords}
+    _write_h5_atomic(path, datasets, attrs=attrs, coords_attrs=coords_attrs)
     return path
 
 

@@ -294,10 +294,6 @@ class Ledger:
             return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
         return None
 
-    def invalidate(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self.save()
-
 
 class Timer:
     """Tiny wall-clock helper for per-stage timings."""

@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,6 @@ __all__ = [
     "RunSummary",
     "StopRequested",
     "StopSignals",
-    "clean_outputs",
     "run_pipeline",
     "stop_line",
 ]
@@ -386,12 +384,3 @@ def _prepare_outputs(
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)
     _save_resolved_config(cfg)
-
-
-def clean_outputs(paths: Iterable[Path]) -> None:
-    """Remove files/folders (used by tests and ``--force``)."""
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)

@@ -253,8 +253,15 @@ def sample_patches(
 
 #: Columns of a threshold export's ``manifest.csv``, in order.
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "slide_id", "x", "y", "level", "patch_size", "score", "percentile", "path",
-)  # fmt: skip
+    "slide_id",
+    "x",
+    "y",
+    "level",
+    "patch_size",
+    "score",
+    "percentile",
+    "path",
+)
 
 
 def threshold_indices(scores: np.ndarray, threshold: float, score: str) -> np.ndarray:

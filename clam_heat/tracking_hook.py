@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import HeatmapConfig
-from .process_list.columns import result_columns
+from .process_list.results import result_columns
 from .rows import RowContext, production_heatmap_path, resolved_config_path
 from .stages.row import RowOutcome
 from .trackers import Tracker, make_tracker

@@ -200,9 +200,13 @@ class _Renderer:
     """Frames of one slide: view reads at the fitting level plus the warped overlay."""
 
     def __init__(
-        self, slide: Any, blockmap: tuple[np.ndarray, np.ndarray, int], size: tuple[int, int],
-        cmap: str, alpha: float,
-    ) -> None:  # fmt: skip
+        self,
+        slide: Any,
+        blockmap: tuple[np.ndarray, np.ndarray, int],
+        size: tuple[int, int],
+        cmap: str,
+        alpha: float,
+    ) -> None:
         scores, coords, patch_l0 = blockmap
         self.slide, self.size, self.alpha = slide, size, alpha
         values = to_percentiles(scores) / 100.0
@@ -250,13 +254,19 @@ class _Renderer:
                 sy *= src.shape[0] / small[1]
                 src = cv2.resize(src, small, interpolation=cv2.INTER_AREA)
             m = np.array(
-                [[sx / scale, 0, (l_x0 * dx - l0_x0) / scale],
-                 [0, sy / scale, (l_y0 * dy - l0_y0) / scale]]
-            )  # fmt: skip
+                [
+                    [sx / scale, 0, (l_x0 * dx - l0_x0) / scale],
+                    [0, sy / scale, (l_y0 * dy - l0_y0) / scale],
+                ]
+            )
             cv2.warpAffine(
-                src, m, (fw, fh), dst=out, flags=cv2.INTER_LINEAR,
+                src,
+                m,
+                (fw, fh),
+                dst=out,
+                flags=cv2.INTER_LINEAR,
                 borderMode=cv2.BORDER_TRANSPARENT,
-            )  # fmt: skip
+            )
         k = self.map_ds / scale
         m = np.array([[k, 0, -l0_x0 / scale], [0, k, -l0_y0 / scale]])
         colour = cv2.warpAffine(self.colour, m, (fw, fh), flags=cv2.INTER_LINEAR)

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from demo_state import row_contexts
 from PIL import Image
 
 from clam_heat.config import load_config
 from clam_heat.models import build_model
-from clam_heat.process_list import build_process_list
-from clam_heat.rows import build_contexts, class_heatmap_path, class_scores_h5_path
+from clam_heat.rows import class_heatmap_path, class_scores_h5_path
 from clam_heat.runner import run_pipeline
 from clam_heat.stages import stages_for
 
@@ -27,11 +27,6 @@ def _checkpoint(folder: Path, model_type: str) -> Path:
     path = folder / f"{model_type}.pt"
     torch.save(model.state_dict(), path)
     return path
-
-
-def _contexts(cfg):
-    df, _ = build_process_list(cfg, write=False)
-    return build_contexts(cfg, df)
 
 
 @pytest.mark.parametrize("model_type", ["clam_mb", "dsmil"])
@@ -47,7 +42,7 @@ def test_all_writes_one_map_per_class_with_the_models_branch_scores(
     model = build_model(model_type, n_classes=2, embed_dim=64)
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     model.eval()
-    for ctx in _contexts(cfg):
+    for ctx in row_contexts(cfg):
         maps = sorted(p.name for p in ctx.production_dir.glob(f"{ctx.slide_id}_class_*"))
         assert maps == [f"{ctx.slide_id}_class_normal.jpg", f"{ctx.slide_id}_class_tumour.jpg"]
         with h5py.File(ctx.cfg.runner_arguments.features_dir / f"{ctx.slide_id}.h5", "r") as h5:
@@ -69,7 +64,7 @@ def test_all_writes_one_map_per_class_with_the_models_branch_scores(
     # a list: only those classes; the other class's files are removed as stale
     cfg = load_config(demo_project, overrides=[*base, "heatmap_arguments.classes=[tumour]"])
     assert run_pipeline(cfg, stages=["segment", "infer", "class_maps"]).ok
-    ctx = _contexts(cfg)[0]
+    ctx = row_contexts(cfg)[0]
     assert [p.name for p in ctx.production_dir.glob(f"{ctx.slide_id}_class_*")] == [
         f"{ctx.slide_id}_class_tumour.jpg"
     ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+from demo_state import done_stages
 
 from clam_heat.config import load_config
 from clam_heat.process_list.journal import journal_path
@@ -59,17 +60,6 @@ def _wait_for(proc: subprocess.Popen, check, what: str) -> None:
         time.sleep(0.02)
 
 
-def _stamps(cfg) -> dict[tuple[str, str], str]:
-    """Each done stage's ledger record: a rerun rewrites it, a skip leaves it byte for byte."""
-    root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
-    out = {}
-    for path in root.rglob("*.ledger.json"):
-        for stage, rec in json.loads(path.read_text())["stages"].items():
-            if rec.get("state") == "done":
-                out[(path.name.split(".")[0], stage)] = json.dumps(rec, sort_keys=True)
-    return out
-
-
 def _list(cfg) -> pd.DataFrame:
     return pd.read_csv(cfg.process_list_path, dtype=str, keep_default_na=False)
 
@@ -108,11 +98,11 @@ def test_signal_mid_run_stops_cleanly_and_the_rerun_finishes(
     # no worker (or fork server) outlived the driver, not even as a zombie
     _gone, alive = psutil.wait_procs(children, timeout=60)
     assert alive == []
-    before = {k: v for k, v in _stamps(cfg).items() if k[0] in done}
+    before = {k: v for k, v in done_stages(cfg).items() if k[0] in done}
     rerun = subprocess.run(_cmd(demo_project), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert set(_list(cfg)["status"]) == {"done"}
-    after = _stamps(cfg)
+    after = done_stages(cfg)
     assert all(after[k] == v for k, v in before.items())  # finished rows were not redone
 
 
@@ -128,7 +118,7 @@ def test_kill_minus_nine_between_flushes_loses_no_finished_row(demo_project: Pat
     proc.wait()
     journaled = set(_journal_done(cfg))
     assert set(_list(cfg)["status"]) <= {"tbp"}  # no flush happened: only the journal has them
-    stamps = _stamps(cfg)
+    stamps = done_stages(cfg)
     replay_journal(cfg.process_list_path, cfg.results_csv_path)  # what the next start does first
     df = _list(cfg).set_index("slide_id")
     assert set(df.index[df["status"] == "done"]) == journaled
@@ -136,7 +126,7 @@ def test_kill_minus_nine_between_flushes_loses_no_finished_row(demo_project: Pat
     assert "running" not in set(df["status"])
     summary = run_pipeline(cfg)
     assert summary.ok and set(_list(cfg)["status"]) == {"done"}
-    after = _stamps(cfg)
+    after = done_stages(cfg)
     assert all(after[k] == v for k, v in stamps.items() if k[0] in journaled)
 
 
@@ -178,4 +168,4 @@ def test_a_second_run_on_a_held_list_exits_2_with_one_line(demo_project: Path) -
     )
     assert re.fullmatch(pattern, done.stderr.strip()), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    assert _stamps(cfg) == {}  # no stage ran
+    assert done_stages(cfg) == {}  # no stage ran

@@ -195,6 +195,34 @@ def test_different_grids_and_one_scrambled_slide(runs: dict[str, Path], tmp_path
     assert data["n_patches_only_a"] == int(df["n_only_a"].sum()) > 0
 
 
+def test_rows_are_matched_by_coordinates_not_by_position(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Run B is run A with every score file's rows shuffled (scores and coords together): the
+    same patches carry the same scores, so each slide agrees fully; and B with its scores
+    negated ranks every patch the other way round."""
+    for name, sign in (("shuffled", 1.0), ("shuffled_negated", -1.0)):
+        folder = tmp_path / name
+        shutil.copytree(runs["same"].parent, folder)
+        for i, path in enumerate(sorted(folder.rglob("*_blockmap.h5"))):
+            with h5py.File(path, "r+") as h5:
+                scores, coords = h5["attention_scores"][:], h5["coords"][:]
+                order = np.random.default_rng(i).permutation(len(coords))
+                assert (order != np.arange(len(order))).any()
+                h5["attention_scores"][:] = sign * scores[order]
+                h5["coords"][:] = coords[order]
+    summary = compare_runs(runs["a"], tmp_path / "shuffled" / "config.yaml", tmp_path / "same")
+    assert len(summary.rows) == 5
+    for row in summary.rows:
+        assert row.n_patches > 2 and row.n_only_a == row.n_only_b == 0
+        assert row.spearman == pytest.approx(1.0) and row.pearson == pytest.approx(1.0)
+        assert row.topk_jaccard == 1.0
+    negated = tmp_path / "shuffled_negated" / "config.yaml"
+    summary = compare_runs(runs["a"], negated, tmp_path / "neg", pictures=False)
+    for row in summary.rows:
+        assert row.spearman == pytest.approx(-1.0) and row.pearson == pytest.approx(-1.0)
+
+
 def test_only_finished_slides_are_compared(runs: dict[str, Path], tmp_path: Path) -> None:
     # a copy of run A with one slide's inference never finished
     folder = tmp_path / "partial"

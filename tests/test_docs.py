@@ -28,6 +28,7 @@ DOCS = ROOT / "docs"
 #: Lines of the README a reader sees before scrolling: the two commands must be in it.
 FIRST_SCREEN = 40
 
+
 def _load_docs_module(name: str) -> ModuleType:
     """A script of docs/ (not a package) imported by path."""
     spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")

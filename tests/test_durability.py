@@ -3,11 +3,11 @@ and each done stage records its outputs' identities, so a truncated output rerun
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from demo_state import done_stages
 from PIL import Image
 
 from clam_heat.config import load_config
@@ -25,18 +25,6 @@ def _two_rows(config: Path) -> Path:
     lines = cfg.process_list_path.read_text().splitlines()[: N_ROWS + 1]
     cfg.process_list_path.write_text("\n".join(lines) + "\n")
     return config
-
-
-def _finished(cfg) -> dict[tuple[str, str], str]:
-    """Each done stage's whole ledger record (a rerun changes its times and output identities;
-    a stage left alone keeps it byte for byte)."""
-    root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
-    return {
-        (p.name.split(".")[0], stage): json.dumps(rec, sort_keys=True)
-        for p in root.rglob("*.ledger.json")
-        for stage, rec in json.loads(p.read_text())["stages"].items()
-        if rec.get("state") == "done"
-    }
 
 
 def _ledger(cfg, slide_id: str) -> Ledger:
@@ -66,7 +54,7 @@ def test_done_stages_record_their_outputs_identity(demo_project: Path) -> None:
 def test_truncated_sampled_patch_reruns_exactly_that_stage(demo_project: Path) -> None:
     cfg = load_config(_two_rows(demo_project))
     assert run_pipeline(cfg).ok
-    before = _finished(cfg)
+    before = done_stages(cfg)
     patch = Path(_ledger(cfg, "demo_000").record("sample")["outputs"][0])
     original = _truncate(patch)
 
@@ -76,7 +64,7 @@ def test_truncated_sampled_patch_reruns_exactly_that_stage(demo_project: Path) -
     assert not any(plan["demo_001"].values())
 
     assert run_pipeline(cfg).ok
-    after = _finished(cfg)
+    after = done_stages(cfg)
     assert {key for key in before if before[key] != after[key]} == {("demo_000", "sample")}
     assert patch.read_bytes() == original  # rewritten whole (sampling is deterministic)
     Image.open(patch).load()
@@ -85,13 +73,13 @@ def test_truncated_sampled_patch_reruns_exactly_that_stage(demo_project: Path) -
 def test_truncated_heatmap_reruns_exactly_that_stage(demo_project: Path) -> None:
     cfg = load_config(_two_rows(demo_project))
     assert run_pipeline(cfg).ok
-    before = _finished(cfg)
+    before = done_stages(cfg)
     production = Path(_ledger(cfg, "demo_001").record("heatmap")["outputs"][1])
     assert production.suffix == ".jpg"
     original = _truncate(production)
 
     assert run_pipeline(cfg).ok
-    after = _finished(cfg)
+    after = done_stages(cfg)
     # sample reads the blockmap H5, not the heatmap image: it stays done as it was
     assert {key for key in before if before[key] != after[key]} == {("demo_001", "heatmap")}
     assert production.read_bytes() == original

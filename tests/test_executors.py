@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -348,6 +347,7 @@ def _check_pool_mechanics(local_pool: LocalExecutor, tmp_path: Path) -> None:
     assert list(local_pool.map_rows([], ())) == []
 
 
+@pytest.mark.timeout(120)  # a hang (waiting out the start-up timeout) fails, not blocks
 def test_workers_that_die_before_starting_fail_fast(tmp_path: Path) -> None:
     """A worker that cannot start (here: the run log's folder vanished) is a clear error at once,
     not a wait for the start-up timeout, and no worker is left behind."""
@@ -361,10 +361,8 @@ def test_workers_that_die_before_starting_fail_fast(tmp_path: Path) -> None:
     pool = LocalExecutor(1)
     try:
         shutil.rmtree(folder)  # each worker opens the driver's log file by path
-        started = time.monotonic()
         with pytest.raises(ExecutorError, match="keep dying before they start"), pool:
             pass
-        assert time.monotonic() - started < 120
         assert pool.pids == []
     finally:
         logger.removeHandler(handler)

@@ -36,8 +36,8 @@ from clam_heat.heatmap import (
     write_attention_geojson,
 )
 from clam_heat.rows import blockmap_name, orig_name, production_heatmap_name
-from clam_heat.segmentation import TissueContours, rasterize_tissue
 from clam_heat.slide import ArraySlide, open_slide
+from clam_heat.tissue import TissueContours, rasterize_tissue
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -676,7 +676,7 @@ def test_unwritable_and_unknown_outputs(tmp_path: Path, slide) -> None:
 
 
 def test_real_aperio_slide(real_slide_path: Path, tmp_path: Path) -> None:
-    from clam_heat.segmentation import SegmentationParams, segment_slide
+    from clam_heat.tissue import SegmentationParams, segment_slide
 
     with open_slide(real_slide_path) as sl:
         tc, _ = segment_slide(sl, SegmentationParams())

@@ -153,6 +153,26 @@ def test_replay_after_a_kill_restores_finished_rows_and_drops_a_torn_line(
     assert replay_journal(path, results) == 0  # nothing twice
 
 
+def test_a_kill_after_a_flush_puts_rows_still_in_flight_back(tmp_path: Path) -> None:
+    """Catches: a flush that empties the journal without writing back the rows still in
+    flight, so the CSV (which now says 'running') is all a kill leaves of them."""
+    path, results, df = _setup(tmp_path)
+    clock = _Clock()
+    rec = Recorder(df, path, results, n_classes=2, flush_seconds=30, clock=clock)
+    rec.journal.open()
+    rec.start(["a", "b", "c"])
+    clock.now = 31.0
+    rec.record(_Outcome("c", result=RESULT))  # the 30 s are up: a flush
+    assert rec.flushes == 1
+    assert list(_text(path)["status"]) == ["running", "running", "done"]
+    rec.journal.close()  # the process dies here, a and b still in flight
+    assert replay_journal(path, results) == 2
+    df = _text(path)
+    assert list(df["status"]) == ["tbp", "done", "done"]  # a and b back to what they were
+    assert df.loc["c", "bag_size"] == "59"
+    assert list(_text(results)["status"]) == ["tbp", "done"]  # the process == 1 rows
+
+
 def test_journal_latest_folds_entries_per_slide(tmp_path: Path) -> None:
     with RowJournal(tmp_path / "l.csv") as journal:
         journal.append({"slide_id": "s", "status": "running"}, sync=False)

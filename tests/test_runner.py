@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -15,30 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from demo_state import TINY_ENCODER, done_stages
 from PIL import Image
 
-from clam_heat.atomic import write_text_atomic
+from clam_heat.atomic import is_temp_name, write_text_atomic
 from clam_heat.config import load_config
 from clam_heat.errors import ConfigError
 from clam_heat.ledger import file_identity
 from clam_heat.runner import run_pipeline
 from clam_heat.stages import Stage, StageRun, base_fingerprint, registry
-
-
-def _ledgers(cfg) -> dict[str, dict]:
-    root = Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code
-    return {p.name.split(".")[0]: json.loads(p.read_text()) for p in root.rglob("*.ledger.json")}
-
-
-def _finished(cfg) -> dict[tuple[str, str], str]:
-    """Each done stage's whole ledger record: a rerun changes it (its fingerprint, finish time or
-    duration), a skipped stage leaves it byte for byte."""
-    return {
-        (slide, stage): json.dumps(rec, sort_keys=True)
-        for slide, data in _ledgers(cfg).items()
-        for stage, rec in data["stages"].items()
-        if rec.get("state") == "done"
-    }
 
 
 def _list(cfg) -> pd.DataFrame:
@@ -65,16 +52,16 @@ def test_full_run_then_nothing_to_redo(demo_project: Path) -> None:
         assert h5["coords"].dtype == np.int64 and h5["coords"].shape[1] == 2
     assert (raw / "config.yaml").exists()
     assert len(list(raw.rglob("*_segmentation.geojson"))) == 5
-    before = _finished(cfg)
+    before = done_stages(cfg)
     again = run_pipeline(cfg)
     assert again.ok and again.stage_seconds == {}
-    assert _finished(cfg) == before
+    assert done_stages(cfg) == before
 
 
 def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> None:
     cfg = load_config(demo_project)
     assert run_pipeline(cfg).ok
-    before = _finished(cfg)
+    before = done_stages(cfg)
     alpha = load_config(demo_project, overrides=["heatmap_arguments.alpha=0.7"])
     plan = run_pipeline(alpha, dry_run=True).plans
     first = next(iter(plan.values()))
@@ -82,7 +69,7 @@ def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> No
     assert "heatmap_arguments.alpha 0.4 -> 0.7" in first["heatmap"]
     summary = run_pipeline(alpha)
     assert set(summary.stage_seconds) == {"heatmap"}
-    after = _finished(cfg)
+    after = done_stages(cfg)
     for key, stamp in before.items():
         assert (stamp == after[key]) == (key[1] != "heatmap"), key
 
@@ -99,6 +86,39 @@ def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> No
     folder = Path(k_cfg.exp_arguments.production_save_dir) / "demo" / "sampled_patches"
     pngs = list(folder.rglob("*.png"))
     assert len(pngs) == 5 * 3  # old k=15 files of each slide were removed
+
+
+def test_editing_a_rows_roi_redraws_its_heatmap(demo_project: Path) -> None:
+    """``use_roi``: the heatmap covers the row's level-0 box (x1, y1, x2, y2), so an edited x2
+    redraws that row's heatmap (and only its heatmap) at the new width. Vis level -1 is level 3
+    of the demo slides (downsample 32): a box 2048 x 1024 px wide at level 0 is 64 x 32 px."""
+    cfg = load_config(demo_project, overrides=["heatmap_arguments.use_roi=true"])
+    rows = pd.read_csv(demo_project.parent / "process_lists" / "demo.csv", dtype=str)
+    rows[["x1", "y1", "x2", "y2"]] = ["0", "0", "2048", "1024"]
+    rows.to_csv(demo_project.parent / "process_lists" / "demo.csv", index=False)
+    assert run_pipeline(cfg).ok
+
+    def heatmap(slide_id: str) -> Path:
+        prod = Path(cfg.exp_arguments.production_save_dir) / "demo"
+        (path,) = prod.rglob(f"{slide_id}_0.0_roi_1_*.jpg")
+        return path
+
+    with Image.open(heatmap("demo_001")) as image:
+        assert image.size == (64, 32)
+    before = done_stages(cfg)
+    listed = _list(cfg)
+    listed.loc[listed["slide_id"] == "demo_001", "x2"] = 3072
+    listed.to_csv(cfg.process_list_path, index=False)
+    summary = run_pipeline(cfg)
+    assert summary.ok, summary.failed
+    after = done_stages(cfg)
+    changed = {key for key in before if before[key] != after[key]}
+    assert ("demo_001", "heatmap") in changed and {s for s, _ in changed} == {"demo_001"}
+    assert "segment" not in summary.stage_seconds and "infer" not in summary.stage_seconds
+    with Image.open(heatmap("demo_001")) as image:
+        assert image.size == (96, 32)  # (3072 - 0) / 32
+    with Image.open(heatmap("demo_000")) as image:
+        assert image.size == (64, 32)
 
 
 def test_new_checkpoint_reruns_inference_and_downstream(demo_project: Path) -> None:
@@ -162,7 +182,7 @@ def test_bad_rows_fail_with_reasons_and_do_not_stop_the_run(
     assert attempts["demo_003"] == {}  # a done row is not redone
     assert {"infer", "heatmap", "sample"} <= set(attempts["no_h5"])  # segment was kept
     assert again.counts == {"done": 2, "failed": 2} and again.waiting == 2
-    assert ("no_h5", "infer") in _finished(cfg) and ("no_h5", "sample") in _finished(cfg)
+    assert ("no_h5", "infer") in done_stages(cfg) and ("no_h5", "sample") in done_stages(cfg)
     attempts.clear()
     retried = run_pipeline(cfg, retry_failed=True, on_row=seen)
     assert {"bad_open", "wide"} <= set(attempts)
@@ -182,22 +202,34 @@ def test_unwritable_output_dir_is_one_clear_error(demo_project: Path) -> None:
     assert not cfg.process_list_path.with_suffix(".csv").read_text().count("running")
 
 
-def _valid(path: Path) -> bool:
+def _why_unreadable(path: Path) -> str | None:
+    """None when ``path`` reads back whole as its kind, else what failed. Checked: HDF5 (every
+    dataset read in full), JPEG/PNG/TIFF (every pixel decoded), JSON/GeoJSON (parsed), CSV
+    (parsed by pandas), YAML (parsed). The run log is append-only text and not checked; any
+    other kind is reported, so a new output gets a check here."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".h5":
-            with h5py.File(path) as h5:
-                list(h5.keys())
+            with h5py.File(path, "r") as h5:
+                names: list[str] = []
+                h5.visit(names.append)
+                for name in names:
+                    if isinstance(h5[name], h5py.Dataset):
+                        h5[name][()]
         elif suffix in {".jpg", ".png", ".tiff"}:
-            with Image.open(path) as im:
-                im.load()
+            with Image.open(path) as image:
+                image.load()
         elif suffix in {".json", ".geojson"}:
             json.loads(path.read_text())
         elif suffix == ".csv":
             pd.read_csv(path)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+        elif suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif suffix != ".log":
+            return f"no read-back check for {suffix!r} files (add one to _why_unreadable)"
+    except (OSError, ValueError, SyntaxError, yaml.YAMLError) as err:  # truncated or corrupt
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 @pytest.mark.slow
@@ -214,30 +246,29 @@ def test_kill_minus_nine_at_several_points_then_resume(demo_project: Path) -> No
     completed_before: dict[tuple[str, str], str] = {}
     for target in (1, 4, 9, 14):  # kill once this many stages have been recorded done
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if len(_finished(cfg)) >= target:
-                    break
-            except (json.JSONDecodeError, OSError):
-                pass
+        reached, deadline = False, time.monotonic() + 120
+        while not reached and proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(json.JSONDecodeError, OSError):  # a ledger being replaced
+                reached = len(done_stages(cfg)) >= target
             time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        assert reached and proc.poll() is None, f"the run ended before {target} stages were done"
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
-        done_now = _finished(cfg)
+        assert proc.returncode == -signal.SIGKILL  # the kill landed mid-run
+        done_now = done_stages(cfg)
+        assert len(done_now) < 20  # 5 slides x 4 stages: work was left
         # nothing recorded done before this kill was redone by this run
         for key, stamp in completed_before.items():
             assert done_now.get(key) == stamp, key
         completed_before = done_now
         out_root = demo_project.parent / "heatmaps"
         for path in out_root.rglob("*"):
-            if path.is_file() and not (path.name.startswith(".") and ".tmp" in path.name):
-                assert _valid(path), f"truncated or corrupt: {path}"
+            if path.is_file() and not is_temp_name(path.name):
+                assert _why_unreadable(path) is None, f"{path}: {_why_unreadable(path)}"
     final = run_pipeline(cfg)
     assert final.ok and final.counts == {"done": 5}
     for key, stamp in completed_before.items():
-        assert _finished(cfg)[key] == stamp, key
+        assert done_stages(cfg)[key] == stamp, key
     leftovers = [p for p in (demo_project.parent / "heatmaps").rglob(".*") if ".tmp" in p.name]
     assert leftovers == []
     assert set(_list(cfg)["status"]) == {"done"}
@@ -260,9 +291,7 @@ def test_temp_csvs_of_a_killed_run_are_swept_and_others_kept(demo_project: Path)
 ENCODER_PATH = [
     "heatmap_arguments.calc_heatmap=true",
     "patching_arguments.overlap=0.5",
-    "encoder_arguments.model_name=tiny_cnn",
-    "encoder_arguments.target_img_size=64",
-    "exp_arguments.batch_size=64",
+    *TINY_ENCODER,
 ]
 
 
@@ -292,6 +321,30 @@ def test_calc_heatmap_overlap_pass_is_cached_and_width_checked(demo_project: Pat
     assert summary.counts == {"failed": 5}
     error = summary.failed[0][1]
     assert "1024" in error and str(wide.model_arguments.embed_dim) in error
+
+
+def test_overlap_grid_steps_scale_with_custom_downsample(demo_project: Path) -> None:
+    """CLAM's overlap grid at custom_downsample 2: a patch covers 256 px x 2 = 512 level-0 px and
+    the grid steps by half of that (overlap 0.5), both scaled by custom_downsample."""
+    cfg = load_config(
+        demo_project, overrides=[*ENCODER_PATH, "patching_arguments.custom_downsample=2"]
+    )
+    summary = run_pipeline(cfg, stages=("segment", "infer", "overlap"))
+    assert summary.ok, summary.failed
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "demo"
+    overlap_files = sorted(raw.rglob("*_0.5_roi_False.h5"))
+    assert len(overlap_files) == 5
+    for path in overlap_files:
+        with h5py.File(path) as h5:
+            coords = h5["coords"][:]
+            side = int(h5["coords"].attrs["patch_size_level0"])
+        assert side == 512  # 256 px at level 0 (downsample 1) x custom_downsample 2
+        # by hand: int(256 * (1 - 0.5)) * 1 * 2 = 256 between neighbours along a row or column
+        # (each tissue piece starts its own grid, so only neighbours on one line are compared)
+        for along, line in ((0, 1), (1, 0)):
+            lines = (np.sort(coords[coords[:, line] == v, along]) for v in set(coords[:, line]))
+            gaps = np.concatenate([np.diff(points) for points in lines])
+            assert gaps.min() == 256 and (gaps == 256).sum() > len(coords) // 4, path
 
 
 def test_bag_features_extracted_from_the_slide_when_no_h5(demo_project: Path) -> None:
@@ -381,11 +434,11 @@ def test_vanished_slide_is_skipped_with_a_reason_then_resumes(demo_project: Path
     row = _list(cfg).set_index("slide_id").loc["demo_004"]
     assert row["status"] == "skipped" and bool(row["missing"])
     assert row["error"].startswith(f"slide file not found: {slide}")
-    before = _finished(cfg)
+    before = done_stages(cfg)
     hidden.rename(slide)
     again = run_pipeline(cfg)
     assert again.counts == {"done": 5} and set(_list(cfg)["status"]) == {"done"}
-    after = _finished(cfg)
+    after = done_stages(cfg)
     assert {key for key in after if before.get(key) != after[key]} == {
         ("demo_004", stage) for stage in ("segment", "infer", "heatmap", "sample")
     }
@@ -502,7 +555,7 @@ def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: 
 
         second = run_pipeline(cfg)  # resume: nothing to redo, the toy stages included
         assert second.ok and second.stage_seconds == {}
-        done = _finished(cfg)
+        done = done_stages(cfg)
 
         words.write_text("one two three four")  # the toy stage's fingerprint input changes
         plan = next(iter(run_pipeline(cfg, dry_run=True).plans.values()))
@@ -511,7 +564,7 @@ def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: 
         third = run_pipeline(cfg)
         assert set(third.stage_seconds) == {"count_words", "double_count"}
         assert (slide_dir / "demo_000_double.txt").read_text() == "8"
-        after = _finished(cfg)
+        after = done_stages(cfg)
         assert {key for key in after if done.get(key) != after[key]} == {
             (slide, stage) for slide in ("demo_000", "demo_001")
             for stage in ("count_words", "double_count")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clam_heat import segmentation, tissue
+from clam_heat import tissue
 from clam_heat.errors import ConfigError, SegmentationError
 from clam_heat.slide import ArraySlide, open_slide
 from clam_heat.tissue import (
@@ -646,10 +646,3 @@ def test_segmentation_recovers_generated_demo_tissue(tmp_path) -> None:
         truth = demo.tissue_mask(downsample)
         iou = (found & truth).sum() / (found | truth).sum()
         assert iou > 0.9, (seed, iou)
-
-
-def test_segmentation_module_is_the_tissue_package_face() -> None:
-    """``clam_heat.segmentation`` (older imports, bench scripts) re-exports the same objects."""
-    assert segmentation.__all__ == tissue.__all__
-    for name in tissue.__all__:
-        assert getattr(segmentation, name) is getattr(tissue, name)

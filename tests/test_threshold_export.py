@@ -12,14 +12,14 @@ import h5py
 import numpy as np
 import openslide
 import pytest
+from demo_state import row_contexts
 from PIL import Image
 from scipy.stats import rankdata
 
 from clam_heat.config import load_config
 from clam_heat.errors import ConfigError
 from clam_heat.ledger import Ledger
-from clam_heat.process_list import build_process_list
-from clam_heat.rows import blockmap_h5_path, build_contexts
+from clam_heat.rows import blockmap_h5_path
 from clam_heat.runner import run_pipeline
 
 SAMPLERS = (
@@ -47,25 +47,20 @@ def _manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _contexts(cfg):
-    df, _ = build_process_list(cfg, write=False)
-    return build_contexts(cfg, df)
-
-
 def test_manifest_rows_are_exactly_the_patches_at_or_above_the_threshold(
     demo_project: Path,
 ) -> None:
     # a raw threshold in the middle of one slide's scores, so both modes export some patches
     cfg = load_config(demo_project, overrides=[SAMPLERS.replace("RAW", "0")])
     run_pipeline(cfg, stages=["infer"])
-    first = _contexts(cfg)[0]
+    first = row_contexts(cfg)[0]
     with h5py.File(blockmap_h5_path(first), "r") as h5:
         raw_threshold = float(np.median(h5["attention_scores"][:]))
     cfg = load_config(demo_project, overrides=[SAMPLERS.replace("RAW", repr(raw_threshold))])
     summary = run_pipeline(cfg, stages=["infer", "sample"])
     assert summary.ok, summary.failed
 
-    for ctx in _contexts(cfg):
+    for ctx in row_contexts(cfg):
         pred = Ledger.load(ctx.ledger_path).record("infer")["result"]["pred"]
         base = ctx.production_root / "sampled_patches" / f"label_{ctx.label}_pred_{pred}"
         slide = openslide.OpenSlide(str(ctx.slide_path))

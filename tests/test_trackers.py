@@ -80,7 +80,7 @@ def test_thumbnail_is_a_png_that_keeps_aspect_and_colour(outputs: dict[str, Path
 
 
 def test_thumbnail_of_a_large_jpeg_is_decoded_reduced(outputs: dict[str, Path]) -> None:
-    image = _decode(thumbnail(outputs["jpg"]))
+    image = _decode(thumbnail(outputs["jpg"]))  # its time is in bench/limits.py
     assert image.shape == (384, 512, 3)
     assert np.abs(image.astype(int) - (255, 0, 0)).max() <= 2
 
@@ -296,7 +296,7 @@ def test_wandb_offline_run_files(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     (tmp_path / "wandb_dir").mkdir()
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen:  # start-up time: bench/limits.py
         warnings.simplefilter("always")
         tracker = make_tracker("wandb", run_name="run-w", project="EXP_TRACK", directory=tmp_path)
         with tracker:

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import h5py
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,6 @@ from clam_heat.training import (
     attention_scores,
     grid_attention_map,
     log_validation_attention,
-    model_attention,
     normalize_attention,
     open_summary_writer,
     spatial_attention_map,
@@ -55,6 +55,17 @@ def read_images(logdir: Path) -> dict[str, list[tuple[int, int, int, np.ndarray]
             for e in acc.Images(tag)
         ]
     return out
+
+
+def painted_grid(scores: np.ndarray, cols: int, rows: int, cell: int) -> np.ndarray:
+    """Oracle for a full, non-overlapping row-major patch grid: softmax then min-max of the
+    scores, each patch a ``cell`` x ``cell`` block of matplotlib's ``hot`` colour for its value
+    (``uint8(cmap(v) * 255)``, CLAM's colour rule)."""
+    raw = np.asarray(scores, dtype=np.float64).reshape(-1)
+    soft = np.exp(raw - raw.max()) / np.exp(raw - raw.max()).sum()
+    value = (soft - soft.min()) / (soft.max() - soft.min())
+    colours = (matplotlib.colormaps["hot"](value)[:, :3] * 255).astype(np.uint8)
+    return colours.reshape(rows, cols, 3).repeat(cell, axis=0).repeat(cell, axis=1)
 
 
 class ListWriter:
@@ -433,9 +444,9 @@ def test_log_validation_attention_is_a_one_call_hook_for_validate_clam(
     writer.close()
     logged = read_images(tmp_path / "tb")["val/spatial_attention_heatmap"]
     assert [step for step, *_ in logged] == [0, 1]
-    want = spatial_attention_map(
-        model_attention(sb_model, bags["slide_0"]), coords, patch_size=512, downsample=32
-    )
+    with torch.no_grad():
+        a_raw = sb_model(bags["slide_0"])[3]  # CLAM's forward: A_raw (1, N), pre-softmax
+    want = painted_grid(a_raw.numpy(), cols=4, rows=3, cell=512 // 32)
     np.testing.assert_array_equal(logged[0][3], want)  # slide 0's map, its H5 coords and size
     # a split whose first slide has no H5: the grid map, and training is never interrupted
     empty = torch.utils.data.DataLoader(
@@ -616,7 +627,7 @@ def test_logger_draws_spatial_maps_for_every_registered_model(name: str) -> None
     model = registered_model(name)
     coords = grid_coords(4, 3)
     h = torch.randn(12, EMBED)
-    expected = spatial_attention_map(run_attention(model, h.numpy()).attention, coords)
+    expected = painted_grid(run_attention(model, h.numpy()).attention, 4, 3, cell=256 // 32)
     writer = ListWriter()
     logger = AttentionHeatmapLogger(writer)
     with warnings.catch_warnings():

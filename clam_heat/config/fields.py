@@ -15,6 +15,8 @@ from pydantic import (
     ValidationInfo,
 )
 
+from ..formats import IMAGE_FORMATS
+
 CONFIG_SEARCH_DIRS: tuple[str, ...] = (".", "configs", "heatmaps/configs")
 """Folders (under the CWD) searched for a bare config name, in order."""
 
@@ -23,7 +25,8 @@ PROCESS_LIST_DIRS: tuple[str, ...] = ("process_lists", "heatmaps/process_lists")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SAVE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "tiff", "tif")
+#: ``save_ext`` values: the image formats the heatmap writers implement
+SAVE_EXTS: tuple[str, ...] = tuple(IMAGE_FORMATS)
 
 
 # --------------------------------------------------------------------------- validation helpers

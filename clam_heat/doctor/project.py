@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..formats import IMAGE_FORMATS
 from .report import Check, DoctorReport, first_line
 
 __all__ = [
@@ -27,8 +28,6 @@ __all__ = [
 
 _SHOW = 3  # items named per line; the rest are counted
 _MAX_READ_PX = 2048  # side of the vis-level crop read when timing a row
-#: bytes per pixel of a saved RGB image, by ``save_ext`` (a guess: content decides)
-_BYTES_PER_PIXEL = {"jpg": 0.3, "jpeg": 0.3, "png": 1.2, "tif": 3.0, "tiff": 3.0}
 
 
 @dataclass
@@ -41,6 +40,13 @@ class Row:
     n_patches: int = 0
     vis_level: int = 0
     vis_dims: tuple[int, int] | None = None  # (width, height) at vis_level
+
+
+def _bytes_per_pixel(save_ext: str) -> float:
+    """A saved heatmap's bytes per pixel by ``save_ext`` (a guess: content decides; raw RGB
+    for an unknown extension)."""
+    fmt = IMAGE_FORMATS.get(save_ext.lower())
+    return fmt.bytes_per_pixel if fmt is not None else 3.0
 
 
 def load_config_checked(path: Path) -> tuple[Any, list[Check]]:
@@ -283,7 +289,7 @@ def _row_bytes(cfg: Any, row: Row) -> int:
     """Rough bytes one row writes: images at the vis level, score H5s, sampled patches."""
     hm, runner = cfg.heatmap_arguments, cfg.runner_arguments
     w, h = row.vis_dims or (0, 0)
-    image = int(w * h * _BYTES_PER_PIXEL.get(hm.save_ext.lower(), 3.0))
+    image = int(w * h * _bytes_per_pixel(hm.save_ext))
     total = image * (2 if hm.save_orig else 1) + row.n_patches * 24 + 4096
     if runner.write_pyramid_tiff:
         total += image

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..errors import FeatureError
@@ -31,22 +31,41 @@ def overlap_scores(
     model: nn.Module,
     branch: int | None,
     reference_scores: np.ndarray | None,
-    **read: Any,
+    patch_level: int,
+    patch_size: int,
+    custom_downsample: float = 1,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """CLAM's overlapping pass: encode + raw attention per patch; returns (N,) float32.
 
-    ``read`` holds :func:`~.dataset.encode_patches`' patch-reading options (``patch_level``,
-    ``patch_size`` required; ``custom_downsample``, ``batch_size``, ``num_workers``, ``device``,
-    ``amp``, ``mp_context``, ``progress``), passed on as they are. Features are scored batch by
-    batch and dropped, so memory stays O(batch). With ``reference_scores`` (the blockmap's raw
-    attention, any shape) each score becomes its percentile (0..100) among them, CLAM's
-    ``use_ref_scores``; without, the raw logits are kept. Whole-bag models rank the overlap
-    bag's scores among themselves instead (their scores are only comparable within one bag).
+    The patch-reading options (``patch_level`` ... ``device``) are
+    :func:`~.dataset.encode_patches`' own, passed on as they are (``device`` None: the
+    encoder's). Features are scored batch by batch and dropped, so memory stays O(batch). With
+    ``reference_scores`` (the blockmap's raw attention, any shape) each score becomes its
+    percentile (0..100) among them, CLAM's ``use_ref_scores``; without, the raw logits are kept.
+    Whole-bag models rank the overlap bag's scores among themselves instead (their scores are
+    only comparable within one bag).
     """
+    encode = functools.partial(
+        encode_patches,
+        slide_path,
+        coords_l0,
+        encoder=encoder,
+        patch_level=patch_level,
+        patch_size=patch_size,
+        custom_downsample=custom_downsample,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        amp=amp,
+        device=device,
+    )
     if reference_scores is not None and np.asarray(reference_scores).size == 0:
         raise FeatureError("reference_scores is empty (the blockmap has no patches)")
     if needs_whole_bag(model):
-        features = encode_patches(slide_path, coords_l0, encoder=encoder, **read)
+        features = encode()
         scores = attention_logits(model, features, branch=branch)
         if reference_scores is not None:
             # A whole-bag model's scores depend on the bag, and the overlapping grid is another
@@ -55,7 +74,7 @@ def overlap_scores(
             return percentile_of_scores(scores, scores).astype(np.float32)
     else:
         head = functools.partial(attention_logits, model, branch=branch)
-        scores = encode_patches(slide_path, coords_l0, encoder=encoder, head=head, **read)
+        scores = encode(head=head)
     if reference_scores is not None:
         reference = np.asarray(reference_scores)
         scores = percentile_of_scores(scores, reference).astype(np.float32)

@@ -18,7 +18,7 @@ import functools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +28,7 @@ import numpy as np
 from ..threads import helper_threads
 from .maths import l0_to_read
 from .plan import HeatmapSpec, RenderResult, make_plan, resolve_vis_level, shrink
-from .writers import Sink, open_sinks
+from .writers import EXPORTS, Sink, SinkFactory, open_sinks
 
 if TYPE_CHECKING:
     from ..slide import Slide
@@ -155,6 +155,18 @@ def _out_mpp(slide: Slide, level: int, cd: int) -> float | None:
     return float(slide.mpp) * float(slide.level_downsamples[level][0]) * cd
 
 
+def _with_pyramid(
+    exports: Mapping[Path, SinkFactory] | None, pyramid_tiff_path: str | os.PathLike[str] | None
+) -> dict[Path, SinkFactory]:
+    """``exports`` plus the pyramidal TIFF at ``pyramid_tiff_path`` (when given)."""
+    out = dict(exports or {})
+    if pyramid_tiff_path is not None:
+        factory = EXPORTS["pyramid_tiff"].sink
+        assert factory is not None
+        out[Path(pyramid_tiff_path)] = factory
+    return out
+
+
 def render_heatmap(
     slide: Slide,
     l0_coords: np.ndarray,
@@ -165,6 +177,7 @@ def render_heatmap(
     tissue: TissueContours | np.ndarray | None = None,
     out_path: str | os.PathLike[str] | None = None,
     pyramid_tiff_path: str | os.PathLike[str] | None = None,
+    exports: Mapping[Path, SinkFactory] | None = None,
     keep_image: bool = False,
 ) -> RenderResult:
     """Draw CLAM's heatmap of ``scores`` over ``slide``, tile by tile, and save it.
@@ -185,7 +198,10 @@ def render_heatmap(
     out_path : path, optional
         ``.jpg`` (quality 100), ``.jpeg``, ``.png`` or ``.tif``/``.tiff``; written atomically.
     pyramid_tiff_path : path, optional
-        Also write the image as a pyramidal JPEG tiled TIFF with MPP (OpenSlide/QuPath).
+        Also write the image as a pyramidal JPEG tiled TIFF with MPP (OpenSlide/QuPath): the
+        ``pyramid_tiff`` export of :data:`~clam_heat.heatmap.writers.EXPORTS`.
+    exports : {path: sink factory}, optional
+        More files fed from the same strips (image exports, e.g. ``EXPORTS[name].sink``).
     keep_image : bool
         Return the (h, w, 3) uint8 image in the result (costs its memory).
 
@@ -205,7 +221,7 @@ def render_heatmap(
         width,
         height,
         mpp=_out_mpp(slide, plan.level, cd),
-        pyramid_tiff_path=Path(pyramid_tiff_path) if pyramid_tiff_path is not None else None,
+        exports=_with_pyramid(exports, pyramid_tiff_path),
         keep_image=keep_image,
     )
     try:

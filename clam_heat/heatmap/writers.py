@@ -3,12 +3,13 @@ attention GeoJSON writer.
 
 The renderer (:mod:`clam_heat.heatmap.render`) pushes finished strips of the saved image, top
 to bottom, to :class:`Sink` objects and knows no file format; :func:`open_sinks` picks the sink
-class for an output path from :data:`SINKS`, keyed by extension. A new format is a new
-:class:`Sink` subclass and one line in that table. Writers hold no CLAM drawing rule: they
-receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name beside
-the target, renamed into place when complete, not fsync'd: the stage's outputs are synced
-together before its ledger entry says done); the pyramid's spool files carry the ``spool``
-tag, so the start-up sweep removes any that a killed run left behind.
+class for an output path from :data:`SINKS`, keyed by extension and built from
+:data:`clam_heat.formats.IMAGE_FORMATS`. A new format is a row in that table and, for a new
+kind, a :class:`Sink` subclass and one line in :data:`SINK_KINDS`. Writers hold no CLAM drawing
+rule: they receive finished pixels. Every file goes through :mod:`clam_heat.atomic` (a temp name
+beside the target, renamed into place when complete, not fsync'd: the stage's outputs are synced
+together before its ledger entry says done); the pyramid's spool files carry the ``spool`` tag,
+so the start-up sweep removes any that a killed run left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
 from ..errors import OutputError, os_error_advice
+from ..formats import IMAGE_FORMATS
 from .maths import to_percentiles
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ __all__ = [
     "EncodedSink",
     "JpegSink",
     "PngSink",
+    "EXPORTS",
+    "Export",
     "Sink",
     "StreamedSink",
     "TiffSink",
@@ -421,13 +426,14 @@ def _read_spool(spool: Path, width: int, height: int) -> Iterator[np.ndarray]:
 #: microns per pixel (None: unknown), for formats that record it.
 SinkFactory = Callable[..., Sink]
 
-#: Output formats by file extension (lower case, no dot): a new format is one line here.
+#: Sink factories by format kind (:class:`clam_heat.formats.ImageFormat`'s ``kind``).
+SINK_KINDS: dict[str, SinkFactory] = {"jpeg": jpeg_sink, "png": png_sink, "tiff": TiffSink}
+
+#: Output formats by file extension (lower case, no dot), built from the one table of formats,
+#: :data:`clam_heat.formats.IMAGE_FORMATS` (which the config's ``save_ext`` check also reads).
 SINKS: dict[str, SinkFactory] = {
-    "jpg": jpeg_sink,
-    "jpeg": functools.partial(jpeg_sink, quality=75),
-    "png": png_sink,
-    "tif": TiffSink,
-    "tiff": TiffSink,
+    ext: functools.partial(SINK_KINDS[fmt.kind], **fmt.options)
+    for ext, fmt in IMAGE_FORMATS.items()
 }
 
 
@@ -448,12 +454,13 @@ def open_sinks(
     height: int,
     *,
     mpp: float | None,
-    pyramid_tiff_path: Path | None = None,
+    exports: Mapping[Path, SinkFactory] | None = None,
     keep_image: bool = False,
 ) -> list[Sink]:
     """The sinks for one saved image of ``width`` x ``height`` px, in the order their files are
     reported: the image held in memory (when ``keep_image`` and no output holds it anyway),
-    ``out_path`` in its extension's format, then the pyramidal TIFF."""
+    ``out_path`` in its extension's format, then each of ``exports`` (path -> the sink factory
+    of an image :class:`Export`, e.g. the pyramidal TIFF)."""
     factory = sink_factory(out_path) if out_path is not None else None
     sinks: list[Sink] = []
     try:
@@ -461,8 +468,8 @@ def open_sinks(
             sinks.append(factory(out_path, width, height, mpp=mpp))
         if keep_image and not any(s.image is not None for s in sinks):
             sinks.insert(0, ArraySink(width, height))
-        if pyramid_tiff_path is not None:
-            sinks.append(TiffSink(pyramid_tiff_path, width, height, mpp=mpp, pyramid=True))
+        for path, export in (exports or {}).items():
+            sinks.append(export(path, width, height, mpp=mpp))
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -528,10 +535,10 @@ def _features(c: np.ndarray, s: np.ndarray, p: np.ndarray, pw: int, ph: int) -> 
     ``p``, joined by ``,\\n``, built with numpy string operations."""
     x0, y0 = _json_numbers(c[:, 0]), _json_numbers(c[:, 1])
     x1, y1 = _json_numbers(c[:, 0] + pw), _json_numbers(c[:, 1] + ph)
-    ring = (
-        "[[" + x0 + ", " + y0 + "], [" + x1 + ", " + y0 + "], [" + x1 + ", " + y1
-        + "], [" + x0 + ", " + y1 + "], [" + x0 + ", " + y0 + "]]"
-    )  # fmt: skip
+    points = [
+        "[" + x + ", " + y + "]" for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))
+    ]
+    ring = "[" + functools.reduce(lambda a, b: a + ", " + b, points) + "]"
     feats = (
         '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": ['
         + ring
@@ -542,3 +549,30 @@ def _features(c: np.ndarray, s: np.ndarray, p: np.ndarray, pw: int, ph: int) -> 
         + "}}}"
     )
     return ",\n".join(feats.tolist())
+
+
+# ============================================================================================
+# Exports: files beside the production heatmap
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Export:
+    """A file written beside the saved heatmap, from the same render or the same scores.
+
+    ``sink`` receives the saved image's strips as the render streams them (a pyramid: no
+    second render); ``write(l0_coords, scores, patch_size_l0, path)`` gets the drawn patches
+    (an annotation file). Exactly one of the two is set.
+    """
+
+    sink: SinkFactory | None = None
+    write: Callable[[np.ndarray, np.ndarray, int, Path], Path] | None = None
+
+
+#: Exports by name (the heatmap stage switches each on from ``runner_arguments``, see
+#: :mod:`clam_heat.stages.exports`): a new export (say attention to Zarr) is a writer and one
+#: line here.
+EXPORTS: dict[str, Export] = {
+    "pyramid_tiff": Export(sink=functools.partial(TiffSink, pyramid=True)),
+    "geojson": Export(write=write_attention_geojson),
+}

@@ -26,14 +26,11 @@ from .build import (
     slide_path_for_row,
 )
 from .columns import (
-    ATTENTION_COLUMNS,
     CLAM_COLUMNS,
     FILTER_KEYS,
     PATCH_KEYS,
-    PREDICTION_COLUMN,
     PRESET_KEYS,
     PRESETS_DIR,
-    RUN_COLUMNS,
     SEG_KEYS,
     STATUS_COLUMNS,
     STATUSES,
@@ -41,16 +38,21 @@ from .columns import (
     builtin_defaults,
     failed_rows,
     initialize_columns,
-    is_result_column,
-    is_run_column,
     load_preset,
     normalize_slide_id,
-    result_columns,
     row_params,
     status_summary,
 )
 from .csvfile import write_csv_atomic
 from .record import Recorder, update_row
+from .results import (
+    ATTENTION_COLUMNS,
+    PREDICTION_COLUMN,
+    RUN_COLUMNS,
+    is_result_column,
+    is_run_column,
+    result_columns,
+)
 from .shards import (
     MergeReport,
     find_shards,

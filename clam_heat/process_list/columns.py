@@ -1,5 +1,7 @@
 """Process-list columns: CLAM's managed columns and dtypes, presets, per-row overrides, casting.
 
+The columns a run writes (status and results) are in :mod:`.results`.
+
 Deliberate deviations from CLAM, each fixing a listed weakness (spec §10):
 
 - ``a_t``/``a_h`` keep their fractions (CLAM truncates them with ``int()`` before storing them
@@ -18,8 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,14 +44,13 @@ PRESET_KEYS = SEG_KEYS + FILTER_KEYS + VIS_KEYS + PATCH_KEYS
 STATUSES = ("tbp", "running", "done", "failed", "skipped")
 
 #: The presets shipped with clam-heat (CLAM's three), as package data so that any install has them.
-#: The presets shipped with clam-heat (CLAM's three), as package data so that any install has them.
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 _Kind = Literal["int", "float", "bool", "str", "ids"]
 
 
 @dataclass(frozen=True)
-class _Column:
+class ColumnSpec:
     """One managed column: how cells are parsed (``kind``) and stored (``dtype``)."""
 
     name: str
@@ -60,31 +60,32 @@ class _Column:
 
 #: CLAM's ``initialize_df`` columns after ``slide_id`` (``use_heatmap_args=False``), in order.
 _CLAM_SPECS = (
-    _Column("process", "int", "uint8"),
-    _Column("status", "str", "str"),
-    _Column("seg_level", "int", "int8"),
-    _Column("sthresh", "int", "uint8"),
-    _Column("mthresh", "int", "uint8"),
-    _Column("close", "int", "uint32"),
-    _Column("use_otsu", "bool", "bool"),
-    _Column("keep_ids", "ids", "str"),
-    _Column("exclude_ids", "ids", "str"),
-    _Column("a_t", "float", "float32"),
-    _Column("a_h", "float", "float32"),
-    _Column("max_n_holes", "int", "uint32"),
-    _Column("vis_level", "int", "int8"),
-    _Column("line_thickness", "int", "uint32"),
-    _Column("use_padding", "bool", "bool"),
-    _Column("contour_fn", "str", "str"),
+    ColumnSpec("process", "int", "uint8"),
+    ColumnSpec("status", "str", "str"),
+    ColumnSpec("seg_level", "int", "int8"),
+    ColumnSpec("sthresh", "int", "uint8"),
+    ColumnSpec("mthresh", "int", "uint8"),
+    ColumnSpec("close", "int", "uint32"),
+    ColumnSpec("use_otsu", "bool", "bool"),
+    ColumnSpec("keep_ids", "ids", "str"),
+    ColumnSpec("exclude_ids", "ids", "str"),
+    ColumnSpec("a_t", "float", "float32"),
+    ColumnSpec("a_h", "float", "float32"),
+    ColumnSpec("max_n_holes", "int", "uint32"),
+    ColumnSpec("vis_level", "int", "int8"),
+    ColumnSpec("line_thickness", "int", "uint32"),
+    ColumnSpec("use_padding", "bool", "bool"),
+    ColumnSpec("contour_fn", "str", "str"),
 )
 #: Our bookkeeping columns, appended after CLAM's.
 _STATUS_SPECS = (
-    _Column("stage", "str", "str"),
-    _Column("error", "str", "str"),
-    _Column("updated_at", "str", "str"),
-    _Column("missing", "bool", "bool"),
+    ColumnSpec("stage", "str", "str"),
+    ColumnSpec("error", "str", "str"),
+    ColumnSpec("updated_at", "str", "str"),
+    ColumnSpec("missing", "bool", "bool"),
 )
-_SPECS = {c.name: c for c in _CLAM_SPECS + _STATUS_SPECS}
+#: Every managed column by name (what the recorder casts a value by).
+COLUMN_SPECS: dict[str, ColumnSpec] = {c.name: c for c in _CLAM_SPECS + _STATUS_SPECS}
 CLAM_COLUMNS = ("slide_id",) + tuple(c.name for c in _CLAM_SPECS)
 STATUS_COLUMNS = tuple(c.name for c in _STATUS_SPECS)
 #: Defaults that do not depend on the preset.
@@ -97,7 +98,7 @@ _FIXED_DEFAULTS: dict[str, object] = {
     "missing": False,
 }
 #: Columns read as text whatever they look like (ids such as "001" must stay strings).
-_TEXT_COLUMNS = ("slide_id",) + tuple(c.name for c in _SPECS.values() if c.dtype == "str")
+_TEXT_COLUMNS = ("slide_id",) + tuple(c.name for c in COLUMN_SPECS.values() if c.dtype == "str")
 
 _TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1", "1.0"})
 _FALSE_WORDS = frozenset({"false", "f", "no", "n", "0", "0.0"})
@@ -135,7 +136,7 @@ def builtin_defaults() -> dict[str, object]:
 
 
 def _preset_kind(key: str) -> _Kind:
-    return _SPECS[key].kind
+    return COLUMN_SPECS[key].kind
 
 
 def _shipped_fallback(path: Path) -> Path:
@@ -303,7 +304,7 @@ def _cast(value: object, kind: _Kind) -> object:
 
 def _check_range(column: str, value: object, fail: Any) -> None:
     """Refuse ints that CLAM's column dtype (int8/uint8/uint32) would silently wrap."""
-    spec = _SPECS.get(column)
+    spec = COLUMN_SPECS.get(column)
     if spec is None or spec.kind != "int" or not isinstance(value, int):
         return
     info = np.iinfo(np.dtype(spec.dtype))
@@ -347,7 +348,7 @@ def _column_default(name: str, defaults: Mapping[str, object]) -> object:
 
 
 def _coerce_column(
-    series: pd.Series, spec: _Column, ids: pd.Series, default: object, source: str
+    series: pd.Series, spec: ColumnSpec, ids: pd.Series, default: object, source: str
 ) -> pd.Series:
     """Parse every cell of a managed column; blanks become ``default`` (None keeps them blank).
 
@@ -507,92 +508,3 @@ def failed_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "status" not in df.columns:
         return df.iloc[0:0].copy()
     return df.loc[df["status"].astype(str) == "failed"].copy()
-
-
-# --------------------------------------------------------------------------------------------
-# result columns (written by the run; defined here once)
-
-#: Columns the run writes besides the status columns: CLAM's results columns (``bag_size`` then
-#: rank-ordered ``Pred_c``/``p_c``: ``p_0`` is the TOP probability, not class 0's), our
-#: class-ordered ``prob_<label>`` and the attention statistics.
-PREDICTION_COLUMN = re.compile(r"^(bag_size|Pred_\d+|p_\d+|prob_.+)$")
-ATTENTION_COLUMNS = ("attention_mean", "attention_std")
-#: Process-list columns a run writes; everything else belongs to the user and is never merged.
-RUN_COLUMNS: tuple[str, ...] = ("status", "stage", "error", "updated_at")
-#: ``heatmap_results.csv`` as MIL-Lab's ``generate_heatmaps.py`` writes it (``clam-heat quick``).
-MIL_LAB_RESULT_COLUMNS = (
-    "slide_id", "num_patches", "prediction", "probabilities",
-    "attention_mean", "attention_std", "heatmap_path",
-)  # fmt: skip
-
-
-def is_result_column(name: str) -> bool:
-    """True for the prediction and attention columns a run adds.
-
-    >>> [is_result_column(c) for c in ("bag_size", "p_1", "Pred_0", "prob_tumour", "label")]
-    [True, True, True, True, False]
-    """
-    return bool(PREDICTION_COLUMN.match(name)) or name in ATTENTION_COLUMNS
-
-
-def is_run_column(name: str) -> bool:
-    """True for columns the runner owns (status and results), False for user columns.
-
-    >>> [is_run_column(c) for c in ("status", "p_1", "Pred_0", "label", "x1", "process")]
-    [True, True, True, False, False, False]
-    """
-    return name in RUN_COLUMNS or is_result_column(name)
-
-
-def class_probabilities(result: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """``(label, probability)`` in class-index order, from the infer stage's ledger result.
-
-    The label of class i is its name in CLAM's rank-ordered ``top_names`` (``top_ids`` says
-    which class each rank is), so the order never depends on which class won.
-
-    >>> class_probabilities({"probs": [0.2, 0.8], "top_ids": [1, 0], "top_names": ["t", "n"]})
-    [('n', 0.2), ('t', 0.8)]
-    """
-    probs = [float(p) for p in result.get("probs", [])]
-    names = dict(zip(result.get("top_ids", []), result.get("top_names", []), strict=False))
-    return [(str(names.get(i, i)), p) for i, p in enumerate(probs)]
-
-
-def result_columns(result: Mapping[str, Any], n_classes: int) -> dict[str, Any]:
-    """CLAM's results columns: bag_size then rank-ordered Pred_c/p_c, then class-ordered
-    ``prob_<label>`` (one per class), then the attention statistics.
-
-    ``result`` is the infer stage's ledger result; empty gives no columns.
-    """
-    if not result:
-        return {}
-    cols: dict[str, Any] = {"bag_size": result["bag_size"]}
-    names, probs = result["top_names"], result["top_probs"]
-    for c in range(n_classes):
-        cols[f"Pred_{c}"] = names[c]
-        cols[f"p_{c}"] = round(float(probs[c]), 6)
-    for label, prob in class_probabilities(result):
-        cols[f"prob_{label}"] = round(prob, 6)
-    for name in ATTENTION_COLUMNS:
-        cols[name] = round(result[name], 6)
-    return cols
-
-
-def mil_lab_result_row(
-    row: Mapping[str, Any], labels: Sequence[str], heatmap_path: str
-) -> dict[str, Any]:
-    """One ``heatmap_results.csv`` row from a finished process-list row: ``prediction`` is the
-    top label (``Pred_0``), ``probabilities`` the ``prob_<label>`` values in class order.
-
-    >>> r = {"slide_id": "s", "bag_size": 3, "Pred_0": "t", "prob_n": 0.25, "prob_t": 0.75,
-    ...      "attention_mean": 0.5, "attention_std": 0.125}
-    >>> mil_lab_result_row(r, ["n", "t"], "s_heatmap.png")["probabilities"]
-    '[0.25, 0.75]'
-    """
-    probs = [round(float(row[f"prob_{label}"]), 6) for label in labels]
-    values = (
-        str(row["slide_id"]), int(row["bag_size"]), str(row["Pred_0"]), str(probs),
-        round(float(row["attention_mean"]), 6), round(float(row["attention_std"]), 6),
-        heatmap_path,
-    )  # fmt: skip
-    return dict(zip(MIL_LAB_RESULT_COLUMNS, values, strict=True))

@@ -27,9 +27,10 @@ import pandas as pd
 
 from ..errors import ProcessListError
 from ..ledger import now_iso
-from .columns import _SPECS, STATUSES, result_columns
+from .columns import COLUMN_SPECS, STATUSES
 from .csvfile import read_csv, write_csv_atomic
 from .journal import RowJournal
+from .results import result_columns
 
 __all__ = ["Outcome", "Recorder", "materialise", "replay_journal", "update_row"]
 
@@ -58,7 +59,7 @@ def update_row(df: pd.DataFrame, slide_id: str, **fields: Any) -> pd.DataFrame:
     fields.setdefault("updated_at", now_iso())
     out = df.copy()
     for name, value in fields.items():
-        spec = _SPECS.get(name)
+        spec = COLUMN_SPECS.get(name)
         if spec is not None and spec.dtype == "str":
             value = "" if value is None else str(value)
         elif spec is not None and spec.kind == "bool":
@@ -232,8 +233,8 @@ class Recorder:
             self._in_flight[slide_id] = prev
             entries.append({"slide_id": slide_id, "status": "running", "updated_at": stamp})
             self._note(slide_id, {"status": "running", "updated_at": stamp})
-        self.journal.append_many([{**e, "_prev": self._in_flight[e["slide_id"]]} for e in entries],
-                                 sync=False)  # fmt: skip
+        running = [{**e, "_prev": self._in_flight[e["slide_id"]]} for e in entries]
+        self.journal.append_many(running, sync=False)
 
     def record(self, outcome: Outcome) -> None:
         """A finished row: status, last stage, error and result columns, journaled durably."""

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..atomic import write_text_atomic
 from ..errors import ConfigError, ProcessListError
-from .columns import is_run_column
+from .results import is_run_column
 
 __all__ = [
     "MergeReport",

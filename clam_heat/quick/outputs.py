@@ -2,7 +2,7 @@
 
 ``OUT/<slide_id>_heatmap.png`` is the slide's production heatmap (the CLAM-named image under
 ``heatmap_production_results/``) as PNG, and ``OUT/heatmap_results.csv`` has exactly
-:data:`~clam_heat.process_list.columns.MIL_LAB_RESULT_COLUMNS`, one row per finished selected
+:data:`~clam_heat.process_list.results.MIL_LAB_RESULT_COLUMNS`, one row per finished selected
 slide. Both are derived from the run's files, so they are rebuilt on every rerun: an image is
 re-encoded only when its production image is newer, and the CSV is rewritten whole (atomically).
 """
@@ -62,7 +62,7 @@ def write_mil_lab_outputs(cfg: HeatmapConfig, out: Path, slide_ids: Sequence[str
     import pandas as pd
 
     from ..process_list import read_process_list
-    from ..process_list.columns import MIL_LAB_RESULT_COLUMNS, mil_lab_result_row
+    from ..process_list.results import MIL_LAB_RESULT_COLUMNS, mil_lab_result_row
     from ..rows import build_contexts, production_heatmap_path
 
     out = Path(out)

@@ -1,35 +1,43 @@
-"""``heatmap``: the coarse blockmap image and the production heatmap (plus the optional plain
-slide image, pyramidal TIFF and attention GeoJSON), drawn as CLAM draws them."""
+"""``heatmap``: the coarse blockmap image and the production heatmap, drawn as CLAM draws them,
+plus the optional plain slide image and the exports switched on in :mod:`.exports` (pyramidal
+TIFF, attention GeoJSON)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..h5io import read_scores
 from ..ledger import file_identity
 from ..rows import (
     RowContext,
-    attention_geojson_path,
     blockmap_h5_path,
     blockmap_png_path,
     cohort_scores_path,
     orig_path,
     overlap_h5_path,
     production_heatmap_path,
-    pyramid_heatmap_path,
     segmentation_geojson_path,
 )
 from .base import Stage, StageRun, base_fingerprint
+from .exports import export_paths, export_switches
+
+if TYPE_CHECKING:  # the drawing code loads with the stage's run, not with the registry
+    from ..heatmap import HeatmapSpec
 
 
 def _vis_level(ctx: RowContext, configured: int) -> int:
-    return configured if configured >= 0 else ctx.slide().best_level_for_downsample(32)
+    """The row's vis level (CLAM's -1 made concrete), by the heatmap package's one rule."""
+    from ..heatmap.plan import resolve_vis_level
+
+    return resolve_vis_level(ctx.slide(), configured)
 
 
 def production_spec(
     ctx: RowContext, vis_level: int, *, overlap: float = 0.0, use_percentiles: bool = True
-) -> Any:
+) -> HeatmapSpec:
     """The :class:`~clam_heat.heatmap.HeatmapSpec` of a production image under the row's
     ``heatmap_arguments`` (the main heatmap and each class map draw alike)."""
     from ..heatmap import HeatmapSpec
@@ -64,11 +72,7 @@ class HeatmapStage(Stage):
             heatmap_arguments=_drawn_keys(ctx),
             overlap=ctx.cfg.patching_arguments.overlap,
             roi=list(ctx.roi() or ()),
-            outputs={
-                "pyramid_tiff": runner.write_pyramid_tiff,
-                "geojson": runner.write_geojson,
-                "segment": runner.segment_heatmap,
-            },
+            outputs={**export_switches(ctx.cfg), "segment": runner.segment_heatmap},
             slide=file_identity(ctx.slide_path),
             blockmap=file_identity(blockmap_h5_path(ctx)),
             overlap_scores=file_identity(overlap_h5_path(ctx)) if calc else None,
@@ -82,15 +86,11 @@ class HeatmapStage(Stage):
             outs["orig"] = orig_path(
                 ctx, hm.vis_level if hm.vis_level >= 0 else _vis_level(ctx, -1)
             )
-        runner = ctx.cfg.runner_arguments
-        if runner.write_pyramid_tiff:
-            outs["pyramid"] = pyramid_heatmap_path(ctx)
-        if runner.write_geojson:
-            outs["geojson"] = attention_geojson_path(ctx)
-        return outs
+        return outs | export_paths(ctx)
 
     def run(self, ctx: RowContext) -> StageRun:
-        from ..heatmap import HeatmapSpec, render_heatmap, save_orig, write_attention_geojson
+        from ..heatmap import HeatmapSpec, render_heatmap, save_orig
+        from ..heatmap.writers import EXPORTS
         from ..tissue import load_geojson
 
         hm = ctx.cfg.heatmap_arguments
@@ -99,6 +99,7 @@ class HeatmapStage(Stage):
         scores, coords, patch_l0 = read_scores(blockmap_h5_path(ctx))
         tissue = load_geojson(segmentation_geojson_path(ctx)) if runner.segment_heatmap else None
         outs = self.outputs(ctx)
+        exports = {name: (EXPORTS[name], outs[name]) for name in export_paths(ctx)}
 
         coarse_scores, coarse_pct = _on_scale(ctx, scores, True)
         coarse = HeatmapSpec(
@@ -132,12 +133,13 @@ class HeatmapStage(Stage):
             spec,
             tissue=tissue,
             out_path=outs["production"],
-            pyramid_tiff_path=outs.get("pyramid"),
+            exports={path: e.sink for e, path in exports.values() if e.sink is not None},
         )
         if "orig" in outs:
             save_orig(slide, level, hm.custom_downsample, outs["orig"])
-        if "geojson" in outs:
-            write_attention_geojson(coords, scores, patch_l0, outs["geojson"])
+        for export, path in exports.values():
+            if export.write is not None:  # from the patches drawn, before any cohort scaling
+                export.write(coords, scores, patch_l0, path)
         return StageRun(list(outs.values()), {"vis_level": level})
 
 
@@ -160,7 +162,9 @@ def _scale_fingerprint(ctx: RowContext) -> dict[str, Any]:
     return {"cohort": read_digest(cohort_scores_path(ctx.cfg))}
 
 
-def _on_scale(ctx: RowContext, scores: Any, use_percentiles: bool) -> tuple[Any, bool]:
+def _on_scale(
+    ctx: RowContext, scores: np.ndarray, use_percentiles: bool
+) -> tuple[np.ndarray, bool]:
     """Scores as drawn: unchanged on the slide scale (CLAM), cohort percentiles otherwise."""
     if ctx.cfg.heatmap_arguments.score_scale != "cohort":
         return scores, use_percentiles
@@ -176,14 +180,17 @@ def _on_scale(ctx: RowContext, scores: Any, use_percentiles: bool) -> tuple[Any,
     return cohort_percentiles(path, scores), False
 
 
-def _slide_percentiles_as_scores(ctx: RowContext, pct: Any) -> Any:
+def _slide_percentiles_as_scores(ctx: RowContext, pct: np.ndarray) -> np.ndarray:
     """Under the cohort scale, fine-pass percentiles (of the slide's bag scores, CLAM's
     ``use_ref_scores``) as the bag score at that rank, so the cohort file can place them; exact
-    for a patch whose score equals a bag score, the lower neighbour's otherwise."""
+    for a patch whose score equals a bag score, the lower neighbour's otherwise.
+
+    CLAM's rank rule puts a score at a whole or half rank (``pct * n / 100``); the overlap file
+    stores float32, so the rank is rounded to the nearest half before ``ceil`` (a float32
+    ``r + 1e-6`` would otherwise land one bag score too high)."""
     if ctx.cfg.heatmap_arguments.score_scale != "cohort":
         return pct
-    import numpy as np
-
     ref = np.sort(read_scores(blockmap_h5_path(ctx))[0])
-    k = np.clip(np.ceil(np.asarray(pct, dtype=np.float64) / 100 * len(ref)) - 1, 0, len(ref) - 1)
+    rank = np.round(np.asarray(pct, dtype=np.float64) * len(ref) / 50) / 2
+    k = np.clip(np.ceil(rank) - 1, 0, len(ref) - 1)
     return ref[k.astype(np.int64)]

@@ -59,9 +59,14 @@ def draw_overview(
             c_x = int(moments["m10"] / (moments["m00"] + 1e-9))
             c_y = int(moments["m01"] / (moments["m00"] + 1e-9))
             cv2.putText(
-                image, str(idx), (c_x, c_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                (255, 0, 0), font_thickness,
-            )  # fmt: skip
+                image,
+                str(idx),
+                (c_x, c_y),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                font_scale,
+                (255, 0, 0),
+                font_thickness,
+            )
     for holes in sc.holes:
         if holes:
             cv2.drawContours(image, holes, -1, (0, 0, 255), thickness, lineType=cv2.LINE_8)

@@ -109,8 +109,17 @@ class SegmentationParams:
     def __post_init__(self) -> None:
         problems: list[str] = []
         bad: set[str] = set()
-        ints = ("seg_level", "sthresh", "sthresh_up", "mthresh", "close", "max_n_holes",
-                "ref_patch_size", "vis_level", "line_thickness")  # fmt: skip
+        ints = (
+            "seg_level",
+            "sthresh",
+            "sthresh_up",
+            "mthresh",
+            "close",
+            "max_n_holes",
+            "ref_patch_size",
+            "vis_level",
+            "line_thickness",
+        )
         for name in ints:
             value = getattr(self, name)
             integral = isinstance(value, int | np.integer) or (
@@ -146,8 +155,14 @@ class SegmentationParams:
 
     def _range_problems(self, skip: set[str]) -> list[str]:
         problems = []
-        for name, low in (("seg_level", -1), ("vis_level", -1), ("close", 0), ("max_n_holes", 0),
-                          ("line_thickness", 0), ("ref_patch_size", 1)):  # fmt: skip
+        for name, low in (
+            ("seg_level", -1),
+            ("vis_level", -1),
+            ("close", 0),
+            ("max_n_holes", 0),
+            ("line_thickness", 0),
+            ("ref_patch_size", 1),
+        ):
             if name not in skip and getattr(self, name) < low:
                 problems.append(f"{name} = {getattr(self, name)}: must be >= {low}")
         for name in ("sthresh", "sthresh_up"):

@@ -216,9 +216,13 @@ class AttentionHeatmapLogger:
         from ..trackers import make_tracker
 
         tracker = make_tracker(
-            kind, run_name=run_name, project=project, directory=directory, uri=uri,
+            kind,
+            run_name=run_name,
+            project=project,
+            directory=directory,
+            uri=uri,
             setting="tracker",
-        )  # fmt: skip
+        )
         try:
             logger = cls(tracker=tracker, **kwargs)
         except BaseException:
