@@ -166,6 +166,7 @@ def render_heatmap(
     out_path: str | os.PathLike[str] | None = None,
     pyramid_tiff_path: str | os.PathLike[str] | None = None,
     keep_image: bool = False,
+    meta: str | None = None,
 ) -> RenderResult:
     """Draw CLAM's heatmap of ``scores`` over ``slide``, tile by tile, and save it.
 
@@ -188,6 +189,8 @@ def render_heatmap(
         Also write the image as a pyramidal JPEG tiled TIFF with MPP (OpenSlide/QuPath).
     keep_image : bool
         Return the (h, w, 3) uint8 image in the result (costs its memory).
+    meta : str, optional
+        Text the files carry (colormap and score range as JSON, see :func:`image_meta`).
 
     Returns
     -------
@@ -207,6 +210,7 @@ def render_heatmap(
         mpp=_out_mpp(slide, plan.level, cd),
         pyramid_tiff_path=Path(pyramid_tiff_path) if pyramid_tiff_path is not None else None,
         keep_image=keep_image,
+        meta=meta,
     )
     try:
         tile = _tile_shape(int(spec.tile_size), sinks)

@@ -44,7 +44,11 @@ __all__ = [
     "Sink",
     "StreamedSink",
     "TiffSink",
+    "embed",
+    "image_meta",
+    "read_meta",
     "open_sinks",
+    "read_embedded",
     "write_attention_geojson",
 ]
 
@@ -73,6 +77,9 @@ class Sink:
     image: np.ndarray | None = None
     #: preferred height of the strips pushed (0: any); the renderer uses the largest
     strip_rows: int = 0
+    #: what the image shows (colormap, score range), as JSON text the format embeds:
+    #: a PNG ``tEXt`` chunk, a JPEG comment, the TIFF ``ImageDescription`` (see :func:`embed`)
+    meta: str | None = None
 
     def push(self, y0: int, strip: np.ndarray) -> None:  # pragma: no cover - interface
         """Take rows ``y0 .. y0 + len(strip)`` of the saved image, (rows, w, 3) uint8 RGB."""
@@ -106,8 +113,10 @@ class EncodedSink(ArraySink):
     """A whole-image format (its encoder takes the whole image): held in memory, encoded and
     written atomically on :meth:`close`."""
 
-    def __init__(self, path: Path, width: int, height: int, *, mpp: float | None) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, meta: str | None = None
+    ) -> None:
+        self.path, self.meta = path, meta
         super().__init__(width, height)
 
     def encode(self, image: np.ndarray) -> bytes:  # pragma: no cover - interface
@@ -115,7 +124,10 @@ class EncodedSink(ArraySink):
 
     def close(self) -> Path:
         assert self.image is not None
-        write_bytes_atomic(self.path, self.encode(self.image), durable=False)
+        data = self.encode(self.image)
+        if self.meta is not None:
+            data = embed(data, self.meta)
+        write_bytes_atomic(self.path, data, durable=False)
         return self.path
 
 
@@ -124,7 +136,14 @@ class JpegSink(EncodedSink):
     ``quality`` (100 for ``.jpg``, PIL's default 75 for ``.jpeg``, as CLAM's outputs)."""
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        quality: int = 100,
+        meta: str | None = None,
     ) -> None:
         if max(width, height) > JPEG_MAX_SIDE:
             raise OutputError(
@@ -133,7 +152,7 @@ class JpegSink(EncodedSink):
                 "custom_downsample"
             )
         self.quality = quality
-        super().__init__(path, width, height, mpp=mpp)
+        super().__init__(path, width, height, mpp=mpp, meta=meta)
 
     def encode(self, image: np.ndarray) -> bytes:
         import imagecodecs
@@ -163,9 +182,16 @@ class TiffSink(Sink):
     strip_rows = TIFF_TILE
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, pyramid: bool = False
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        pyramid: bool = False,
+        meta: str | None = None,
     ) -> None:
-        self.path, self.width, self.height = path, width, height
+        self.path, self.width, self.height, self.meta = path, width, height, meta
         self.mpp, self.pyramid = mpp, pyramid
         self.tmp = temp_path_for(path)
         self.queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
@@ -281,6 +307,8 @@ class TiffSink(Sink):
             kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
         if level == 0:
             kwargs["software"] = "clam-heat"
+            if self.meta is not None:
+                kwargs["description"] = self.meta
         tw.write(tiles, **kwargs)
 
 
@@ -299,26 +327,45 @@ class StreamedSink(Sink):
     strip_rows = TIFF_TILE
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, kind: str, quality: int
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        kind: str,
+        quality: int,
+        meta: str | None = None,
     ) -> None:
-        self.path, self.kind, self.quality = path, kind, quality
+        self.path, self.kind, self.quality, self.meta = path, kind, quality, meta
         self.spool = temp_path_for(path, tag="spool")
         self.writer = TiffSink(self.spool, width, height, mpp=None)
 
     def push(self, y0: int, strip: np.ndarray) -> None:
         self.writer.push(y0, strip)
 
+    def _keep_meta(self, image: Any) -> Any:
+        """The metadata as libvips writes it (a PNG text chunk; JPEG keeps none)."""
+        if self.meta is None or self.kind != "png":
+            return image
+        image = image.copy()
+        image.set_type(pyvips_gstr(), f"png-comment-0-{META_KEY}", self.meta)
+        return image
+
     def close(self) -> Path:
         import pyvips
 
         try:
             self.writer.close()
-            image = pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            image = self._keep_meta(
+                pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            )
             with atomic_path(self.path, durable=False) as tmp:
                 if self.kind == "jpeg":
                     image.jpegsave(str(tmp), Q=self.quality, subsample_mode="on", keep="none")
                 else:
-                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep="none")
+                    keep = "other" if self.meta is not None else "none"
+                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep=keep)
         except pyvips.Error as err:
             why = " ".join(str(err).split())
             raise OutputError(f"{self.path}: encoding failed ({why})") from None
@@ -329,6 +376,107 @@ class StreamedSink(Sink):
     def abort(self) -> None:
         self.writer.abort()
         self.spool.unlink(missing_ok=True)
+
+
+def pyvips_gstr() -> Any:
+    import pyvips
+
+    return pyvips.GValue.gstr_type
+
+
+#: The key of the metadata text (PNG ``tEXt`` keyword).
+META_KEY = "clam-heat"
+
+
+def embed(data: bytes, text: str) -> bytes:
+    """``data`` (an encoded PNG or JPEG) with ``text`` embedded: a PNG ``tEXt`` chunk keyed
+    :data:`META_KEY` after ``IHDR``, or a JPEG ``COM`` segment after ``SOI``; pixels unchanged.
+
+    >>> read_embedded(embed(b"\\xff\\xd8\\xff\\xd9", '{"cmap": "jet"}'))
+    '{"cmap": "jet"}'
+    """
+    import zlib
+
+    raw = text.encode("latin-1", errors="replace")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = META_KEY.encode() + b"\0" + raw
+        chunk = b"tEXt" + body
+        packed = len(body).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+        end = 8 + 8 + int.from_bytes(data[8:12], "big") + 4  # after IHDR
+        return data[:end] + packed + data[end:]
+    if data[:2] == b"\xff\xd8" and len(raw) < 65000:
+        return data[:2] + b"\xff\xfe" + (len(raw) + 2).to_bytes(2, "big") + raw + data[2:]
+    return data
+
+
+def image_meta(
+    cmap: str,
+    *,
+    map_name: str = "attention",
+    scale: str = "percentile",
+    low: float = 0.0,
+    high: float = 100.0,
+    threshold: float | None = None,
+) -> str:
+    """The JSON text a heatmap file carries: what its colours mean, so a viewer draws the right
+    colour bar without being told (``clam-heat view --slide S --heatmap IMG``).
+
+    >>> image_meta("plasma")
+    '{"cmap": "plasma", "high": 100.0, "low": 0.0, "map": "attention", "scale": "percentile"}'
+    """
+    import json
+
+    meta: dict[str, object] = {"cmap": cmap, "map": map_name, "scale": scale}
+    meta.update(low=float(low), high=float(high))
+    if threshold:
+        meta["threshold"] = float(threshold)
+    return json.dumps(meta, sort_keys=True)
+
+
+def read_meta(path: Path) -> dict[str, object] | None:
+    """The :func:`image_meta` of a heatmap file (PNG, JPEG or TIFF), or None when it has none."""
+    import json
+
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                text = tif.pages[0].description  # type: ignore[union-attr]
+        else:
+            with open(path, "rb") as fh:
+                text = read_embedded(fh.read(1 << 20))
+        meta = json.loads(text) if text else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("cmap"), str) else None
+
+
+def read_embedded(data: bytes) -> str | None:
+    """The text :func:`embed` wrote (PNG ``tEXt`` / JPEG ``COM``), or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos = 8
+        while pos + 8 <= len(data):
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            kind = data[pos + 4 : pos + 8]
+            if kind in (b"tEXt", b"zTXt", b"iTXt") or kind == b"IDAT":
+                if kind == b"IDAT":
+                    return None
+                key, _, value = data[pos + 8 : pos + 8 + n].partition(b"\0")
+                if key == META_KEY.encode() and kind == b"tEXt":
+                    return value.decode("latin-1")
+            pos += 12 + n
+        return None
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF:
+            marker, n = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xFE:
+                return data[pos + 4 : pos + 2 + n].decode("latin-1")
+            if marker == 0xDA:
+                return None
+            pos += 2 + n
+    return None
 
 
 def _streaming_available() -> bool:
@@ -342,21 +490,29 @@ def _streaming_available() -> bool:
 
 
 def jpeg_sink(
-    path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    mpp: float | None,
+    quality: int = 100,
+    meta: str | None = None,
 ) -> Sink:
     """JPEG at ``quality``: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed
     through libvips above (:class:`StreamedSink`)."""
     big = width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE
     if big and _streaming_available():
-        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
-    return JpegSink(path, width, height, mpp=mpp, quality=quality)
+        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality, meta=meta)
+    return JpegSink(path, width, height, mpp=mpp, quality=quality, meta=meta)
 
 
-def png_sink(path: Path, width: int, height: int, *, mpp: float | None) -> Sink:
+def png_sink(
+    path: Path, width: int, height: int, *, mpp: float | None, meta: str | None = None
+) -> Sink:
     """PNG: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed above."""
     if width * height > STREAM_MIN_PIXELS and _streaming_available():
-        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0)
-    return PngSink(path, width, height, mpp=mpp)
+        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0, meta=meta)
+    return PngSink(path, width, height, mpp=mpp, meta=meta)
 
 
 def _tiff_tiles(
@@ -417,8 +573,8 @@ def _read_spool(spool: Path, width: int, height: int) -> Iterator[np.ndarray]:
         spool.unlink(missing_ok=True)
 
 
-#: A sink factory: ``(path, width, height, *, mpp) -> Sink``; ``mpp`` is the saved image's
-#: microns per pixel (None: unknown), for formats that record it.
+#: A sink factory: ``(path, width, height, *, mpp, meta) -> Sink``; ``mpp`` is the saved image's
+#: microns per pixel (None: unknown), for formats that record it; ``meta`` the text embedded.
 SinkFactory = Callable[..., Sink]
 
 #: Output formats by file extension (lower case, no dot): a new format is one line here.
@@ -450,19 +606,22 @@ def open_sinks(
     mpp: float | None,
     pyramid_tiff_path: Path | None = None,
     keep_image: bool = False,
+    meta: str | None = None,
 ) -> list[Sink]:
     """The sinks for one saved image of ``width`` x ``height`` px, in the order their files are
     reported: the image held in memory (when ``keep_image`` and no output holds it anyway),
-    ``out_path`` in its extension's format, then the pyramidal TIFF."""
+    ``out_path`` in its extension's format, then the pyramidal TIFF; files carry ``meta``."""
     factory = sink_factory(out_path) if out_path is not None else None
     sinks: list[Sink] = []
     try:
         if out_path is not None and factory is not None:
-            sinks.append(factory(out_path, width, height, mpp=mpp))
+            sinks.append(factory(out_path, width, height, mpp=mpp, meta=meta))
         if keep_image and not any(s.image is not None for s in sinks):
             sinks.insert(0, ArraySink(width, height))
         if pyramid_tiff_path is not None:
-            sinks.append(TiffSink(pyramid_tiff_path, width, height, mpp=mpp, pyramid=True))
+            sinks.append(
+                TiffSink(pyramid_tiff_path, width, height, mpp=mpp, pyramid=True, meta=meta)
+            )
     except BaseException:
         for sink in sinks:
             sink.abort()

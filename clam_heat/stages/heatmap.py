@@ -91,6 +91,7 @@ class HeatmapStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..heatmap import HeatmapSpec, render_heatmap, save_orig, write_attention_geojson
+        from ..heatmap.writers import image_meta
         from ..tissue import load_geojson
 
         hm = ctx.cfg.heatmap_arguments
@@ -108,8 +109,17 @@ class HeatmapStage(Stage):
             use_percentiles=coarse_pct,
             segment=runner.segment_heatmap,
         )
+        scale = "cohort" if hm.score_scale == "cohort" else "percentile"
+        meta = image_meta(hm.cmap, scale=scale)
         render_heatmap(
-            slide, coords, coarse_scores, patch_l0, coarse, tissue=tissue, out_path=outs["blockmap"]
+            slide,
+            coords,
+            coarse_scores,
+            patch_l0,
+            coarse,
+            tissue=tissue,
+            out_path=outs["blockmap"],
+            meta=meta,
         )
 
         level = _vis_level(ctx, hm.vis_level)
@@ -133,6 +143,7 @@ class HeatmapStage(Stage):
             tissue=tissue,
             out_path=outs["production"],
             pyramid_tiff_path=outs.get("pyramid"),
+            meta=meta,
         )
         if "orig" in outs:
             save_orig(slide, level, hm.custom_downsample, outs["orig"])

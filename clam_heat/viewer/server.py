@@ -47,7 +47,7 @@ from urllib.parse import quote, unquote
 import cv2
 
 from ..errors import ClamHeatError, OutputError
-from .tiles import Layer, open_heatmap_layer
+from .tiles_old import Layer, open_heatmap_layer
 
 if TYPE_CHECKING:
     from ..config import HeatmapConfig
@@ -317,7 +317,7 @@ class ViewerServer:
     def _open_comparison(self, entry: ViewerEntry, slide: Layer) -> tuple[Any, Any]:
         """Run B's heatmap layer and the difference layer (None where B has none)."""
         from ..compare import DIFF_CMAP, compare_slide
-        from .tiles import difference_layer
+        from .tiles_old import difference_layer
 
         size = slide.slide.dimensions
         try:
@@ -517,7 +517,7 @@ def open_viewer(
     does (overrides included).
     """
     from ..errors import ProcessListError
-    from .tiles import legend
+    from .tiles_old import legend
 
     if heatmap is not None or config is None:
         if heatmap is None or slide is None or config is not None:
