@@ -300,6 +300,7 @@ class RegionView:
         if tissue is not None:
             paint = paint & tissue
         out[..., :3] = plan.colours(values[crop])
+        out[~paint] = 0  # transparent pixels carry no colour (premultiplied-alpha drawers)
         out[..., 3] = paint * np.uint8(255)
         return out
 

@@ -45,6 +45,10 @@ class MapSource:
     path: Path
     #: a colormap this map is better read with (the comparison's diverging one), or None
     cmap: str | None = None
+    #: with ``other``: the map is the percentile difference ``path - other`` (matched patches)
+    other: Path | None = None
+    #: the scale it opens on (None: the run's)
+    scale: str | None = None
 
 
 def discover_maps(ctx: RowContext, other_ids: frozenset[str] = frozenset()) -> list[MapSource]:
@@ -77,13 +81,21 @@ def discover_maps(ctx: RowContext, other_ids: frozenset[str] = frozenset()) -> l
     return maps
 
 
-def load_index(path: Path) -> ScoreIndex:
-    """A score file as an indexed map (one line naming the file when it is unreadable)."""
+def load_index(source: MapSource | Path) -> ScoreIndex:
+    """A map's scores, indexed (one line naming the file when it is unreadable)."""
     from ..h5io import read_scores
     from ..heatmap.region import ScoreIndex
 
+    path = source if isinstance(source, Path) else source.path
     try:
         scores, coords, patch = read_scores(path)
+        if isinstance(source, MapSource) and source.other is not None:
+            from ..compare import match_coords, percentile_difference
+
+            other, coords_b, patch_b = read_scores(source.other)
+            ia, ib = match_coords(coords, coords_b)
+            diff = percentile_difference(scores[ia], other[ib])
+            return ScoreIndex(coords[ia], diff, min(patch, patch_b))
         return ScoreIndex(coords, scores, patch)
     except (OSError, KeyError, ValueError, TypeError) as err:
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -212,7 +224,7 @@ def render_region(
     name = map_name or next(iter(maps))
     if name not in maps:
         raise OutputError(f"--map {name!r}: {slide_id!r} has {', '.join(maps)}")
-    index = load_index(maps[name].path)
+    index = load_index(maps[name])
     style = replace(production_style(cfg, len(index)), **(overrides or {})).checked()
     slide = ctx.slide()
     level = resolve_vis_level(slide, cfg.heatmap_arguments.vis_level if level < 0 else level)

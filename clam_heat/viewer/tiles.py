@@ -105,8 +105,10 @@ class OpenSlides:
         self.opening: dict[Hashable, threading.Lock] = {}
 
     @contextlib.contextmanager
-    def hold(self, key: Hashable, path: Path) -> Iterator[Slide]:
-        held = self._acquire(key, path)
+    def hold(
+        self, key: Hashable, path: Path, opener: Callable[[Path], Slide] | None = None
+    ) -> Iterator[Slide]:
+        held = self._acquire(key, path, opener)
         try:
             yield held.slide
         finally:
@@ -116,7 +118,7 @@ class OpenSlides:
             if close:
                 held.slide.close()
 
-    def _acquire(self, key: Hashable, path: Path) -> _Held:
+    def _acquire(self, key: Hashable, path: Path, opener: Callable[[Path], Slide] | None) -> _Held:
         from ..slide import open_slide
 
         with self.lock:
@@ -128,7 +130,7 @@ class OpenSlides:
                     held.refs += 1
                     self.held.move_to_end(key)
                     return held
-            slide = open_slide(path)
+            slide = (opener or open_slide)(path)
             with self.lock:
                 held = _Held(slide, refs=1)
                 self.held[key] = held
