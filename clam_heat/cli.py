@@ -548,50 +548,6 @@ def view(
 
 
 @app.command()
-def render(
-    config: ConfigArg,
-    slide: Annotated[str, typer.Option("--slide", help="The row's slide_id.")],
-    out: Annotated[Path, typer.Option("--out", help="Image to write (.png, .jpg, .tiff).")],
-    region: Annotated[
-        str | None, typer.Option("--region", help="X,Y,W,H in level-0 pixels (default: all).")
-    ] = None,
-    level: Annotated[int, typer.Option("--level", help="Pyramid level; -1: vis_level.")] = -1,
-    map_name: Annotated[str | None, typer.Option("--map", help="Map (default attention).")] = None,
-    cmap: Annotated[str | None, typer.Option("--cmap", help="Matplotlib colormap.")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="Heatmap opacity.")] = None,
-    threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Hide scores below (0-1 of the scale).")
-    ] = None,
-    overlay: Annotated[
-        bool, typer.Option("--overlay/--no-overlay", help="Blend over the slide (or white).")
-    ] = True,
-    legend: Annotated[bool, typer.Option("--legend", help="Add a colour bar below.")] = False,
-    save_exp_code: SaveExpOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Draw one region of a row's heatmap at any level from its scores (figures, ROI maps)."""
-    from .viewer.maps import check_region, render_region
-
-    picked = {"cmap": cmap, "alpha": alpha, "threshold": threshold}
-    try:
-        cfg = _load(config, save_exp_code, None, set_)
-        path, meta = render_region(
-            cfg,
-            slide,
-            region=check_region(region) if region else None,
-            level=level,
-            out=out,
-            map_name=map_name,
-            overrides={k: v for k, v in picked.items() if v is not None},
-            overlay=overlay,
-            legend=legend,
-        )
-    except ClamHeatError as err:
-        fail(err)
-    typer.echo(f"{path}: {meta['map']} ({meta['scale']}, {meta['cmap']})")
-
-
-@app.command()
 def demo(
     folder: Annotated[
         Path, typer.Option("--folder", help="Where to write the demo project.")
@@ -624,8 +580,8 @@ def demo(
         raise typer.Exit(1)
 
 
-# the tools around a run (doctor, compare, video) live in cli_tools
-for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
+# the tools around a run (doctor, compare, video, render) live in cli_tools
+for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video, cli_tools.render):
     app.command()(_command)
 
 

@@ -15,8 +15,8 @@ import tifffile
 from clam_heat.config import load_config
 from clam_heat.h5io import read_scores
 from clam_heat.heatmap import heatmap_image
+from clam_heat.heatmap.meta import read_meta
 from clam_heat.heatmap.region import RegionView, ScoreIndex, patch_paint
-from clam_heat.heatmap.writers import read_meta
 from clam_heat.runner import run_pipeline
 
 
@@ -181,3 +181,32 @@ def test_render_writes_a_level_0_roi_with_its_metadata(demo_run: Path) -> None:
         ],
     )
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "jpeg", "tiff"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_every_sink_embeds_the_metadata_and_keeps_the_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ext: str, streamed: bool
+) -> None:
+    import clam_heat.heatmap.writers as writers
+    from clam_heat.heatmap.meta import image_meta
+
+    if streamed:
+        monkeypatch.setattr(writers, "STREAM_MIN_PIXELS", 10)
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 280, 3), dtype=np.uint8)
+    plain, tagged = tmp_path / f"plain.{ext}", tmp_path / f"tagged.{ext}"
+    for path, meta in ((plain, None), (tagged, image_meta("plasma", map_name="ig"))):
+        (sink,) = writers.open_sinks(path, 280, 300, mpp=None, meta=meta)
+        for y in range(0, 300, 256):
+            sink.push(y, rgb[y : y + 256])
+        sink.close()
+    assert read_meta(plain) is None
+    assert read_meta(tagged) == {
+        "cmap": "plasma",
+        "map": "ig",
+        "scale": "percentile",
+        "low": 0.0,
+        "high": 100.0,
+    }
+    read = tifffile.imread if ext == "tiff" else (lambda p: cv2.imread(str(p)))
+    assert (read(plain) == read(tagged)).all()

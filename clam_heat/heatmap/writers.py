@@ -29,6 +29,7 @@ import numpy as np
 from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
 from ..errors import OutputError, os_error_advice
 from .maths import to_percentiles
+from .meta import embed, embed_in_file, vips_with_comment
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ __all__ = [
     "Sink",
     "StreamedSink",
     "TiffSink",
-    "embed",
-    "image_meta",
-    "read_meta",
     "open_sinks",
-    "read_embedded",
     "write_attention_geojson",
 ]
 
@@ -77,8 +74,7 @@ class Sink:
     image: np.ndarray | None = None
     #: preferred height of the strips pushed (0: any); the renderer uses the largest
     strip_rows: int = 0
-    #: what the image shows (colormap, score range), as JSON text the format embeds:
-    #: a PNG ``tEXt`` chunk, a JPEG comment, the TIFF ``ImageDescription`` (see :func:`embed`)
+    #: what the image shows (colormap, score range) as JSON text (:mod:`.meta`)
     meta: str | None = None
 
     def push(self, y0: int, strip: np.ndarray) -> None:  # pragma: no cover - interface
@@ -344,25 +340,19 @@ class StreamedSink(Sink):
     def push(self, y0: int, strip: np.ndarray) -> None:
         self.writer.push(y0, strip)
 
-    def _keep_meta(self, image: Any) -> Any:
-        """The metadata as libvips writes it (a PNG text chunk; JPEG keeps none)."""
-        if self.meta is None or self.kind != "png":
-            return image
-        image = image.copy()
-        image.set_type(pyvips_gstr(), f"png-comment-0-{META_KEY}", self.meta)
-        return image
-
     def close(self) -> Path:
         import pyvips
 
         try:
             self.writer.close()
-            image = self._keep_meta(
-                pyvips.Image.new_from_file(str(self.spool), access="sequential")
-            )
+            image = pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            if self.meta is not None and self.kind == "png":
+                image = vips_with_comment(image, self.meta)
             with atomic_path(self.path, durable=False) as tmp:
                 if self.kind == "jpeg":
                     image.jpegsave(str(tmp), Q=self.quality, subsample_mode="on", keep="none")
+                    if self.meta is not None:
+                        embed_in_file(tmp, self.meta)
                 else:
                     keep = "other" if self.meta is not None else "none"
                     image.pngsave(str(tmp), compression=PNG_LEVEL, keep=keep)
@@ -376,107 +366,6 @@ class StreamedSink(Sink):
     def abort(self) -> None:
         self.writer.abort()
         self.spool.unlink(missing_ok=True)
-
-
-def pyvips_gstr() -> Any:
-    import pyvips
-
-    return pyvips.GValue.gstr_type
-
-
-#: The key of the metadata text (PNG ``tEXt`` keyword).
-META_KEY = "clam-heat"
-
-
-def embed(data: bytes, text: str) -> bytes:
-    """``data`` (an encoded PNG or JPEG) with ``text`` embedded: a PNG ``tEXt`` chunk keyed
-    :data:`META_KEY` after ``IHDR``, or a JPEG ``COM`` segment after ``SOI``; pixels unchanged.
-
-    >>> read_embedded(embed(b"\\xff\\xd8\\xff\\xd9", '{"cmap": "jet"}'))
-    '{"cmap": "jet"}'
-    """
-    import zlib
-
-    raw = text.encode("latin-1", errors="replace")
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        body = META_KEY.encode() + b"\0" + raw
-        chunk = b"tEXt" + body
-        packed = len(body).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
-        end = 8 + 8 + int.from_bytes(data[8:12], "big") + 4  # after IHDR
-        return data[:end] + packed + data[end:]
-    if data[:2] == b"\xff\xd8" and len(raw) < 65000:
-        return data[:2] + b"\xff\xfe" + (len(raw) + 2).to_bytes(2, "big") + raw + data[2:]
-    return data
-
-
-def image_meta(
-    cmap: str,
-    *,
-    map_name: str = "attention",
-    scale: str = "percentile",
-    low: float = 0.0,
-    high: float = 100.0,
-    threshold: float | None = None,
-) -> str:
-    """The JSON text a heatmap file carries: what its colours mean, so a viewer draws the right
-    colour bar without being told (``clam-heat view --slide S --heatmap IMG``).
-
-    >>> image_meta("plasma")
-    '{"cmap": "plasma", "high": 100.0, "low": 0.0, "map": "attention", "scale": "percentile"}'
-    """
-    import json
-
-    meta: dict[str, object] = {"cmap": cmap, "map": map_name, "scale": scale}
-    meta.update(low=float(low), high=float(high))
-    if threshold:
-        meta["threshold"] = float(threshold)
-    return json.dumps(meta, sort_keys=True)
-
-
-def read_meta(path: Path) -> dict[str, object] | None:
-    """The :func:`image_meta` of a heatmap file (PNG, JPEG or TIFF), or None when it has none."""
-    import json
-
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                text = tif.pages[0].description  # type: ignore[union-attr]
-        else:
-            with open(path, "rb") as fh:
-                text = read_embedded(fh.read(1 << 20))
-        meta = json.loads(text) if text else None
-    except (OSError, ValueError, IndexError):
-        return None
-    return meta if isinstance(meta, dict) and isinstance(meta.get("cmap"), str) else None
-
-
-def read_embedded(data: bytes) -> str | None:
-    """The text :func:`embed` wrote (PNG ``tEXt`` / JPEG ``COM``), or None."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        pos = 8
-        while pos + 8 <= len(data):
-            n = int.from_bytes(data[pos : pos + 4], "big")
-            kind = data[pos + 4 : pos + 8]
-            if kind in (b"tEXt", b"zTXt", b"iTXt") or kind == b"IDAT":
-                if kind == b"IDAT":
-                    return None
-                key, _, value = data[pos + 8 : pos + 8 + n].partition(b"\0")
-                if key == META_KEY.encode() and kind == b"tEXt":
-                    return value.decode("latin-1")
-            pos += 12 + n
-        return None
-    if data[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 4 <= len(data) and data[pos] == 0xFF:
-            marker, n = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker == 0xFE:
-                return data[pos + 4 : pos + 2 + n].decode("latin-1")
-            if marker == 0xDA:
-                return None
-            pos += 2 + n
-    return None
 
 
 def _streaming_available() -> bool:

@@ -83,7 +83,7 @@ class ClassMapsStage(Stage):
         from ..features import load_bag
         from ..h5io import write_scores_h5
         from ..heatmap import render_heatmap
-        from ..heatmap.writers import image_meta
+        from ..heatmap.meta import image_meta
         from ..models import attention_logits
         from ..segmentation import load_geojson
         from .heatmap import _vis_level, production_spec

@@ -91,7 +91,7 @@ class HeatmapStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..heatmap import HeatmapSpec, render_heatmap, save_orig, write_attention_geojson
-        from ..heatmap.writers import image_meta
+        from ..heatmap.meta import image_meta
         from ..tissue import load_geojson
 
         hm = ctx.cfg.heatmap_arguments

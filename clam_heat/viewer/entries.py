@@ -90,7 +90,7 @@ def viewer_entries(cfg: HeatmapConfig) -> list[ViewerEntry]:
 def pair_entry(slide_path: Path, image: Path, cmap: str | None = None) -> ViewerEntry:
     """One slide and one heatmap image, no run: the image is placed by size over the slide and
     its colour bar comes from the image's own metadata (else ``cmap``, else jet)."""
-    from ..heatmap.writers import read_meta
+    from ..heatmap.meta import read_meta
 
     slide_path, image = Path(slide_path), Path(image)
     for flag, path in (("--slide", slide_path), ("--heatmap", image)):

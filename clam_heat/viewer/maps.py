@@ -205,10 +205,11 @@ def render_region(
     """
     import json
 
+    from ..heatmap.meta import image_meta
     from ..heatmap.plan import resolve_vis_level
     from ..heatmap.region import RegionView, describe, patch_paint
     from ..heatmap.render import _finish, _stream, _tile_shape
-    from ..heatmap.writers import image_meta, open_sinks
+    from ..heatmap.writers import open_sinks
     from ..process_list import read_process_list
     from ..rows import build_contexts, segmentation_geojson_path
 

@@ -389,6 +389,12 @@
       v.viewport.panTo(item.imageToViewportCoordinates(x, y), true);
     },
     hoverAt(x, y) { return showHover({ x, y }); },
+    toScreen(x, y, which = 1) {  // page pixels of level-0 (x, y) in a pane
+      const v = viewers[which];
+      const p = v.world.getItemAt(0).imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+      const r = v.element.getBoundingClientRect();
+      return [r.left + p.x, r.top + p.y];
+    },
   };
   main();
 })();
