@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -42,6 +43,7 @@ __all__ = [
     "ScoreIndex",
     "patch_paint",
     "scores01",
+    "write_region",
 ]
 
 #: Side of a grid cell of :class:`ScoreIndex`, in patch sides: a query touches a few cells.
@@ -323,3 +325,39 @@ def describe(index: ScoreIndex, scale: str) -> dict[str, Any]:
             return {"scale": "raw", "low": -bound, "high": bound}
         return {"scale": "raw", "low": lo, "high": hi}
     return {"scale": scale, "low": 0.0, "high": 100.0}
+
+
+def write_region(
+    view: RegionView,
+    window: tuple[int, int, int, int],
+    out: Path,
+    *,
+    meta: str | None = None,
+    mpp: float | None = None,
+    footer: np.ndarray | None = None,
+) -> Path:
+    """Write vis ``window`` of ``view`` (blended, :meth:`RegionView.rgb`) to ``out`` in its
+    extension's format, tile by tile through the production writer's sinks (so a region larger
+    than memory streams as a production image does), with ``footer`` rows (a colour bar)
+    below it and ``meta`` embedded."""
+    from .render import _finish, _stream, _tile_shape
+    from .writers import open_sinks
+
+    x0, y0, x1, y1 = window
+    width, height = x1 - x0, y1 - y0
+    total = height + (0 if footer is None else footer.shape[0])
+    sinks = open_sinks(Path(out), width, total, mpp=mpp, meta=meta)
+
+    def tile(tx: int, ty: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        bx0, by0, bx1, by1 = box
+        rgb = np.empty((by1 - by0, bx1 - bx0, 3), np.uint8)
+        top = min(by1, height)
+        if by0 < top:
+            rgb[: top - by0] = view.rgb((x0 + bx0, y0 + by0, x0 + bx1, y0 + top))
+        if footer is not None and by1 > height:
+            rgb[max(0, height - by0) :] = footer[max(0, by0 - height) : by1 - height, bx0:bx1]
+        return rgb
+
+    _stream(tile, width, total, _tile_shape(512, sinks), sinks, 0)
+    _finish(sinks)
+    return Path(out)

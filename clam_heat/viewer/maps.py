@@ -207,9 +207,7 @@ def render_region(
 
     from ..heatmap.meta import image_meta
     from ..heatmap.plan import resolve_vis_level
-    from ..heatmap.region import RegionView, describe, patch_paint
-    from ..heatmap.render import _finish, _stream, _tile_shape
-    from ..heatmap.writers import open_sinks
+    from ..heatmap.region import RegionView, describe, patch_paint, write_region
     from ..process_list import read_process_list
     from ..rows import build_contexts, segmentation_geojson_path
 
@@ -265,24 +263,9 @@ def render_region(
         high=described["high"],
         threshold=style.threshold,
     )
-    width, height = x1 - x0, y1 - y0
-    bar = _legend_strip(width, style.cmap, name, described) if legend else None
-    total_h = height + (0 if bar is None else bar.shape[0])
+    bar = _legend_strip(x1 - x0, style.cmap, name, described) if legend else None
     mpp = None if slide.mpp is None else float(slide.mpp) * ds[0]
-    sinks = open_sinks(out, width, total_h, mpp=mpp, meta=meta)
-
-    def tile(tx: int, ty: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        bx0, by0, bx1, by1 = box
-        rgb = np.empty((by1 - by0, bx1 - bx0, 3), np.uint8)
-        top = min(by1, height)
-        if by0 < top:
-            rgb[: top - by0] = view.rgb((x0 + bx0, y0 + by0, x0 + bx1, y0 + top))
-        if bar is not None and by1 > height:
-            rgb[max(0, height - by0) :] = bar[max(0, by0 - height) : by1 - height, bx0:bx1]
-        return rgb
-
-    _stream(tile, width, total_h, _tile_shape(512, sinks), sinks, 0)
-    _finish(sinks)
+    write_region(view, (x0, y0, x1, y1), out, meta=meta, mpp=mpp, footer=bar)
     return out, json.loads(meta)
 
 
