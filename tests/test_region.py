@@ -210,3 +210,22 @@ def test_every_sink_embeds_the_metadata_and_keeps_the_pixels(
     }
     read = tifffile.imread if ext == "tiff" else (lambda p: cv2.imread(str(p)))
     assert (read(plain) == read(tagged)).all()
+
+
+@pytest.mark.parametrize("ds", [4.0, 16.0, 3.0])
+def test_merged_coarse_zoom_equals_patch_by_patch(ds: float) -> None:
+    from clam_heat.heatmap.region import merge_patches
+
+    rng = np.random.default_rng(3)
+    g = np.arange(0, 160, 2)  # 8 px patches every 2 px: many share a rectangle at ds >= 3
+    coords = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)
+    index = ScoreIndex(coords, rng.random(len(coords)).astype(np.float32), 8)
+    paint = patch_paint(index.percentiles / 100, 0.3)
+    region = (-(-168 // int(ds)), -(-168 // int(ds)))
+    merged = merge_patches(index, paint, (ds, ds), region)
+    assert len(merged.counts) < len(coords) and merged.counts.sum() == len(coords)
+    for blur in (False, True):
+        plain = RegionView(index, paint, (ds, ds), region, blur=blur, overlap=0.5)
+        fast = RegionView(index, paint, (ds, ds), region, blur=blur, overlap=0.5, merged=merged)
+        for window in [(0, 0, *region), (3, 5, region[0] - 2, region[1] - 1)]:
+            assert (fast.rgba(window) == plain.rgba(window)).all()

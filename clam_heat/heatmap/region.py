@@ -38,10 +38,12 @@ if TYPE_CHECKING:
 __all__ = [
     "GRID_PATCHES",
     "MaskCache",
+    "Merged",
     "PatchPaint",
     "RegionView",
     "ScoreIndex",
     "patch_paint",
+    "merge_patches",
     "scores01",
     "write_region",
 ]
@@ -183,6 +185,44 @@ def patch_paint(values01: np.ndarray, threshold: float, *, binarize: bool = Fals
     return PatchPaint(to_fixed(values), above, float(threshold), binarize)
 
 
+@dataclass(frozen=True)
+class Merged:
+    """All patches of a map at one downsample, equal rectangles merged (their fixed-point
+    values summed, ``counts`` patches each, ``above`` when any is): at coarse zooms thousands
+    of patches land on the same few pixels, and one merged rectangle sums exactly as they do."""
+
+    rects: np.ndarray
+    fixed: Fixed
+    above: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.rects.nbytes + 2 * self.fixed.hi.nbytes + self.above.nbytes + self.counts.nbytes
+
+
+def merge_patches(
+    index: ScoreIndex,
+    paint: PatchPaint,
+    downsample: tuple[float, float],
+    region: tuple[int, int],
+) -> Merged:
+    """:class:`Merged` of every patch at ``downsample`` (one pass, integer sums: exact)."""
+    _, vis_xy, vis_ps, _ = maths.vis_geometry(index.coords, index.patch, downsample, None, region)
+    lo = vis_xy.min(axis=0) if len(vis_xy) else np.zeros(2, np.int64)
+    span = int(vis_xy[:, 0].max() - lo[0] + 1) if len(vis_xy) else 1
+    key = (vis_xy[:, 1] - lo[1]) * span + (vis_xy[:, 0] - lo[0])
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    hi_sum = np.zeros(len(first), np.int64)
+    lo_sum = np.zeros(len(first), np.int64)
+    np.add.at(hi_sum, inverse, paint.fixed.hi)
+    np.add.at(lo_sum, inverse, paint.fixed.lo)
+    counts = np.bincount(inverse, minlength=len(first)).astype(np.int32)
+    above = np.bincount(inverse, weights=paint.above, minlength=len(first)) > 0
+    rects = patch_rects(vis_xy[first], vis_ps, region)
+    return Merged(rects, Fixed(hi_sum, lo_sum, paint.fixed.shift), above, counts)
+
+
 class MaskCache:
     """Tissue-mask blocks shared by the windows of one slide at one downsample (bounded LRU)."""
 
@@ -215,6 +255,8 @@ class RegionView:
     level: int = 0
     blank: bool = False
     masks: MaskCache = field(default_factory=MaskCache)
+    #: the whole map at this downsample with equal rectangles merged (coarse zooms), or None
+    merged: Merged | None = None
 
     @property
     def vis_patch(self) -> np.ndarray:
@@ -234,12 +276,22 @@ class RegionView:
         vps = self.vis_patch
         mx, my = 2 * (k[0] // 2) + int(vps[0]) + 2, 2 * (k[1] // 2) + int(vps[1]) + 2
         wx0, wy0, wx1, wy1 = window
-        ids = self.index.query(((wx0 - mx) * dx, (wy0 - my) * dy, (wx1 + mx) * dx, (wy1 + my) * dy))
-        _, vis_xy, vis_ps, _ = maths.vis_geometry(
-            self.index.coords[ids], self.index.patch, self.downsample, None, self.region
-        )
-        rects = patch_rects(vis_xy, vis_ps, self.region)
-        fx = self.paint.fixed
+        counts = None
+        if self.merged is not None:
+            m = self.merged
+            r = m.rects
+            near = (r[:, 0] < wx1 + mx) & (r[:, 2] > wx0 - mx)
+            near &= (r[:, 1] < wy1 + my) & (r[:, 3] > wy0 - my)
+            ids = np.flatnonzero(near)
+            rects, fx, above, counts = r[ids], m.fixed, m.above, m.counts[ids]
+        else:
+            box = ((wx0 - mx) * dx, (wy0 - my) * dy, (wx1 + mx) * dx, (wy1 + my) * dy)
+            ids = self.index.query(box)
+            _, vis_xy, vis_ps, _ = maths.vis_geometry(
+                self.index.coords[ids], self.index.patch, self.downsample, None, self.region
+            )
+            rects = patch_rects(vis_xy, vis_ps, self.region)
+            fx, above = self.paint.fixed, self.paint.above
         scale = (1.0 / float(dx), 1.0 / float(dy))
         plan = RenderPlan(
             slide=self.slide,  # type: ignore[arg-type]
@@ -255,7 +307,8 @@ class RegionView:
             binarize=self.paint.binarize,
             rects=rects,
             fixed=Fixed(fx.hi[ids], fx.lo[ids], fx.shift),
-            above=self.paint.above[ids],
+            above=above[ids],
+            counts=counts,
             ksize=self.ksize,
             tissue=self.tissue,
             use_holes=self.use_holes,
@@ -290,7 +343,9 @@ class RegionView:
         else:
             rx, ry = k[0] // 2, k[1] // 2
             o = (max(wx0 - rx, 0), max(wy0 - ry, 0), min(wx1 + rx, rw), min(wy1 + ry, rh))
-        cells = window_cells(plan.rects, plan.fixed, plan.above, o, binarize=plan.binarize)
+        cells = window_cells(
+            plan.rects, plan.fixed, plan.above, o, binarize=plan.binarize, counts=plan.counts
+        )
         if not cells.painted.any():
             return out
         values = cells.expand(cells.avg)

@@ -26,9 +26,10 @@ import cv2
 import numpy as np
 
 from ..errors import SlideError
+from ..heatmap.render import _release_free_memory
 
 if TYPE_CHECKING:
-    from ..heatmap.region import MaskCache, PatchPaint, ScoreIndex
+    from ..heatmap.region import MaskCache, Merged, PatchPaint, ScoreIndex
     from ..slide import Slide
     from .maps import Style
 
@@ -47,6 +48,10 @@ __all__ = [
 TILE = 256
 #: Open slides kept (a slide in use by a request stays open past this until it is released).
 OPEN_SLIDES = 8
+#: Map tiles of zooms where a patch is at most this many pixels are drawn from the map merged
+#: at that zoom (equal rectangles summed once, cached), when the map has more patches than:
+MERGE_BELOW_PX = 16
+MERGE_ABOVE_PATCHES = 20_000
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -219,7 +224,13 @@ class MapTiles:
     indexed maps (by bytes), per-style patch values (by count), tissue contours, mask blocks
     and encoded tiles (by bytes)."""
 
-    def __init__(self, *, index_bytes: int = 512 * 2**20, tile_bytes: int = 64 * 2**20) -> None:
+    def __init__(
+        self,
+        *,
+        index_bytes: int = 256 * 2**20,
+        merged_bytes: int = 96 * 2**20,
+        tile_bytes: int = 48 * 2**20,
+    ) -> None:
         self.indexes: LruCache[Hashable, ScoreIndex] = LruCache(index_bytes, lambda i: i.nbytes)
         self.paints: LruCache[Hashable, PatchPaint] = LruCache(
             index_bytes // 2, lambda p: p.fixed.hi.nbytes * 2 + p.above.nbytes
@@ -227,6 +238,7 @@ class MapTiles:
         self.tissues: LruCache[Hashable, Any] = LruCache(32)
         self.masks: LruCache[Hashable, MaskCache] = LruCache(24)
         self.encoded: LruCache[Hashable, bytes] = LruCache(tile_bytes, len)
+        self.merged: LruCache[Hashable, Merged] = LruCache(merged_bytes, lambda m: m.nbytes)
 
     def index(self, key: Hashable, load: Callable[[], ScoreIndex]) -> ScoreIndex:
         return self.indexes.get_or_make(key, load)
@@ -254,25 +266,35 @@ class MapTiles:
         ty: int,
     ) -> np.ndarray | None:
         """Map tile (tx, ty) of OpenSeadragon level ``level``, (h, w, 4) uint8 RGBA."""
-        from ..heatmap.region import MaskCache, RegionView, level_region
+        from ..heatmap.region import MaskCache, RegionView, level_region, merge_patches
 
         found = tile_window(l0_size, level, tx, ty)
         if found is None:
             return None
         ds, window = found
         masks = self.masks.get_or_make((key[0], ds), MaskCache)
+        region = level_region(l0_size, (ds, ds))
+        merged = None
+        if max(index.patch) / ds <= MERGE_BELOW_PX and len(index) > MERGE_ABOVE_PATCHES:
+            merged = self.merged.get_or_make(
+                (key, style.scale, style.threshold, style.binarize, ds),
+                lambda: merge_patches(index, paint, (ds, ds), region),
+            )
         view = RegionView(
             index,
             paint,
             (ds, ds),
-            level_region(l0_size, (ds, ds)),
+            region,
             cmap=style.cmap,
             blur=style.blur,
             overlap=style.overlap,
             tissue=tissue if style.segment else None,
             masks=masks,
+            merged=merged,
         )
-        return view.rgba(window)
+        rgba = view.rgba(window)
+        _release_free_memory()  # per-tile temporaries freed by request threads stay in glibc
+        return rgba
 
 
 def legend(cmap: str, title: str, low: str, high: str, n: int = 256) -> dict[str, Any]:
