@@ -260,7 +260,13 @@ def test_view_and_render_never_import_torch(viewed_run: Path, tmp_path: Path) ->
         f"r = CliRunner().invoke(app, ['render', {str(viewed_run)!r}, '--slide', 'demo_000',"
         f" '--out', {str(tmp_path / 'a.png')!r}])\n"
         "assert r.exit_code == 0, r.output\n"
-        "import clam_heat.viewer\n"
+        "from clam_heat.config import load_config\n"
+        "from clam_heat.viewer import run_app, viewer_entries\n"
+        f"cfg = load_config({str(viewed_run)!r})\n"
+        "app = run_app(cfg, viewer_entries(cfg), 'c')\n"
+        "app.compute_stats(); app.cohort(); app.slide_info('demo_000'); app.thumbnail('demo_000')\n"
+        "from clam_heat.viewer.maps import Style\n"
+        "assert app.map_tile('demo_000', 0, Style(blur=True), 10, 0, 0)\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -787,3 +793,56 @@ def test_browser_review_note_survives_reload_and_restart(
             "document.querySelector('#rows tr[data-id=demo_002] td.verdict').textContent"
         )
         assert row == "artifact"
+
+
+def test_compare_mode_adds_b_and_the_percentile_difference(
+    viewed_run: Path, tmp_path: Path
+) -> None:
+    from clam_heat.compare import percentile_difference
+    from clam_heat.viewer import compare_entries
+
+    other = tmp_path / "b"
+    shutil.copytree(viewed_run.parent, other)
+    config_b = other / "config.yaml"
+    b_entry = viewer_entries(load_config(config_b))[0]
+    with h5py.File(b_entry.maps[0].path, "r+") as h5:  # B ranks demo_000's patches in reverse
+        h5["attention_scores"][...] = -h5["attention_scores"][...]
+    entries = compare_entries(viewer_entries(load_config(viewed_run)), viewed_run, config_b)
+    assert [m.name for m in entries[0].maps] == ["attention", "B attention", "A \u2212 B"]
+    app = run_app(load_config(viewed_run), entries, "c")
+    diff = app.index("demo_000", 2)
+    with h5py.File(entries[0].maps[0].path, "r") as h5:
+        a = h5["attention_scores"][:].reshape(-1)
+    assert np.allclose(diff.scores, percentile_difference(a, -a))
+    info = app.slide_info("demo_000")
+    assert info["maps"][2]["cmap"] == "RdBu_r" and info["maps"][2]["scale"] == "raw"
+    with ViewerServer(app, port=0) as server:
+        assert _get(server.url + "tiles/demo_000/map/2/9/0_0.png?scale=raw&cmap=RdBu_r")[0] == 200
+
+
+def test_browser_overlay_mode_has_one_opacity_per_map(viewed_run: Path, browser: _DevTools) -> None:
+    cfg = load_config(viewed_run)
+    first = viewer_entries(cfg)[0]
+    raw = first.maps[0].path.parent
+    shutil.copy(first.maps[0].path, raw / "demo_000_gradients_blockmap.h5")
+    try:
+        with ViewerServer(run_app(cfg, viewer_entries(cfg), "c"), port=0) as server:
+            browser.open(server.url + "view/demo_000")
+            browser.evaluate("document.querySelector('#overlay').click()")
+            browser.settle()
+            assert browser.evaluate("document.querySelector('#pane-slide').offsetWidth") == 0
+            sliders = browser.evaluate(
+                "[...document.querySelectorAll('#opacities input')]"
+                ".map(s => [s.dataset.map, s.value])"
+            )
+            assert sliders == [["0", "0.4"], ["1", "0"]]  # the run's alpha on the selected map
+            browser.evaluate(
+                "(() => { const s = document.querySelector('#opacities input[data-map=\"1\"]');"
+                " s.value = 0.8; s.dispatchEvent(new Event('input')); })()"
+            )
+            opacities = browser.evaluate(
+                "clamHeat.viewers[1].world._items.map(i => [i.clamTag, i.getOpacity()])"
+            )
+            assert sorted(opacities) == [["map:0", 0.4], ["map:1", 0.8], ["slide", 1]]
+    finally:
+        (raw / "demo_000_gradients_blockmap.h5").unlink()

@@ -47,6 +47,14 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     viewer: ViewerServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that drops a keep-alive connection is not an error worth a traceback."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        log.exception("viewer: request from %s failed", client_address[0])
+
 
 class ViewerServer:
     """The HTTP server over one :class:`ViewerApp` (bind ``port=0`` for any free port).
@@ -159,6 +167,8 @@ def _style(query: dict[str, list[str]], base: Style) -> Style:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    #: an idle keep-alive connection is closed after this many seconds (bounds threads)
+    timeout = 30
 
     @property
     def viewer(self) -> ViewerServer:

@@ -372,7 +372,8 @@
       if (!info) return false;
       if (info.width == null) return true;
       if (state.pending > 0 || !viewers.length) return false;
-      return viewers.every((v) => items(v).every((it) => it.getFullyLoaded()));
+      // an item at opacity 0 is not drawn, so OpenSeadragon never loads its tiles
+      return viewers.every((v) => !v.isVisible() || items(v).every((it) => it.getOpacity() === 0 || it.getFullyLoaded()));
     },
     view() {
       const v = viewers[1];
