@@ -204,7 +204,10 @@ def test_busy_port_is_one_clear_error(viewed_run: Path) -> None:
             ViewerServer(_app(viewed_run), port=port)
 
 
-def test_cohort_lists_every_row_with_prediction_and_statistics(viewed_run: Path) -> None:
+def test_cohort_lists_every_row_with_prediction_and_statistics(
+    viewed_run: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(viewed_run)
     app = _app(viewed_run)
     app.compute_stats()
     rows = {r["id"]: r for r in app.cohort()["rows"]}
@@ -219,10 +222,14 @@ def test_cohort_lists_every_row_with_prediction_and_statistics(viewed_run: Path)
     w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     assert row["top10"] == pytest.approx(np.sort(w)[::-1][: -(-len(w) // 10)].sum())
     # thumbnails are cached under the run's output root, never in the source tree
+    from clam_heat.rows import output_roots
+
+    assert app.cache_dir == output_roots(cfg)[1] / ".viewer"
+    app.cache_dir = tmp_path / "cache"  # this test's own cache (other tests share the run)
     first = app.thumbnail("demo_001")
     cached = list((app.cache_dir / "thumbs").glob("*.jpg"))
     assert len(cached) == 1 and cached[0].read_bytes() == first
-    assert str(app.cache_dir).startswith(str(viewed_run.parent))
+    assert app.thumbnail("demo_001") == first
 
 
 def test_cli_serves_until_stopped_and_checks_the_slide(viewed_run: Path) -> None:
