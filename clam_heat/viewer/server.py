@@ -38,7 +38,7 @@ MAX_QUERY = 2048
 #: Tiles drawn at the same time (the others wait): bounds memory under any load.
 RENDER_SLOTS = 8
 
-_NUMBER = re.compile(r"^\d{1,9}$")
+_NUMBER = re.compile(r"^[0-9]{1,9}$")
 _TILE = re.compile(r"^([^_/]+)_([^_/.]+)\.(jpg|png)$")
 
 
@@ -159,7 +159,7 @@ def _style(query: dict[str, list[str]], base: Style) -> Style:
     from dataclasses import replace
 
     try:
-        return replace(base, **changes, alpha=base.alpha).checked()
+        return replace(base, **changes).checked()
     except OutputError as err:
         raise BadRequest(str(err)) from None
 

@@ -177,6 +177,7 @@
     const r = await fetch("/api/legend?" + q);
     if (!r.ok) return;
     const bar = await r.json();
+    if (info.image && info.image.low != null) { bar.low = info.image.low; bar.high = info.image.high; }
     const canvas = $("#legend-bar");
     const ctx = canvas.getContext("2d");
     const n = bar.colors.length;
