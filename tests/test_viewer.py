@@ -853,3 +853,25 @@ def test_browser_overlay_mode_has_one_opacity_per_map(viewed_run: Path, browser:
             assert sorted(opacities) == [["map:0", 0.4], ["map:1", 0.8], ["slide", 1]]
     finally:
         (raw / "demo_000_gradients_blockmap.h5").unlink()
+
+
+def test_concurrent_requests_for_one_map_index_it_once(
+    viewed_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clam_heat.viewer.app as app_module
+
+    app = _app(viewed_run)
+    calls: list[str] = []
+    real = app_module.load_index
+
+    def counting(source: Any) -> Any:
+        calls.append(str(source.path))
+        time.sleep(0.2)  # a slow read, so the requests overlap
+        return real(source)
+
+    monkeypatch.setattr(app_module, "load_index", counting)
+    with ThreadPoolExecutor(8) as pool:
+        tiles = list(
+            pool.map(lambda k: app.map_tile("demo_000", 0, app.base_style, 9, k % 2, 0), range(8))
+        )
+    assert len(calls) == 1 and all(t is not None for t in tiles)

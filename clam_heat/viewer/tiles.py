@@ -65,6 +65,7 @@ class LruCache(Generic[K, V]):
         self.items: OrderedDict[K, V] = OrderedDict()
         self.total = 0
         self.lock = threading.Lock()
+        self.making: dict[K, threading.Lock] = {}
 
     def get(self, key: K) -> V | None:
         with self.lock:
@@ -86,8 +87,20 @@ class LruCache(Generic[K, V]):
             return value
 
     def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        """The cached value, or ``make()``'s; concurrent callers of one key make it once (the
+        page asks for a dozen tiles of a slide at once: one index build, not twelve)."""
         hit = self.get(key)
-        return hit if hit is not None else self.put(key, make())
+        if hit is not None:
+            return hit
+        with self.lock:
+            gate = self.making.setdefault(key, threading.Lock())
+        with gate:
+            hit = self.get(key)
+            if hit is None:
+                hit = self.put(key, make())
+        with self.lock:
+            self.making.pop(key, None)
+        return hit
 
 
 @dataclass
