@@ -68,9 +68,12 @@ def _planted(entry: Any) -> tuple[int, int]:
 
     index = ScoreIndex(coords, np.arange(len(coords), dtype=float), size)
     view = RegionView(
-        index, patch_paint(np.ones(len(coords)), 0.0), (1.0, 1.0), (4096, 3072),
+        index,
+        patch_paint(np.ones(len(coords)), 0.0),
+        (1.0, 1.0),
+        (4096, 3072),
         tissue=load_geojson(entry.tissue),
-    )  # fmt: skip
+    )
     inside = [
         k for k, (x, y) in enumerate(coords) if view.rgba((x, y, x + size, y + size))[..., 3].all()
     ]
@@ -146,9 +149,13 @@ def test_slide_and_map_tiles_are_the_slides_pixels_and_the_renderers(viewed_run:
         from clam_heat.tissue import load_geojson
 
         view = RegionView(
-            index, patch_paint(index.percentiles / 100, 0.2), (16.0, 16.0), (256, 192),
-            cmap="viridis", tissue=load_geojson(entry.tissue),
-        )  # fmt: skip
+            index,
+            patch_paint(index.percentiles / 100, 0.2),
+            (16.0, 16.0),
+            (256, 192),
+            cmap="viridis",
+            tissue=load_geojson(entry.tissue),
+        )
         assert (got == view.rgba((0, 0, 256, 192))).all()
         assert got[..., 3].any() and not got[..., 3].all()  # tissue painted, background clear
 
@@ -236,14 +243,18 @@ def test_cli_serves_until_stopped_and_checks_the_slide(viewed_run: Path) -> None
     cli = [str(Path(sys.executable).with_name("clam-heat"))]  # the installed console script
     bad = subprocess.run(
         [*cli, "view", str(viewed_run), "--slide", "demo_999", "--port", "0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: --slide 'demo_999' is not a row (process == 1)")
     proc = subprocess.Popen(
         [*cli, "view", str(viewed_run), "--slide", "demo_001", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         match = re.match(
@@ -472,8 +483,10 @@ def test_pair_mode_reads_the_colormap_from_the_image(viewed_run: Path, tmp_path:
     cli = [str(Path(sys.executable).with_name("clam-heat"))]
     proc = subprocess.Popen(
         [*cli, "view", "--slide", str(slide_path), "--heatmap", str(image), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         match = re.match(
@@ -574,13 +587,22 @@ class _DevTools:
 def browser(tmp_path: Path) -> Iterator[_DevTools]:
     proc = subprocess.Popen(
         [
-            _browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--remote-debugging-port=0", "--window-size=1200,700", "--force-device-scale-factor=1",
-            f"--user-data-dir={tmp_path / 'profile'}", "about:blank",
+            _browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--remote-debugging-port=0",
+            "--window-size=1200,700",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "about:blank",
         ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,  # its renderer and GPU processes share this process group
-    )  # fmt: skip
+    )
     try:
         port = None
         for line in proc.stderr:
