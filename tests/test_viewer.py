@@ -655,6 +655,16 @@ def test_browser_panes_stay_synced_under_pan_and_zoom(viewed_run: Path, browser:
         browser.evaluate("clamHeat.setView(2000, 1500, 2, 1)")  # and the other way round
         browser.settle()
         _synced(browser)
+        # the cursor over one pane is a cross at the same level-0 point in the other
+        sx, sy = browser.evaluate("clamHeat.toScreen(2100, 1450, 0)")
+        browser.mouse("mouseMoved", sx, sy)
+        want = browser.evaluate("clamHeat.toScreen(2100, 1450, 1)")
+        got = browser.evaluate(
+            "(() => { const c = document.querySelector('#pane-map .cross');"
+            " const r = c.getBoundingClientRect(); return c.hidden ? null :"
+            " [r.left + r.width / 2, r.top + r.height / 2]; })()"
+        )
+        assert got == pytest.approx(want, abs=1.5)
 
 
 def test_browser_colormap_switch_changes_pixels_and_colour_bar(

@@ -93,10 +93,27 @@
     v.addHandler("canvas-click", (ev) => { if (ev.quick) openPatch(v, ev.position); });
     pane.addEventListener("mousemove", (ev) => {
       const r = pane.getBoundingClientRect();
-      hover(v, new OpenSeadragon.Point(ev.clientX - r.left, ev.clientY - r.top));
+      const at = new OpenSeadragon.Point(ev.clientX - r.left, ev.clientY - r.top);
+      hover(v, at);
+      cross(v, at);
     });
+    pane.addEventListener("mouseleave", () => cross(v, null));
     viewers.push(v);
     return v;
+  }
+  // the cursor, mirrored as a cross at the same level-0 point in the other pane
+  function cross(src, at) {
+    for (const v of viewers) {
+      let mark = v.element.querySelector(".cross");
+      if (!mark) { mark = el("div", { class: "cross" }); v.element.append(mark); }
+      const show = at && v !== src && v.isVisible();
+      mark.hidden = !show;
+      if (show) {
+        const p = v.viewport.pixelFromPoint(src.viewport.pointFromPixel(at, true), true);
+        mark.style.left = p.x + "px";
+        mark.style.top = p.y + "px";
+      }
+    }
   }
   let syncing = false;
   function sync(src) {
