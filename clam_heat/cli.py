@@ -504,8 +504,11 @@ def view(
         ),
     ] = None,
     cmap: Annotated[
-        str, typer.Option("--cmap", help="With --heatmap: the colormap it was drawn with.")
-    ] = "jet",
+        str | None,
+        typer.Option(
+            "--cmap", help="With --heatmap: its colormap, when the image does not record it."
+        ),
+    ] = None,
     compare: Annotated[
         str | None,
         typer.Option("--compare", help="A second run's config: show A | B | A - B panes."),
@@ -533,7 +536,7 @@ def view(
     except ClamHeatError as err:
         fail(err)
     url = server.url + (f"view/{quote(slide)}" if slide else "")
-    drawn = sum(e.heatmap_path is not None for e in entries)
+    drawn = sum(bool(e.maps) or e.image is not None for e in entries)
     typer.echo(f"viewer: {url} ({len(entries)} slides, {drawn} with heatmaps; Ctrl-C to stop)")
     if open_browser:
         import webbrowser
@@ -584,8 +587,8 @@ def demo(
         raise typer.Exit(1)
 
 
-# the tools around a run (doctor, compare, video) live in cli_tools
-for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video):
+# the tools around a run (doctor, compare, video, render) live in cli_tools
+for _command in (cli_tools.doctor, cli_tools.compare, cli_tools.video, cli_tools.render):
     app.command()(_command)
 
 

@@ -1,4 +1,4 @@
-"""Commands for the tools around a run: ``doctor``, ``compare`` and ``video``.
+"""Commands for the tools around a run: ``doctor``, ``compare``, ``video`` and ``render``.
 
 Each parses its options and calls one library function; :mod:`clam_heat.cli` registers them on
 the app. Kept apart so that ``cli.py`` stays one screenful of the run's own commands.
@@ -15,7 +15,7 @@ import typer
 from .cli_output import fail
 from .errors import ClamHeatError
 
-__all__ = ["compare", "doctor", "video"]
+__all__ = ["compare", "doctor", "render", "video"]
 
 ConfigArg = Annotated[
     str, typer.Argument(help="YAML config (path, or a name found in configs/ or heatmaps/configs/)")
@@ -140,3 +140,44 @@ def video(
         f"{info.size[0]}x{info.size[1]}, {len(info.regions)} regions "
         f"(rendered in {info.render_seconds:.1f} s)"
     )
+
+
+def render(
+    config: ConfigArg,
+    slide: Annotated[str, typer.Option("--slide", help="The row's slide_id.")],
+    out: Annotated[Path, typer.Option("--out", help="Image to write (.png, .jpg, .tiff).")],
+    region: Annotated[
+        str | None, typer.Option("--region", help="X,Y,W,H in level-0 pixels (default: all).")
+    ] = None,
+    level: Annotated[int, typer.Option("--level", help="Pyramid level; -1: vis_level.")] = -1,
+    map_name: Annotated[str | None, typer.Option("--map", help="Map (default attention).")] = None,
+    cmap: Annotated[str | None, typer.Option("--cmap", help="Matplotlib colormap.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Heatmap opacity.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Hide scores below (0-1 of the scale).")
+    ] = None,
+    overlay: Annotated[
+        bool, typer.Option("--overlay/--no-overlay", help="Blend over the slide (or white).")
+    ] = True,
+    legend: Annotated[bool, typer.Option("--legend", help="Add a colour bar below.")] = False,
+) -> None:
+    """Draw one region of a row's heatmap at any level from its scores (figures, ROI maps)."""
+    from .config import find_config, load_config
+    from .viewer.maps import check_region, render_region
+
+    picked = {"cmap": cmap, "alpha": alpha, "threshold": threshold}
+    try:
+        path, meta = render_region(
+            load_config(find_config(config)),
+            slide,
+            region=check_region(region) if region else None,
+            level=level,
+            out=out,
+            map_name=map_name,
+            overrides={k: v for k, v in picked.items() if v is not None},
+            overlay=overlay,
+            legend=legend,
+        )
+    except ClamHeatError as err:
+        fail(err)
+    typer.echo(f"{path}: {meta['map']} ({meta['scale']}, {meta['cmap']})")

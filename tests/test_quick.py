@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from clam_heat.cli import app
 from clam_heat.config import load_config
+from clam_heat.heatmap.meta import read_meta
 
 runner = CliRunner()
 
@@ -285,6 +286,7 @@ def test_mil_lab_flags_write_the_scripts_outputs_and_resume(
         ))  # fmt: skip
         assert len(prod) == 1
         assert np.array_equal(cv2.imread(str(png)), cv2.imread(str(prod[0])))  # same pixels
+        assert read_meta(png) == read_meta(prod[0]) and read_meta(png)["cmap"]  # same colour bar
     # one slide is predicted class 1: there p_0 is NOT class 0's probability
     assert (results["Pred_0"] == "tumour").any()
     tumour = results.loc[results["Pred_0"] == "tumour"].iloc[0]

@@ -90,12 +90,15 @@ def window_cells(
     window: tuple[int, int, int, int],
     *,
     binarize: bool,
+    counts: np.ndarray | None = None,
 ) -> Cells:
     """Accumulate the patches ``rects`` (K, 4) = vis (x0, y0, x1, y1) over ``window``.
 
     Difference arrays on the cell grid (+v at a rectangle's top-left cell, -v at the cells past
     its right and bottom edges, +v past both), then two cumulative sums: O(K log K) for the
-    edges plus O(cells), never O(pixels).
+    edges plus O(cells), never O(pixels). ``counts`` (K,) says how many patches share each
+    rectangle (their values already summed in ``fixed``; ``above``: any of them painted): the
+    same sums as the patches one by one (None: one patch per rectangle).
     """
     wx0, wy0, wx1, wy1 = window
     x0 = np.clip(rects[:, 0], wx0, wx1)
@@ -106,6 +109,7 @@ def window_cells(
     if not inside.all():
         x0, y0, x1, y1 = x0[inside], y0[inside], x1[inside], y1[inside]
         hi, lo, above = fixed.hi[inside], fixed.lo[inside], above[inside]
+        counts = None if counts is None else counts[inside]
     else:
         hi, lo = fixed.hi, fixed.lo
     ex = np.unique(np.concatenate(([wx0, wx1], x0, x1)))
@@ -127,7 +131,7 @@ def window_cells(
         grid = diff.reshape(ny, nx).cumsum(axis=0).cumsum(axis=1)
         return grid[:-1, :-1]
 
-    count = integrate(None)
+    count = integrate(None if counts is None else counts.astype(np.int64))
     painted_count = count if above.all() else _integrate_subset(flat, above, nx, ny)
     hi_sum, lo_sum = integrate(hi), integrate(lo)
     avg = np.zeros(count.shape, dtype=np.float64)

@@ -136,6 +136,8 @@ class RenderPlan:
     ntx: int = 0
     tile_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     tile_patches: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: patches per rectangle when equal rectangles were merged (None: one each)
+    counts: np.ndarray | None = None
     _mask_cache: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict)
     _mask_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -253,11 +255,12 @@ class RenderPlan:
         idx = self.patches_of(tx, ty)
         rects, above = self.rects[idx], self.above[idx]
         fixed = Fixed(self.fixed.hi[idx], self.fixed.lo[idx], self.fixed.shift)
+        counts = None if self.counts is None else self.counts[idx]
         if self.ksize is None:
             canvas = self.canvas(vx0, vy0, w, h)
             if not above.any():
                 return canvas
-            cells = window_cells(rects, fixed, above, window, binarize=self.binarize)
+            cells = window_cells(rects, fixed, above, window, binarize=self.binarize, counts=counts)
             if not cells.painted.any():
                 return canvas
             paint = cells.expand(cells.painted)
@@ -267,7 +270,7 @@ class RenderPlan:
             img = canvas.copy()
             _paint(img, cells.expand(self.colours(cells.avg)), paint)
             return maths.blend(img, canvas, self.alpha)
-        return self._render_blurred(rects, fixed, above, window)
+        return self._render_blurred(rects, fixed, above, window, counts)
 
     def _render_blurred(
         self,
@@ -275,6 +278,7 @@ class RenderPlan:
         fixed: Fixed,
         above: np.ndarray,
         window: tuple[int, int, int, int],
+        counts: np.ndarray | None = None,
     ) -> np.ndarray:
         """Blur needs halos: the overlay blur reads r px around the painted window, and the
         image blur reads r px around the tile, so the overlay is built on tile + 2r."""
@@ -290,7 +294,7 @@ class RenderPlan:
             min(vy1 + 2 * ry, rh),
         )
         i = (max(vx0 - rx, 0), max(vy0 - ry, 0), min(vx1 + rx, rw), min(vy1 + ry, rh))
-        cells = window_cells(rects, fixed, above, o, binarize=self.binarize)
+        cells = window_cells(rects, fixed, above, o, binarize=self.binarize, counts=counts)
         overlay = cv2.GaussianBlur(cells.expand(cells.avg), self.ksize, 0)
         inner = (slice(i[1] - o[1], i[3] - o[1]), slice(i[0] - o[0], i[2] - o[0]))
         paint = cells.expand(cells.painted)[inner]

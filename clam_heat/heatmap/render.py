@@ -179,6 +179,7 @@ def render_heatmap(
     pyramid_tiff_path: str | os.PathLike[str] | None = None,
     exports: Mapping[Path, SinkFactory] | None = None,
     keep_image: bool = False,
+    meta: str | None = None,
 ) -> RenderResult:
     """Draw CLAM's heatmap of ``scores`` over ``slide``, tile by tile, and save it.
 
@@ -204,6 +205,8 @@ def render_heatmap(
         More files fed from the same strips (image exports, e.g. ``EXPORTS[name].sink``).
     keep_image : bool
         Return the (h, w, 3) uint8 image in the result (costs its memory).
+    meta : str, optional
+        Text the files carry (colormap and score range as JSON, see :func:`image_meta`).
 
     Returns
     -------
@@ -223,6 +226,7 @@ def render_heatmap(
         mpp=_out_mpp(slide, plan.level, cd),
         exports=_with_pyramid(exports, pyramid_tiff_path),
         keep_image=keep_image,
+        meta=meta,
     )
     try:
         tile = _tile_shape(int(spec.tile_size), sinks)

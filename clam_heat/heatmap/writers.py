@@ -32,6 +32,7 @@ from ..atomic import atomic_path, commit, temp_path_for, write_bytes_atomic
 from ..errors import OutputError, os_error_advice
 from ..formats import IMAGE_FORMATS
 from .maths import to_percentiles
+from .meta import embed, embed_in_file, vips_with_comment
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Sink:
     image: np.ndarray | None = None
     #: preferred height of the strips pushed (0: any); the renderer uses the largest
     strip_rows: int = 0
+    #: what the image shows (colormap, score range) as JSON text (:mod:`.meta`)
+    meta: str | None = None
 
     def push(self, y0: int, strip: np.ndarray) -> None:  # pragma: no cover - interface
         """Take rows ``y0 .. y0 + len(strip)`` of the saved image, (rows, w, 3) uint8 RGB."""
@@ -111,8 +114,10 @@ class EncodedSink(ArraySink):
     """A whole-image format (its encoder takes the whole image): held in memory, encoded and
     written atomically on :meth:`close`."""
 
-    def __init__(self, path: Path, width: int, height: int, *, mpp: float | None) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, width: int, height: int, *, mpp: float | None, meta: str | None = None
+    ) -> None:
+        self.path, self.meta = path, meta
         super().__init__(width, height)
 
     def encode(self, image: np.ndarray) -> bytes:  # pragma: no cover - interface
@@ -120,7 +125,10 @@ class EncodedSink(ArraySink):
 
     def close(self) -> Path:
         assert self.image is not None
-        write_bytes_atomic(self.path, self.encode(self.image), durable=False)
+        data = self.encode(self.image)
+        if self.meta is not None:
+            data = embed(data, self.meta)
+        write_bytes_atomic(self.path, data, durable=False)
         return self.path
 
 
@@ -129,7 +137,14 @@ class JpegSink(EncodedSink):
     ``quality`` (100 for ``.jpg``, PIL's default 75 for ``.jpeg``, as CLAM's outputs)."""
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        quality: int = 100,
+        meta: str | None = None,
     ) -> None:
         if max(width, height) > JPEG_MAX_SIDE:
             raise OutputError(
@@ -138,7 +153,7 @@ class JpegSink(EncodedSink):
                 "custom_downsample"
             )
         self.quality = quality
-        super().__init__(path, width, height, mpp=mpp)
+        super().__init__(path, width, height, mpp=mpp, meta=meta)
 
     def encode(self, image: np.ndarray) -> bytes:
         import imagecodecs
@@ -168,9 +183,16 @@ class TiffSink(Sink):
     strip_rows = TIFF_TILE
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, pyramid: bool = False
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        pyramid: bool = False,
+        meta: str | None = None,
     ) -> None:
-        self.path, self.width, self.height = path, width, height
+        self.path, self.width, self.height, self.meta = path, width, height, meta
         self.mpp, self.pyramid = mpp, pyramid
         self.tmp = temp_path_for(path)
         self.queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
@@ -286,6 +308,8 @@ class TiffSink(Sink):
             kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
         if level == 0:
             kwargs["software"] = "clam-heat"
+            if self.meta is not None:
+                kwargs["description"] = self.meta
         tw.write(tiles, **kwargs)
 
 
@@ -304,9 +328,17 @@ class StreamedSink(Sink):
     strip_rows = TIFF_TILE
 
     def __init__(
-        self, path: Path, width: int, height: int, *, mpp: float | None, kind: str, quality: int
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        mpp: float | None,
+        kind: str,
+        quality: int,
+        meta: str | None = None,
     ) -> None:
-        self.path, self.kind, self.quality = path, kind, quality
+        self.path, self.kind, self.quality, self.meta = path, kind, quality, meta
         self.spool = temp_path_for(path, tag="spool")
         self.writer = TiffSink(self.spool, width, height, mpp=None)
 
@@ -319,11 +351,16 @@ class StreamedSink(Sink):
         try:
             self.writer.close()
             image = pyvips.Image.new_from_file(str(self.spool), access="sequential")
+            if self.meta is not None and self.kind == "png":
+                image = vips_with_comment(image, self.meta)
             with atomic_path(self.path, durable=False) as tmp:
                 if self.kind == "jpeg":
                     image.jpegsave(str(tmp), Q=self.quality, subsample_mode="on", keep="none")
+                    if self.meta is not None:
+                        embed_in_file(tmp, self.meta)
                 else:
-                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep="none")
+                    keep = "other" if self.meta is not None else "none"
+                    image.pngsave(str(tmp), compression=PNG_LEVEL, keep=keep)
         except pyvips.Error as err:
             why = " ".join(str(err).split())
             raise OutputError(f"{self.path}: encoding failed ({why})") from None
@@ -347,21 +384,29 @@ def _streaming_available() -> bool:
 
 
 def jpeg_sink(
-    path: Path, width: int, height: int, *, mpp: float | None, quality: int = 100
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    mpp: float | None,
+    quality: int = 100,
+    meta: str | None = None,
 ) -> Sink:
     """JPEG at ``quality``: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed
     through libvips above (:class:`StreamedSink`)."""
     big = width * height > STREAM_MIN_PIXELS and max(width, height) <= JPEG_MAX_SIDE
     if big and _streaming_available():
-        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality)
-    return JpegSink(path, width, height, mpp=mpp, quality=quality)
+        return StreamedSink(path, width, height, mpp=mpp, kind="jpeg", quality=quality, meta=meta)
+    return JpegSink(path, width, height, mpp=mpp, quality=quality, meta=meta)
 
 
-def png_sink(path: Path, width: int, height: int, *, mpp: float | None) -> Sink:
+def png_sink(
+    path: Path, width: int, height: int, *, mpp: float | None, meta: str | None = None
+) -> Sink:
     """PNG: encoded from memory up to :data:`STREAM_MIN_PIXELS`, streamed above."""
     if width * height > STREAM_MIN_PIXELS and _streaming_available():
-        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0)
-    return PngSink(path, width, height, mpp=mpp)
+        return StreamedSink(path, width, height, mpp=mpp, kind="png", quality=0, meta=meta)
+    return PngSink(path, width, height, mpp=mpp, meta=meta)
 
 
 def _tiff_tiles(
@@ -422,8 +467,8 @@ def _read_spool(spool: Path, width: int, height: int) -> Iterator[np.ndarray]:
         spool.unlink(missing_ok=True)
 
 
-#: A sink factory: ``(path, width, height, *, mpp) -> Sink``; ``mpp`` is the saved image's
-#: microns per pixel (None: unknown), for formats that record it.
+#: A sink factory: ``(path, width, height, *, mpp, meta) -> Sink``; ``mpp`` is the saved image's
+#: microns per pixel (None: unknown), for formats that record it; ``meta`` the text embedded.
 SinkFactory = Callable[..., Sink]
 
 #: Sink factories by format kind (:class:`clam_heat.formats.ImageFormat`'s ``kind``).
@@ -456,20 +501,21 @@ def open_sinks(
     mpp: float | None,
     exports: Mapping[Path, SinkFactory] | None = None,
     keep_image: bool = False,
+    meta: str | None = None,
 ) -> list[Sink]:
     """The sinks for one saved image of ``width`` x ``height`` px, in the order their files are
     reported: the image held in memory (when ``keep_image`` and no output holds it anyway),
     ``out_path`` in its extension's format, then each of ``exports`` (path -> the sink factory
-    of an image :class:`Export`, e.g. the pyramidal TIFF)."""
+    of an image :class:`Export`, e.g. the pyramidal TIFF); every file carries ``meta``."""
     factory = sink_factory(out_path) if out_path is not None else None
     sinks: list[Sink] = []
     try:
         if out_path is not None and factory is not None:
-            sinks.append(factory(out_path, width, height, mpp=mpp))
+            sinks.append(factory(out_path, width, height, mpp=mpp, meta=meta))
         if keep_image and not any(s.image is not None for s in sinks):
             sinks.insert(0, ArraySink(width, height))
         for path, export in (exports or {}).items():
-            sinks.append(export(path, width, height, mpp=mpp))
+            sinks.append(export(path, width, height, mpp=mpp, meta=meta))
     except BaseException:
         for sink in sinks:
             sink.abort()

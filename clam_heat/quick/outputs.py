@@ -49,8 +49,18 @@ def _as_png(source: Path, target: Path) -> bool:
     ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:  # pragma: no cover - OpenCV encodes any 8-bit BGR image
         raise OutputError(f"{target}: PNG encoding failed")
-    write_bytes_atomic(target, data.tobytes())
+    write_bytes_atomic(target, _keep_meta(source, data.tobytes()))
     return True
+
+
+def _keep_meta(source: Path, png: bytes) -> bytes:
+    """The PNG with the production image's colormap and score range (:mod:`heatmap.meta`)."""
+    import json
+
+    from ..heatmap.meta import embed, read_meta
+
+    meta = read_meta(source)
+    return png if meta is None else embed(png, json.dumps(meta, sort_keys=True))
 
 
 def write_mil_lab_outputs(cfg: HeatmapConfig, out: Path, slide_ids: Sequence[str]) -> MilLabOutputs:

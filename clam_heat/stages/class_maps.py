@@ -83,6 +83,7 @@ class ClassMapsStage(Stage):
         from ..features import load_bag
         from ..h5io import write_scores_h5
         from ..heatmap import render_heatmap
+        from ..heatmap.meta import image_meta
         from ..models import attention_logits
         from ..tissue import load_geojson
         from .heatmap import _vis_level, production_spec
@@ -114,8 +115,16 @@ class ClassMapsStage(Stage):
                 coords_attrs={"patch_size_level0": int(bag.patch_size_l0)},
             )
             out = class_heatmap_path(ctx, name)
+            meta = image_meta(spec.cmap, map_name=f"class {name}")
             render_heatmap(
-                slide, bag.coords_l0, scores, bag.patch_size_l0, spec, tissue=tissue, out_path=out
+                slide,
+                bag.coords_l0,
+                scores,
+                bag.patch_size_l0,
+                spec,
+                tissue=tissue,
+                out_path=out,
+                meta=meta,
             )
             written += [h5, out]
         return StageRun(written, {"classes": class_names(ctx.cfg)})

@@ -90,6 +90,7 @@ class HeatmapStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..heatmap import HeatmapSpec, render_heatmap, save_orig
+        from ..heatmap.meta import image_meta
         from ..heatmap.writers import EXPORTS
         from ..tissue import load_geojson
 
@@ -109,8 +110,17 @@ class HeatmapStage(Stage):
             use_percentiles=coarse_pct,
             segment=runner.segment_heatmap,
         )
+        scale = "cohort" if hm.score_scale == "cohort" else "percentile"
+        meta = image_meta(hm.cmap, scale=scale)
         render_heatmap(
-            slide, coords, coarse_scores, patch_l0, coarse, tissue=tissue, out_path=outs["blockmap"]
+            slide,
+            coords,
+            coarse_scores,
+            patch_l0,
+            coarse,
+            tissue=tissue,
+            out_path=outs["blockmap"],
+            meta=meta,
         )
 
         level = _vis_level(ctx, hm.vis_level)
@@ -134,6 +144,7 @@ class HeatmapStage(Stage):
             tissue=tissue,
             out_path=outs["production"],
             exports={path: e.sink for e, path in exports.values() if e.sink is not None},
+            meta=meta,
         )
         if "orig" in outs:
             save_orig(slide, level, hm.custom_downsample, outs["orig"])

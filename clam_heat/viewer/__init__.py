@@ -1,31 +1,28 @@
-"""Side-by-side slide / heatmap viewer (``clam-heat view``): :mod:`.server` serves the page and
-the tiles, :mod:`.tiles` holds the tiled layers and the colour bars."""
+"""The live viewer (``clam-heat view``) and ``clam-heat render``: :mod:`.entries` (what a row
+shows), :mod:`.maps` (a row's maps, their style, the region command), :mod:`.tiles` (slide and
+map tile sources), :mod:`.app` (the answers, no HTTP), :mod:`.server` (HTTP only),
+:mod:`.pages` (the HTML and the vendored OpenSeadragon) and :mod:`.review` (the review notes
+CSV). Nothing here imports torch."""
 
-from .server import (
-    OPEN_IMAGE_BYTES,
-    OPEN_SLIDES,
-    ViewerEntry,
-    ViewerServer,
-    compare_entries,
-    open_viewer,
-    pair_entry,
-    viewer_entries,
-)
-from .tiles import TILE_SIZE, Layer, array_layer, difference_layer, legend, open_heatmap_layer
+from .app import ViewerApp
+from .entries import ViewerEntry, compare_entries, pair_entry, viewer_entries
+from .launch import open_viewer, run_app
+from .maps import MapSource, Style, discover_maps, render_region
+from .server import ViewerServer
+from .tiles import TILE
 
 __all__ = [
-    "OPEN_IMAGE_BYTES",
-    "OPEN_SLIDES",
-    "TILE_SIZE",
-    "Layer",
+    "TILE",
+    "MapSource",
+    "Style",
+    "ViewerApp",
     "ViewerEntry",
     "ViewerServer",
-    "array_layer",
     "compare_entries",
-    "difference_layer",
-    "legend",
+    "discover_maps",
     "open_viewer",
-    "open_heatmap_layer",
     "pair_entry",
+    "render_region",
+    "run_app",
     "viewer_entries",
 ]

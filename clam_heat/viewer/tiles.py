@@ -1,156 +1,313 @@
-"""The viewer's tiled layers: a slide or an image placed on the slide's level-0 frame, the
-comparison's difference map, and the colour bar of a colormap.
+"""Tile sources for the page: the slide, any image placed over it, and every map drawn live.
 
-Coordinate frames (as in openslide's deepzoom): ``l0_`` values are level-0 pixels of the slide;
-``layer`` pixels are pixels of one level of a pane's pyramid. Each layer is placed on the
-slide's level-0 frame by an origin and a per-level downsample.
+OpenSeadragon's pyramid (as openslide's deepzoom): level ``k`` of ``max_level`` shows the slide
+at downsample ``2 ** (max_level - k)``; it is ``ceil(w / d)`` x ``ceil(h / d)`` pixels cut into
+:data:`TILE` px tiles. Slide tiles are read from the best pyramid level and shrunk; map tiles
+are drawn from the scores by :class:`~clam_heat.heatmap.region.RegionView` at exactly that
+downsample (patch edges on exact pixels at any zoom), as RGBA overlays the page blends.
+
+Open slides are reference counted (:class:`OpenSlides`): a slide evicted from the bounded cache
+is closed only when the last request reading it is done, so concurrent requests never read a
+closed OpenSlide handle. Every cache here is bounded by count or bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cv2
 import numpy as np
 
 from ..errors import SlideError
+from ..heatmap.render import _release_free_memory
 
 if TYPE_CHECKING:
+    from ..heatmap.region import MaskCache, Merged, PatchPaint, ScoreIndex
     from ..slide import Slide
+    from .maps import Style
 
 __all__ = [
-    "TILE_SIZE",
-    "Layer",
-    "array_layer",
-    "difference_layer",
+    "OPEN_SLIDES",
+    "TILE",
+    "LruCache",
+    "OpenSlides",
     "legend",
-    "open_heatmap_layer",
+    "max_level",
+    "open_image",
+    "slide_tile",
 ]
 
-#: Side of a served tile, in pixels of the tile's pyramid level.
-TILE_SIZE = 512
-#: Longest side of the in-memory difference map of a comparison (vis pixels).
-DIFFERENCE_SIDE = 2048
+#: Side of a served tile (pixels of its level).
+TILE = 256
+#: Open slides kept (a slide in use by a request stays open past this until it is released).
+OPEN_SLIDES = 8
+#: Map tiles of zooms where a patch is at most this many pixels are drawn from the map merged
+#: at that zoom (equal rectangles summed once, cached), when the map has more patches than:
+MERGE_BELOW_PX = 16
+MERGE_ABOVE_PATCHES = 20_000
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LruCache(Generic[K, V]):
+    """A thread-safe LRU bounded by a total ``size(value)`` (count when ``size`` is None)."""
+
+    def __init__(self, limit: int, size: Callable[[V], int] | None = None) -> None:
+        self.limit, self.size = limit, size or (lambda _v: 1)
+        self.items: OrderedDict[K, V] = OrderedDict()
+        self.total = 0
+        self.lock = threading.Lock()
+        self.making: dict[K, threading.Lock] = {}
+
+    def get(self, key: K) -> V | None:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> V:
+        with self.lock:
+            old = self.items.pop(key, None)
+            if old is not None:
+                self.total -= self.size(old)
+            self.items[key] = value
+            self.total += self.size(value)
+            while self.total > self.limit and len(self.items) > 1:
+                _, dropped = self.items.popitem(last=False)
+                self.total -= self.size(dropped)
+            return value
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        """The cached value, or ``make()``'s; concurrent callers of one key make it once (the
+        page asks for a dozen tiles of a slide at once: one index build, not twelve)."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with self.lock:
+            gate = self.making.setdefault(key, threading.Lock())
+        with gate:
+            hit = self.get(key)
+            if hit is None:
+                hit = self.put(key, make())
+        with self.lock:
+            self.making.pop(key, None)
+        return hit
 
 
 @dataclass
-class Layer:
-    """A tiled pyramid placed on the slide's level-0 frame.
+class _Held:
+    slide: Slide
+    refs: int = 0
+    evicted: bool = False
 
-    Pixel (x, y) of level ``k`` covers level-0 ``l0_origin + (x, y) * downsample(k)``, where
-    ``downsample(k) = l0_per_px * slide.level_downsamples[k]``.
+
+class OpenSlides:
+    """Opened slides by key, at most ``limit`` kept; :meth:`hold` lends one to a request.
+
+    Eviction marks a slide; it is closed when its last holder returns it (never under a read).
     """
 
-    slide: Slide
-    l0_origin: tuple[float, float] = (0.0, 0.0)
-    l0_per_px: tuple[float, float] = (1.0, 1.0)
-    #: tile encoding: JPEG for slide pixels, lossless PNG for heatmaps (no second JPEG pass
-    #: over colour blocks that the page may magnify many times)
-    format: str = "jpg"
+    def __init__(self, limit: int = OPEN_SLIDES) -> None:
+        self.limit = limit
+        self.held: OrderedDict[Hashable, _Held] = OrderedDict()
+        self.lock = threading.Lock()
+        self.opening: dict[Hashable, threading.Lock] = {}
 
-    def info(self) -> dict[str, Any]:
-        levels = []
-        for (w, h), (dx, dy) in zip(
-            self.slide.level_dimensions, self.slide.level_downsamples, strict=True
-        ):
-            levels.append(
-                {
-                    "width": int(w),
-                    "height": int(h),
-                    "downsample": [dx * self.l0_per_px[0], dy * self.l0_per_px[1]],
-                }
-            )
-        return {
-            "origin": list(self.l0_origin),
-            "tile": TILE_SIZE,
-            "format": self.format,
-            "levels": levels,
-        }
+    @contextlib.contextmanager
+    def hold(
+        self, key: Hashable, path: Path, opener: Callable[[Path], Slide] | None = None
+    ) -> Iterator[Slide]:
+        held = self._acquire(key, path, opener)
+        try:
+            yield held.slide
+        finally:
+            with self.lock:
+                held.refs -= 1
+                close = held.evicted and held.refs == 0
+            if close:
+                held.slide.close()
 
-    def tile(self, level: int, tx: int, ty: int) -> np.ndarray | None:
-        """Tile (tx, ty) of ``level`` as (h, w, 3) uint8 RGB (edge tiles are smaller), or None."""
-        if not 0 <= level < self.slide.level_count:
-            return None
-        w, h = self.slide.level_dimensions[level]
-        x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
-        if tx < 0 or ty < 0 or x0 >= w or y0 >= h:
-            return None
-        dx, dy = self.slide.level_downsamples[level]
-        size = (min(TILE_SIZE, w - x0), min(TILE_SIZE, h - y0))
-        return self.slide.read_region((round(x0 * dx), round(y0 * dy)), level, size)
+    def _acquire(self, key: Hashable, path: Path, opener: Callable[[Path], Slide] | None) -> _Held:
+        from ..slide import open_slide
 
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes of decoded pixels this layer holds (0 when tiles are read from disk)."""
-        return self.slide.memory_bytes
+        with self.lock:
+            gate = self.opening.setdefault(key, threading.Lock())
+        with gate:  # one opener per slide; others wait for it
+            with self.lock:
+                held = self.held.get(key)
+                if held is not None:
+                    held.refs += 1
+                    self.held.move_to_end(key)
+                    return held
+            slide = (opener or open_slide)(path)
+            with self.lock:
+                held = _Held(slide, refs=1)
+                self.held[key] = held
+                to_close = []
+                while len(self.held) > self.limit:
+                    _, old = self.held.popitem(last=False)
+                    old.evicted = True
+                    if old.refs == 0:
+                        to_close.append(old)
+            for old in to_close:
+                old.slide.close()
+            return held
 
     def close(self) -> None:
-        self.slide.close()
+        with self.lock:
+            items = list(self.held.values())
+            self.held.clear()
+        for held in items:
+            held.evicted = True
+            if held.refs == 0:
+                held.slide.close()
 
 
-def _image_pyramid(rgb: np.ndarray, path: Path) -> Slide:
-    """An in-memory 2x pyramid of a heatmap image, down to about one tile."""
-    from ..slide import ArraySlide
+def max_level(size: tuple[int, int]) -> int:
+    """OpenSeadragon's top level for an image of ``size``: ``ceil(log2(longest side))``.
 
-    n_levels = 1 + max(0, math.ceil(math.log2(max(rgb.shape[:2]) / TILE_SIZE)))
+    >>> max_level((4096, 3072)), max_level((1, 1))
+    (12, 0)
+    """
+    return max(0, math.ceil(math.log2(max(size[0], size[1], 1))))
+
+
+def tile_window(
+    size: tuple[int, int], level: int, tx: int, ty: int
+) -> tuple[float, tuple[int, int, int, int]] | None:
+    """(downsample, window (x0, y0, x1, y1) at that downsample) of a tile, None outside."""
+    top = max_level(size)
+    if not 0 <= level <= top:
+        return None
+    ds = float(2 ** (top - level))
+    w, h = math.ceil(size[0] / ds), math.ceil(size[1] / ds)
+    x0, y0 = tx * TILE, ty * TILE
+    if tx < 0 or ty < 0 or x0 >= w or y0 >= h:
+        return None
+    return ds, (x0, y0, min(x0 + TILE, w), min(y0 + TILE, h))
+
+
+def slide_tile(slide: Slide, level: int, tx: int, ty: int) -> np.ndarray | None:
+    """Tile (tx, ty) of OpenSeadragon level ``level`` of ``slide``, (h, w, 3) uint8 RGB."""
+    found = tile_window(slide.dimensions, level, tx, ty)
+    if found is None:
+        return None
+    ds, (x0, y0, x1, y1) = found
+    lvl = slide.best_level_for_downsample(ds)
+    lds = slide.level_downsamples[lvl]
+    lw, lh = slide.level_dimensions[lvl]
+    l0x, l0y = round(x0 * ds), round(y0 * ds)
+    rw = max(1, min(math.ceil((x1 - x0) * ds / lds[0]), lw - int(l0x / lds[0])))
+    rh = max(1, min(math.ceil((y1 - y0) * ds / lds[1]), lh - int(l0y / lds[1])))
+    rgb = slide.read_region((l0x, l0y), lvl, (rw, rh))
+    out = (x1 - x0, y1 - y0)
+    if (rw, rh) != out:
+        interp = cv2.INTER_AREA if rw > out[0] else cv2.INTER_NEAREST
+        rgb = cv2.resize(rgb, out, interpolation=interp)
+    return rgb
+
+
+def open_image(path: Path) -> Slide:
+    """A heatmap image as a slide: a pyramidal TIFF is read tile by tile; any other image
+    (JPEG/PNG) is decoded once into an in-memory pyramid."""
+    from ..slide import ArraySlide, open_slide
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with contextlib.suppress(SlideError):
+            return open_slide(path)
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SlideError(path, "heatmap image cannot be decoded", "pass a PNG, JPEG or TIFF")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    n_levels = 1 + max(0, math.ceil(math.log2(max(rgb.shape[:2]) / 512)))
     return ArraySlide(rgb, mpp=None, n_levels=n_levels, level_factor=2, path=path)
 
 
-def open_heatmap_layer(
-    path: Path, l0_size: tuple[int, int], l0_box: tuple[int, int, int, int] | None = None
-) -> Layer:
-    """The heatmap at ``path`` as a layer over a slide of level-0 size ``l0_size``.
+class MapTiles:
+    """Every map tile of one run, drawn on request from the scores, with bounded caches:
+    indexed maps (by bytes), per-style patch values (by count), tissue contours, mask blocks
+    and encoded tiles (by bytes)."""
 
-    A TIFF that OpenSlide opens (the pyramidal heatmap) is read tile by tile; any other image
-    (the production JPEG/PNG) is decoded once. The image covers ``l0_box`` (the ROI) or the
-    whole slide; its scale on level 0 follows from the two sizes.
-    """
-    from ..slide import open_slide
+    def __init__(
+        self,
+        *,
+        index_bytes: int = 256 * 2**20,
+        merged_bytes: int = 96 * 2**20,
+        tile_bytes: int = 48 * 2**20,
+    ) -> None:
+        self.indexes: LruCache[Hashable, ScoreIndex] = LruCache(index_bytes, lambda i: i.nbytes)
+        self.paints: LruCache[Hashable, PatchPaint] = LruCache(
+            index_bytes // 2, lambda p: p.fixed.hi.nbytes * 2 + p.above.nbytes
+        )
+        self.tissues: LruCache[Hashable, Any] = LruCache(32)
+        self.masks: LruCache[Hashable, MaskCache] = LruCache(24)
+        self.encoded: LruCache[Hashable, bytes] = LruCache(tile_bytes, len)
+        self.merged: LruCache[Hashable, Merged] = LruCache(merged_bytes, lambda m: m.nbytes)
 
-    slide: Slide | None = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            slide = open_slide(path)
-        except SlideError:
-            slide = None  # a plain (non-tiled) TIFF: decode it below
-    if slide is None:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise SlideError(path, "heatmap image cannot be decoded", "rerun its heatmap stage")
-        slide = _image_pyramid(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path)
-    x1, y1, x2, y2 = l0_box if l0_box is not None else (0, 0, *l0_size)
-    width, height = slide.dimensions
-    return Layer(
-        slide, (float(x1), float(y1)), ((x2 - x1) / width, (y2 - y1) / height), format="png"
-    )
+    def index(self, key: Hashable, load: Callable[[], ScoreIndex]) -> ScoreIndex:
+        return self.indexes.get_or_make(key, load)
 
+    def paint(
+        self, key: Hashable, index: ScoreIndex, style: Style, values: Callable[[], np.ndarray]
+    ) -> PatchPaint:
+        from ..heatmap.region import patch_paint
 
-def array_layer(
-    rgb: np.ndarray, l0_size: tuple[int, int], path: Path | None = None, fmt: str = "png"
-) -> Layer:
-    """An RGB image covering the whole slide of level-0 size ``l0_size`` (placed by size)."""
-    slide = _image_pyramid(rgb, path or Path("memory.png"))
-    width, height = slide.dimensions
-    return Layer(slide, (0.0, 0.0), (l0_size[0] / width, l0_size[1] / height), format=fmt)
+        return self.paints.get_or_make(
+            (key, style.scale, style.threshold, style.binarize),
+            lambda: patch_paint(values(), style.threshold, binarize=style.binarize),
+        )
 
+    def rgba(
+        self,
+        key: Hashable,
+        index: ScoreIndex,
+        paint: PatchPaint,
+        style: Style,
+        tissue: Any,
+        l0_size: tuple[int, int],
+        level: int,
+        tx: int,
+        ty: int,
+    ) -> np.ndarray | None:
+        """Map tile (tx, ty) of OpenSeadragon level ``level``, (h, w, 4) uint8 RGBA."""
+        from ..heatmap.region import MaskCache, RegionView, level_region, merge_patches
 
-def difference_layer(arrays: dict[str, Any], l0_size: tuple[int, int], cmap: str) -> Layer:
-    """The comparison's A - B percentile difference, one colour per patch, over white.
-
-    ``arrays`` is :func:`clam_heat.compare.compare_slide`'s matched scores; the difference is
-    mapped from [-1, 1] to [0, 1] so no difference is the diverging colormap's centre.
-    """
-    from ..compare import overlay, patch_canvas, percentile_difference
-
-    downsample = max(1.0, max(l0_size) / DIFFERENCE_SIDE)
-    shape = (max(1, round(l0_size[1] / downsample)), max(1, round(l0_size[0] / downsample)))
-    diff = (percentile_difference(arrays["a"], arrays["b"]) + 1.0) / 2.0
-    mean, covered = patch_canvas(arrays["coords"], diff, arrays["size"], downsample, shape)
-    white = np.full((*shape, 3), 255, np.uint8)
-    return array_layer(overlay(white, mean, covered, cmap, alpha=1.0), l0_size)
+        found = tile_window(l0_size, level, tx, ty)
+        if found is None:
+            return None
+        ds, window = found
+        masks = self.masks.get_or_make((key[0], ds), MaskCache)
+        region = level_region(l0_size, (ds, ds))
+        merged = None
+        if max(index.patch) / ds <= MERGE_BELOW_PX and len(index) > MERGE_ABOVE_PATCHES:
+            merged = self.merged.get_or_make(
+                (key, style.scale, style.threshold, style.binarize, ds),
+                lambda: merge_patches(index, paint, (ds, ds), region),
+            )
+        view = RegionView(
+            index,
+            paint,
+            (ds, ds),
+            region,
+            cmap=style.cmap,
+            blur=style.blur,
+            overlap=style.overlap,
+            tissue=tissue if style.segment else None,
+            masks=masks,
+            merged=merged,
+        )
+        rgba = view.rgba(window)
+        _release_free_memory()  # per-tile temporaries freed by request threads stay in glibc
+        return rgba
 
 
 def legend(cmap: str, title: str, low: str, high: str, n: int = 256) -> dict[str, Any]:
