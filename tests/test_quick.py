@@ -251,7 +251,8 @@ def test_mil_lab_flags_write_the_scripts_outputs_and_resume(
     ]  # fmt: skip
     first = runner.invoke(app, underscores)
     assert first.exit_code == 0, first.output
-    assert "have no slide and H5 pair, skipped: demo_999" in first.output
+    listed = f"1 slide listed in {p['csv']} has no slide and H5 pair, skipped: demo_999"
+    assert listed in first.output
     out = p["out"]
     cfg = load_config(out / "config.yaml")
     heat = cfg.heatmap_arguments
