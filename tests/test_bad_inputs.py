@@ -433,6 +433,83 @@ def missing_encoder_weights(p: Path, mp) -> Case:
     return Case(2, ("runner_arguments.encoder_weights", "nope.pth", "no such file"), args=sets)
 
 
+def _calc(p: Path, mp, *sets: str) -> list[str]:
+    """``calc_heatmap: true`` (CLAM's template) plus ``sets``, with an empty weights cache."""
+    mp.setenv("HF_HOME", str(p / "empty_hf_home"))
+    mp.delenv("HF_HUB_CACHE", raising=False)
+    mp.delenv("UNI_CKPT_PATH", raising=False)
+    return [a for key in ("heatmap_arguments.calc_heatmap=true", *sets) for a in _set(key)]
+
+
+def _tiny_weights(weights: Path) -> tuple[str, str]:
+    return "encoder_arguments.model_name=tiny_cnn", f"runner_arguments.encoder_weights={weights}"
+
+
+def encoder_weights_not_found(p: Path, mp) -> Case:
+    from clam_heat.models.clam import ClamSB
+
+    torch.save(ClamSB(embed_dim=1024).state_dict(), _ckpt(p))  # a 1024-d (ResNet50) model
+    args = _calc(p, mp, "model_arguments.embed_dim=1024")
+    return Case(2, ("resnet50_trunc", "no weights found", "runner_arguments.encoder_weights"), args)
+
+
+def pickled_encoder_weights(p: Path, mp) -> Case:
+    import pickle
+
+    (p / "w.pt").write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4))
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "pickled Python objects")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def unreadable_encoder_weights(p: Path, mp) -> Case:
+    (p / "w.pt").write_bytes(b"not a checkpoint at all")
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "cannot be read", "state_dict")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def permission_denied_encoder_weights(p: Path, mp) -> Case:
+    from clam_heat.encoders import build_encoder
+
+    weights = p / "w.pt"
+    torch.save(build_encoder("tiny_cnn", dim=64).module.state_dict(), weights)
+    real_load = torch.load
+
+    def fault(file, *args, **kwargs):  # what a file without read permission does (not as root)
+        if Path(str(file)) == weights:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_load(file, *args, **kwargs)
+
+    mp.setattr(torch, "load", fault)
+    sets = _tiny_weights(weights)
+    names = ("runner_arguments.encoder_weights", "w.pt", "permission denied")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def encoder_of_the_wrong_width(p: Path, mp) -> Case:
+    (p / "w.pt").write_bytes(_ckpt(p).read_bytes())  # any file: the width is refused first
+    args = _calc(p, mp, f"runner_arguments.encoder_weights={p / 'w.pt'}")
+    return Case(2, ("resnet50_trunc", "1024-d", "embed_dim is 64"), args)
+
+
+def encoder_weights_of_another_width(p: Path, mp) -> Case:
+    from clam_heat.encoders import build_encoder
+
+    torch.save(build_encoder("tiny_cnn", dim=32).module.state_dict(), p / "w.pt")
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "do not fit", "(32,) vs (64,)")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def nan_checkpoint(p: Path, mp) -> Case:
+    state = torch.load(_ckpt(p), weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 3)
+    state[key].view(-1)[3] = float("nan")
+    torch.save(state, _ckpt(p))
+    return Case(2, ("model_arguments.ckpt_path", "s_0_checkpoint.pt", "1 NaN/Inf", "earlier"))
+
+
 def raw_root_under_a_file(p: Path, mp) -> Case:
     (p / "blocker").write_text("a file")
     args = _set(f"exp_arguments.raw_save_dir={p / 'blocker' / 'raw'}")
@@ -499,6 +576,9 @@ CASES: list[CaseFn] = [
     set_out_of_range, missing_config, missing_slide_folder, workers_zero, bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
     wrong_architecture_checkpoint, wrong_model_type, missing_encoder_weights,
+    encoder_weights_not_found, pickled_encoder_weights, unreadable_encoder_weights,
+    permission_denied_encoder_weights, encoder_of_the_wrong_width,
+    encoder_weights_of_another_width, nan_checkpoint,
     raw_root_under_a_file, production_root_under_a_file, read_only_root, permission_denied_root,
     disk_full_root, status_of_missing_list,
 ]  # fmt: skip
