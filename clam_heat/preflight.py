@@ -65,11 +65,11 @@ def output_folders(cfg: Any) -> list[tuple[str, Path]]:
 
 def _probe(folder: Path) -> None:
     """Create ``folder`` and write, sync and remove a small hidden file in it."""
-    from .atomic import temp_path_for
+    from .atomic import PROBE_NAME, temp_path_for
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        probe = temp_path_for(folder / ".clam_heat_probe", tag="probe")
+        probe = temp_path_for(folder / PROBE_NAME, tag="probe")
     except OutputError as err:  # mkstemp's OSError, already explained
         raise _Explained(str(err)) from None
     try:

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
+from .atomic import sweep_probe_files, sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
+from .errors import OutputError
 from .executors import LocalExecutor, SerialExecutor
 from .phases import map_rows
-from .preflight import preflight
+from .preflight import OutputRootError, output_folders, preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .process_list.build import missing_slide_reason
 from .process_list.csvfile import write_csv_atomic
@@ -205,9 +206,9 @@ def run_pipeline(
     """
     start = time.perf_counter()
     plan = stages_for(cfg, stages)
-    preflight(cfg, plan, dry_run=dry_run)  # output roots and global inputs, exit 2 if bad
     summary = RunSummary()
     if dry_run:
+        preflight(cfg, plan, dry_run=True)  # global inputs only: a dry run writes nothing
         df, list_path = build_process_list(cfg, write=False)
         if shard is not None:
             df = shard_frame(df, list_path, *shard)
@@ -230,9 +231,14 @@ def run_pipeline(
         executor = LocalExecutor(workers) if workers > 1 else SerialExecutor()
     with contextlib.ExitStack() as held, StopSignals() as stop:
         try:
-            if shard is not None:  # shards side by side; never under a whole-list run
-                held.enter_context(list_lock(list_path, shared=True))
-            held.enter_context(list_lock(run_list))
+            # the lock first: a second run is refused at once, before the start-up checks
+            try:
+                if shard is not None:  # shards side by side; never under a whole-list run
+                    held.enter_context(list_lock(list_path, shared=True))
+                held.enter_context(list_lock(run_list))
+            except OutputError as err:  # no lock file can be made: an unwritable list folder
+                raise OutputRootError(str(err)) from None
+            preflight(cfg, plan)  # output roots and global inputs, exit 2 if bad
             replay_journal(run_list, run_results)  # a killed run's finished rows first
             _run_locked(cfg, plan, executor, summary, stop, shard, retry_failed, on_row, on_start)
         except StopRequested:
@@ -374,6 +380,7 @@ def _prepare_outputs(
     raw_root, production_root = output_roots(cfg)  # writable: checked by preflight
     swept = sweep_temp_files(raw_root, production_root) if sweep_roots else 0
     swept += sweep_temp_files_of(list_path, results_csv)
+    swept += sweep_probe_files(folder for _key, folder in output_folders(cfg))
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)
     _save_resolved_config(cfg)

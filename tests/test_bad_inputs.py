@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +349,54 @@ def all_white_slide(p: Path, mp) -> Case:
     return Case(1, ("bad.tiff", "no tissue found"), row=("failed", "no tissue found"))
 
 
+def long_label(p: Path, mp) -> Case:
+    _label(p, "t" * 300)
+    return Case(2, ("demo.csv", "line 7", "300 bytes long", "plain name"))
+
+
+def newline_in_slide_id(p: Path, mp) -> Case:
+    _add_row(p, "bad\nid")
+    return Case(2, ("demo.csv", "line 7", "'bad\\nid'", "control character"))
+
+
+def newline_in_slide_file_name(p: Path, mp) -> Case:
+    (p / "process_lists" / "demo.csv").unlink()  # no list: the ids come from the file names
+    shutil.copy(p / "slides" / "demo_000.tiff", p / "slides" / "bad\nname.tiff")
+    return Case(2, ("data_arguments.data_dir", "'bad\\nname'", "control character"))
+
+
+def save_exp_code_outside_the_roots(p: Path, mp) -> Case:
+    args = _set("exp_arguments.save_exp_code=../other")
+    return Case(2, ("exp_arguments.save_exp_code", "path separator", "plain name"), args)
+
+
+def absolute_save_exp_code(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("save_exp_code: demo", "save_exp_code: /tmp/x")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml:5", "exp_arguments.save_exp_code", "'/tmp/x'", "separator"))
+
+
+def dotdot_save_exp_code_flag(p: Path, mp) -> Case:
+    return Case(2, ("--save_exp_code ..", "contains '..'"), args=["--save_exp_code", ".."])
+
+
+def long_save_exp_code(p: Path, mp) -> Case:
+    args = _set("exp_arguments.save_exp_code=" + "x" * 300)
+    return Case(2, ("exp_arguments.save_exp_code", "300 bytes long"), args)
+
+
+def sampler_name_outside_the_roots(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("topk_high_attention", "../../up")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml", "samples[0].name", "path separator"))
+
+
+def class_name_outside_the_roots(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("    tumour: 1", "    ../tumour: 1")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml", "label_dict", "'../tumour'", "path separator"))
+
+
 def bad_yaml(p: Path, mp) -> Case:
     (p / "config.yaml").write_text((p / "config.yaml").read_text() + "\n  : [unclosed\n")
     return Case(2, ("config.yaml",))
@@ -572,6 +621,9 @@ CASES: list[CaseFn] = [
     coords_at_another_level, single_patch, equal_scores, duplicate_ids, traversal_id,
     separator_id, traversal_label, absolute_label, dotdot_label, backslash_label,
     dangling_symlink_in_list, dangling_symlink_in_folder, unreadable_entry_in_list,
+    long_label, newline_in_slide_id, newline_in_slide_file_name, save_exp_code_outside_the_roots,
+    absolute_save_exp_code, dotdot_save_exp_code_flag, long_save_exp_code,
+    sampler_name_outside_the_roots, class_name_outside_the_roots,
     all_white_slide, bad_yaml, unknown_yaml_key, set_without_value, set_unknown_key,
     set_out_of_range, missing_config, missing_slide_folder, workers_zero, bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
@@ -678,3 +730,59 @@ def test_unexpected_error_is_one_line_with_the_traceback_in_a_file(
     assert len(lines) == 1 and lines[0].startswith("error: unexpected ZeroDivisionError: injected")
     log = Path(lines[0].rsplit("traceback is in ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+
+
+def test_start_up_sweep_removes_only_our_leftovers_inside_the_roots(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a sweep that walks a sibling run's folder or the shared root, follows a link out
+    of the root, removes a link (or its target) with a temp-like name, or forgets the probe."""
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    raw = project / "heatmaps" / "heatmap_raw_results"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kept = [
+        raw / "other_exp" / ".x_heatmap.jpg.abcd1234.tmp.jpg",  # a sibling run's live write
+        raw / ".list.csv.abcd1234.tmp",  # the shared root, beside our run's folder
+        elsewhere / ".z_heatmap.jpg.abcd1234.tmp.jpg",  # reached only through a link
+        raw / "..clam_heat_probe.probe-fresh123.tmp",  # another run probing right now
+    ]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"someone else's")
+    (raw / "demo" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    link = raw / "demo" / ".y_heatmap.jpg.abcd1234.tmp.jpg"
+    link.symlink_to(kept[2])
+    removed = [
+        raw / "demo" / "tumour" / ".demo_000.h5.qwer5678.tmp.h5",  # our killed write
+        raw / "..clam_heat_probe.probe-killed12.tmp",  # a probe killed two minutes ago
+    ]
+    for path in removed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"ours")
+    os.utime(removed[1], (time.time() - 120, time.time() - 120))
+    monkeypatch.chdir(project)
+    assert cli_main(["run", str(project / "config.yaml"), "-q"]) == 0, capfd.readouterr()
+    assert [p for p in removed if os.path.lexists(p)] == []
+    assert all(p.read_bytes() == b"someone else's" for p in kept)
+    assert link.is_symlink() and (raw / "demo" / "linked").is_symlink()
+
+
+def test_a_held_list_is_refused_before_the_start_up_checks(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a second run that loads the checkpoint and encoder and probes every output folder
+    before it learns that the list is taken (seconds to minutes with a large encoder)."""
+    import clam_heat.runner as runner
+    from clam_heat.process_list.lock import list_lock
+
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    checks: list[object] = []
+    monkeypatch.setattr(runner, "preflight", lambda *a, **k: checks.append(a))
+    with list_lock(project / "process_lists" / "demo.csv"):
+        assert cli_main(["run", str(project / "config.yaml"), "-q"]) == 2
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and "demo.csv: is being run by pid" in lines[0], lines
+    assert checks == []

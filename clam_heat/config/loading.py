@@ -95,6 +95,14 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return out
 
 
+def _flag_value(text: str) -> str:
+    """A command-line value as typed, or ``repr``-escaped and cut when it would break or flood
+    a one-line message (a newline, a control character, hundreds of characters)."""
+    if len(text) <= 80 and not any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return text
+    return _show(text)
+
+
 def _show(value: Any) -> str:
     text = repr(value.as_posix() if isinstance(value, Path) else value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -236,7 +244,7 @@ def _set_override(
 
 def _apply_set(data: dict[str, Any], problems: _Problems, spec: str, order: int) -> None:
     """Apply one generic ``BLOCK.KEY=VALUE`` override (the value is parsed as YAML)."""
-    where = f"--set {spec}"
+    where = f"--set {_flag_value(spec)}"
     path, sep, raw = spec.partition("=")
     parts = path.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -289,7 +297,7 @@ def _build(
     for order, spec in enumerate(overrides):
         _apply_set(raw, problems, spec, order)
     if save_exp_code is not None:
-        text = f"--save_exp_code {save_exp_code}"
+        text = f"--save_exp_code {_flag_value(save_exp_code)}"
         _set_override(raw, problems, ("exp_arguments", "save_exp_code"), save_exp_code, text, 90)
     if overlap is not None:
         text = f"--overlap {overlap}"
