@@ -238,6 +238,41 @@ def inf_features(p: Path, mp) -> Case:
     return Case(1, ("bad.h5",), row=("failed", "bad.h5"))
 
 
+def _declared_h5(project: Path, n_rows: int) -> Path:
+    """Row "bad" whose H5 declares ``n_rows`` feature rows (never written: a few KB on disk)
+    beside demo_000's 59 coords."""
+    with h5py.File(project / "features" / "demo_000.h5") as src:
+        coords = src["coords"][:]
+        coord_attrs = dict(src["coords"].attrs)
+        width = src["features"].shape[1]
+    target = _bad_h5(project, raw=b"")
+    with h5py.File(target, "w") as dst:
+        dst.create_dataset("features", shape=(n_rows, width), dtype="f4", chunks=(1024, width))
+        dst["coords"] = coords
+        dst["coords"].attrs.update(coord_attrs)
+    assert target.stat().st_size < 64_000
+    return target
+
+
+def header_of_ten_million_rows(p: Path, mp) -> Case:
+    _declared_h5(p, 10_000_000)
+    words = ("bad.h5", "declares 10000000 patches", "runner_arguments.max_patches (2000000)")
+    return Case(1, words, row=("failed", "max_patches"))
+
+
+def header_of_ten_million_rows_within_max_patches(p: Path, mp) -> Case:
+    _declared_h5(p, 10_000_000)
+    args = _set("runner_arguments.max_patches=20000000")
+    return Case(1, ("bad.h5", "10000000 rows", "coords has 59"), args, row=("failed", "59"))
+
+
+def dangling_soft_link_in_h5(p: Path, mp) -> Case:
+    target = _bad_h5(p, lambda d: d.pop("coords"))
+    with h5py.File(target, "a") as h5:
+        h5["coords"] = h5py.SoftLink("/nowhere")
+    return Case(1, ("bad.h5", "'coords'", "dangling"), row=("failed", "dangling"))
+
+
 def missing_h5(p: Path, mp) -> Case:
     shutil.copy(p / "slides" / "demo_000.tiff", p / "slides" / "bad.tiff")
     _add_row(p)
@@ -618,7 +653,9 @@ CASES: list[CaseFn] = [
     unopenable_slide, unreadable_slide, truncated_slide, header_only_slide, zero_byte_slide,
     text_file_as_slide, broken_h5, zero_byte_h5, h5_without_features, h5_without_coords,
     count_mismatch, width_mismatch, nan_features, inf_features, missing_h5, coords_all_outside,
-    coords_at_another_level, single_patch, equal_scores, duplicate_ids, traversal_id,
+    header_of_ten_million_rows, header_of_ten_million_rows_within_max_patches,
+    dangling_soft_link_in_h5, coords_at_another_level, single_patch, equal_scores, duplicate_ids,
+    traversal_id,
     separator_id, traversal_label, absolute_label, dotdot_label, backslash_label,
     dangling_symlink_in_list, dangling_symlink_in_folder, unreadable_entry_in_list,
     long_label, newline_in_slide_id, newline_in_slide_file_name, save_exp_code_outside_the_roots,
@@ -786,3 +823,30 @@ def test_a_held_list_is_refused_before_the_start_up_checks(
     lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and "demo.csv: is being run by pid" in lines[0], lines
     assert checks == []
+
+
+def test_a_ten_million_row_header_is_refused_before_its_data_is_read(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a reader that reads (and allocates) a dataset before checking its declared shape
+    against the coords and max_patches (2.5 GB for an 8 KB file). Every data read of the bad
+    file is counted at h5py's one read entry point."""
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    bad = _declared_h5(project, 10_000_000)
+    reads: list[str] = []
+    real = h5py.Dataset.__getitem__
+
+    def counting(self, *args, **kwargs):
+        if Path(self.file.filename) == bad:
+            reads.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    for extra in ([], _set("runner_arguments.max_patches=20000000")):
+        assert cli_main(["run", str(project / "config.yaml"), "-q", "--retry-failed", *extra]) == 1
+        assert "bad.h5" in capfd.readouterr().err
+    assert reads == []
+    with h5py.File(bad) as h5:  # the counter does see a read of that file
+        h5["coords"][:2]
+    assert reads == ["/coords"]

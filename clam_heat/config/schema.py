@@ -396,6 +396,12 @@ class RunnerArguments(_Block):
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     workers: int = Field(1, ge=1, description="Parallel slide workers.")
+    max_patches: int = Field(
+        2_000_000,
+        ge=1,
+        description="Largest bag read (patches); a feature file declaring more fails its row "
+        "before its data is read, so memory is bounded by this, not by the input.",
+    )
     features_dir: OptionalPath = Field(
         None,
         description="Folder of TRIDENT/CLAM feature files <slide_id>.h5; null: CLAM's raw "
