@@ -437,6 +437,44 @@ def bad_yaml(p: Path, mp) -> Case:
     return Case(2, ("config.yaml",))
 
 
+def _append_yaml(p: Path, text: str) -> int:
+    """Append ``text`` to config.yaml; returns the line number of its first line."""
+    old = (p / "config.yaml").read_text()
+    (p / "config.yaml").write_text(old + text)
+    return old.count("\n") + 1
+
+
+#: Seven lines that expand to 9**7 (4.8 million) strings if constructed.
+_ALIAS_BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}' if prev else 'lol'] * 9)}]\n"
+    for prev, name in zip(["", "a", "b", "c", "d", "e", "f"], "abcdefg", strict=True)
+)
+
+
+def yaml_alias_bomb(p: Path, mp) -> Case:
+    line = _append_yaml(p, _ALIAS_BOMB)
+    return Case(2, (f"config.yaml:{line}:", "aliases expand to more than 10000 values"))
+
+
+def yaml_recursive_alias(p: Path, mp) -> Case:
+    line = _append_yaml(p, "loop: &loop\n  again: *loop\n")
+    return Case(2, (f"config.yaml:{line}:", "recursive alias"))
+
+
+def duplicate_yaml_key(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text()
+    lines = text.splitlines()
+    first = lines.index("  alpha: 0.4") + 1
+    (p / "config.yaml").write_text(text.replace("  alpha: 0.4\n", "  alpha: 0.4\n  alpha: 0.9\n"))
+    return Case(2, (f"config.yaml:{first} and :{first + 1} heatmap_arguments.alpha given twice",))
+
+
+def duplicate_yaml_block(p: Path, mp) -> Case:
+    first = (p / "config.yaml").read_text().splitlines().index("heatmap_arguments:") + 1
+    line = _append_yaml(p, "heatmap_arguments:\n  calc_heatmap: true\n")
+    return Case(2, (f"config.yaml:{first} and :{line} heatmap_arguments given twice", "block"))
+
+
 def unknown_yaml_key(p: Path, mp) -> Case:
     text = (p / "config.yaml").read_text().replace("alpha:", "alpah:")
     (p / "config.yaml").write_text(text)
@@ -661,6 +699,7 @@ CASES: list[CaseFn] = [
     long_label, newline_in_slide_id, newline_in_slide_file_name, save_exp_code_outside_the_roots,
     absolute_save_exp_code, dotdot_save_exp_code_flag, long_save_exp_code,
     sampler_name_outside_the_roots, class_name_outside_the_roots,
+    yaml_alias_bomb, yaml_recursive_alias, duplicate_yaml_key, duplicate_yaml_block,
     all_white_slide, bad_yaml, unknown_yaml_key, set_without_value, set_unknown_key,
     set_out_of_range, missing_config, missing_slide_folder, workers_zero, bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
