@@ -9,8 +9,8 @@ The spec file holds ``slide_id:stage[:marker_file]`` (``:SIGKILL`` instead of a 
 worker SIGKILLs itself, as the out-of-memory killer would, and notes it in ``<spec>.fired``)
 and is read per row, so a test can arm it after the workers started (no file, no fault). A
 worker process (never the process that armed it) running that stage of that slide exits at once
-(``os._exit``) after the ledger marked the stage started. With a marker file it does so only the first time (the marker is created
-exclusively).
+(``os._exit``) after the ledger marked the stage started. With a marker file it does so only
+the first time (the marker is created exclusively).
 """
 
 from __future__ import annotations
