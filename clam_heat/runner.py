@@ -52,11 +52,14 @@ from .stages.row import RowOutcome, plan_row
 from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
+#: Lines for the user's terminal (the CLI shows this logger's warnings as ``warning: ...``).
+_notice = logging.getLogger("clam_heat.notice")
 
 __all__ = [
     "RunSummary",
     "StopRequested",
     "StopSignals",
+    "cap_workers",
     "clean_outputs",
     "run_pipeline",
     "stop_line",
@@ -273,6 +276,7 @@ def _run_locked(
                 write_csv_atomic(df, list_path)
     summary.process_list = list_path
     pending, vanished = _pending_rows(cfg, df, retry_failed, summary)
+    cap_workers(executor, len(pending), force=cfg.runner_arguments.force_workers)
     with executor:  # a local pool loads its libraries now
         _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
         summary.results_csv = results_csv
@@ -317,6 +321,29 @@ def _run_locked(
             finally:
                 with stop.held():
                     recorder.close()
+
+
+def cap_workers(executor: Any, pending: int, *, force: bool = False) -> None:
+    """Start no more local workers than there are pending rows, nor (unless ``force``) than
+    the cores this process may use: each idle worker still loads the model and the encoder.
+    Said in one line on stderr when it lowers the count."""
+    if not isinstance(executor, LocalExecutor) or executor.pids:
+        return  # another executor, or a pool the caller already started
+    from .executors.base import available_cores
+
+    asked = executor.workers
+    cores = available_cores()
+    cap = max(1, min(asked, pending, asked if force else cores))
+    if cap < asked:
+        why = [f"{pending} pending rows"] + ([] if force else [f"{cores} cores"])
+        _notice.warning(
+            "--workers %d lowered to %d (%s)%s",
+            asked,
+            cap,
+            ", ".join(why),
+            "" if force or cap < cores else "; set runner_arguments.force_workers to go past it",
+        )
+        executor.workers = cap
 
 
 def _stop(

@@ -508,6 +508,15 @@ def workers_zero(p: Path, mp) -> Case:
     return Case(2, ("--workers",), args=["--workers", "0"])
 
 
+def more_workers_than_rows(p: Path, mp) -> Case:
+    _label(p, "tumour")  # one pending row beside five done ones
+    import clam_heat.executors.base as base
+
+    mp.setattr(base, "available_cores", lambda: 1)
+    words = ("--workers 64 lowered to 1", "(6 pending rows, 1 cores)")
+    return Case(0, words, args=["--workers", "64"], stderr_prefix="warning: ", row=("done", ""))
+
+
 def bad_shard(p: Path, mp) -> Case:
     return Case(2, ("--shard",), args=["--shard", "4/4"])
 
@@ -701,7 +710,8 @@ CASES: list[CaseFn] = [
     sampler_name_outside_the_roots, class_name_outside_the_roots,
     yaml_alias_bomb, yaml_recursive_alias, duplicate_yaml_key, duplicate_yaml_block,
     all_white_slide, bad_yaml, unknown_yaml_key, set_without_value, set_unknown_key,
-    set_out_of_range, missing_config, missing_slide_folder, workers_zero, bad_shard,
+    set_out_of_range, missing_config, missing_slide_folder, workers_zero, more_workers_than_rows,
+    bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
     wrong_architecture_checkpoint, wrong_model_type, missing_encoder_weights,
     encoder_weights_not_found, pickled_encoder_weights, unreadable_encoder_weights,
@@ -889,3 +899,22 @@ def test_a_ten_million_row_header_is_refused_before_its_data_is_read(
     with h5py.File(bad) as h5:  # the counter does see a read of that file
         h5["coords"][:2]
     assert reads == ["/coords"]
+
+
+def test_workers_are_capped_at_the_pending_rows_and_the_cores(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches: `--workers 64` on 2 rows starting 64 processes that each load the model."""
+    import clam_heat.executors.base as base
+    from clam_heat.executors import LocalExecutor
+    from clam_heat.runner import cap_workers
+
+    monkeypatch.setattr(base, "available_cores", lambda: 8)
+    cases = [(64, 2, False, 2), (64, 100, False, 8), (64, 100, True, 64), (3, 100, False, 3)]
+    for asked, pending, force, expected in cases:
+        pool = LocalExecutor(asked)
+        caplog.clear()
+        cap_workers(pool, pending, force=force)
+        assert pool.workers == expected and pool.pids == []
+        notices = [r.getMessage() for r in caplog.records if r.name == "clam_heat.notice"]
+        assert len(notices) == (expected < asked), notices

@@ -395,7 +395,12 @@ class RunnerArguments(_Block):
     """``runner_arguments``: clam-heat's own settings (CLAM configs need none of them)."""
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    workers: int = Field(1, ge=1, description="Parallel slide workers.")
+    workers: int = Field(
+        1, ge=1, description="Parallel slide workers (at most the pending rows and the cores)."
+    )
+    force_workers: Bool = Field(
+        False, description="Let workers exceed the cores this process may use."
+    )
     max_patches: int = Field(
         2_000_000,
         ge=1,
