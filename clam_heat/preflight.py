@@ -198,8 +198,9 @@ def check_encoder(cfg: Any) -> None:
             f"{key}: {weights}: cannot be read; {os_error_advice(weights or Path('.'), err)}"
         ) from None
     except ClamHeatError as err:
-        where = key if weights is not None else "encoder_arguments.model_name"
-        raise GlobalInputError(f"{where}: {message_line(err)}") from None
+        text = message_line(err)
+        named = any(block in text for block in ("_arguments.", "CKPT_PATH"))
+        raise GlobalInputError(text if named else f"{key}: {text}") from None
 
 
 def _extracts_features(cfg: Any) -> bool:
