@@ -25,7 +25,9 @@ import contextlib
 import glob
 import os
 import re
+import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,7 +38,11 @@ __all__ = [
     "atomic_path",
     "commit",
     "file_mode",
+    "MAX_NAME_BYTES",
     "is_temp_name",
+    "name_problem",
+    "PROBE_NAME",
+    "sweep_probe_files",
     "sweep_temp_files",
     "sweep_temp_files_of",
     "sync_paths",
@@ -70,6 +76,40 @@ def file_mode() -> int:
     if _MODE is None:
         _MODE = 0o666 & ~_current_umask()
     return _MODE
+
+
+#: The longest name a config or list value may give one path segment (UTF-8 bytes): the
+#: filesystem's usual 255-byte limit less room for the longest suffix we add to a slide id
+#: (``_0.5_roi_0_blur_0_rs_1_bc_0_a_0.4_l_-1_bi_0_-1.0.jpg``) and a temp file's extra parts.
+MAX_NAME_BYTES = 160
+
+
+def name_problem(text: str) -> str | None:
+    """Why ``text`` cannot be one path segment under an output root (None when it can).
+
+    Every config or list value that names a folder or file (``save_exp_code``, slide ids,
+    labels, label_dict names, sampler names) is checked with this before any work, so no
+    output can land outside its root and no write fails later for a too-long name.
+
+    >>> name_problem("LUAD") is None, name_problem("../x"), name_problem("..")
+    (True, 'contains a path separator', "contains '..'")
+    >>> name_problem("/abs"), name_problem("a\\nb"), name_problem("x" * 161)
+    ('contains a path separator', 'contains a control character', 'is 161 bytes long (at most 160)')
+    """
+    if not text.strip():
+        return "is empty"
+    if "/" in text or "\\" in text or (os.altsep is not None and os.altsep in text):
+        return "contains a path separator"
+    if ".." in text:
+        return "contains '..'"
+    if text == ".":
+        return "is '.'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return "contains a control character"
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long (at most {MAX_NAME_BYTES})"
+    return None
 
 
 def is_temp_name(name: str) -> bool:
@@ -181,20 +221,59 @@ def sync_paths(paths: Iterable[str | os.PathLike[str]]) -> None:
                 os.close(fd)
 
 
+def _remove_if_ours(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file (never a symlink: its target may be anyone's)
+    whose name our scheme makes; True if removed."""
+    if not is_temp_name(path.name):
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except OSError:
+        return False
+    return True
+
+
 def sweep_temp_files(*roots: str | os.PathLike[str]) -> int:
     """Delete temp files a killed run left under ``roots``; returns how many.
 
+    Only names :func:`temp_path_for` makes, only regular files, only in folders reached from a
+    root without following a symbolic link (a link to a folder elsewhere is never entered, a
+    link with a temp-like name is never removed), so nothing outside the roots is touched.
     Only call it while no other run writes under ``roots`` (the driver holds the list's lock).
     """
     removed = 0
     for root in roots:
-        if not Path(root).is_dir():
-            continue
-        for folder, _dirs, files in os.walk(root):
+        root = Path(root)
+        if root.is_symlink() or not root.is_dir():
+            continue  # a root that is a link was not made by us: leave it alone
+        for folder, _dirs, files in os.walk(root, followlinks=False):
             for name in files:
-                if is_temp_name(name):
-                    Path(folder, name).unlink(missing_ok=True)
-                    removed += 1
+                removed += _remove_if_ours(Path(folder, name))
+    return removed
+
+
+#: The start-up probe's file name in each output folder (see :mod:`clam_heat.preflight`).
+PROBE_NAME = ".clam_heat_probe"
+
+
+def sweep_probe_files(folders: Iterable[str | os.PathLike[str]], *, min_age: float = 60) -> int:
+    """Delete start-up probe files that a run killed during its probe left in ``folders``.
+
+    A live probe exists for milliseconds, so only files older than ``min_age`` seconds go
+    (another list's run may be probing the same folder right now).
+    """
+    removed = 0
+    now = time.time()
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(glob.escape(f".{PROBE_NAME}.probe-") + "*"):
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime >= min_age:
+                    removed += _remove_if_ours(path)
     return removed
 
 
@@ -207,7 +286,5 @@ def sweep_temp_files_of(*files: str | os.PathLike[str]) -> int:
         if not target.parent.is_dir():
             continue
         for path in target.parent.glob(glob.escape(f".{target.name}.") + "*"):
-            if path.is_file() and is_temp_name(path.name):
-                path.unlink(missing_ok=True)
-                removed += 1
+            removed += _remove_if_ours(path)
     return removed

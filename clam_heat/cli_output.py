@@ -166,6 +166,7 @@ def run_app(app: Any, argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(forward)
     shown.addHandler(user)
+    logging.getLogger("clam_heat.notice").addHandler(user)  # e.g. --workers lowered
     warnings_logger = logging.getLogger("py.warnings")
     warnings_logger.addHandler(forward)
     warnings_logger.propagate = False
@@ -197,5 +198,6 @@ def run_app(app: Any, argv: list[str] | None = None) -> int:
     finally:
         root.removeHandler(forward)
         shown.removeHandler(user)
+        logging.getLogger("clam_heat.notice").removeHandler(user)
         warnings_logger.removeHandler(forward)
     return code if isinstance(code, int) else EXIT_DONE

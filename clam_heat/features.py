@@ -33,13 +33,24 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from .errors import FeatureError, message_line
+from .errors import FeatureError
+from .h5io import (
+    MAX_PATCHES,
+    bag_dataset,
+    bag_shape,
+    check_coords_header,
+    check_features_header,
+    check_finite_rows,
+    open_bag_file,
+    read_bag_dataset,
+)
 
 if TYPE_CHECKING:
     from .slide import Slide
 
 __all__ = [
     "Bag",
+    "MAX_PATCHES",
     "PatchSizeGuessWarning",
     "find_features_file",
     "load_bag",
@@ -313,84 +324,9 @@ def patch_size_from_spacing(coords_l0: np.ndarray) -> int | None:
 # reading
 
 
-def _open(path: Path) -> h5py.File:
-    if not path.is_file():
-        raise FeatureError(f"{path}: features file not found (check runner_arguments.features_dir)")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        reason = message_line(err, "unreadable")
-        raise FeatureError(
-            f"{path}: not a readable HDF5 file ({reason}); re-extract the features or remove the "
-            "slide from the process list"
-        ) from None
-
-
-def _read_dataset(path: Path, handle: h5py.File, name: str) -> np.ndarray:
-    node = handle[name]
-    if not isinstance(node, h5py.Dataset):
-        raise FeatureError(f"{path}: '{name}' is a group, not a dataset (re-extract the features)")
-    try:
-        return np.asarray(node[()])
-    except (OSError, ValueError, TypeError) as err:
-        raise FeatureError(
-            f"{path}: dataset '{name}' cannot be read ({message_line(err)}); the file may be "
-            "truncated, re-extract the features"
-        ) from None
-
-
-def _check_features(path: Path, raw: np.ndarray) -> np.ndarray:
-    """(N, D) float32 or a FeatureError; squeezes one leading singleton axis of a 3-D bag."""
-    if raw.ndim == 3 and raw.shape[0] == 1:
-        raw = raw[0]
-    if raw.ndim != 2:
-        raise FeatureError(
-            f"{path}: 'features' has shape {raw.shape}, expected (N, D) or (1, N, D) "
-            "(re-extract the features with TRIDENT or CLAM)"
-        )
-    if raw.dtype.kind not in "fiu":
-        raise FeatureError(
-            f"{path}: 'features' has non-numeric dtype {raw.dtype} (re-extract the features)"
-        )
-    if raw.shape[0] == 0:
-        raise FeatureError(
-            f"{path}: empty bag (0 patches); the slide had no tissue patches, remove it from the "
-            "process list or re-run patching"
-        )
-    if raw.shape[1] == 0:
-        raise FeatureError(f"{path}: 'features' has width 0 (re-extract the features)")
-    with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-        features = raw.astype(np.float32, copy=False)
-    bad_rows = ~np.isfinite(features).all(axis=1)
-    n_bad = int(bad_rows.sum())
-    if n_bad:
-        raise FeatureError(
-            f"{path}: {n_bad} of {features.shape[0]} feature rows contain NaN or Inf "
-            "(re-extract the features, e.g. without fp16 overflow)"
-        )
-    return np.ascontiguousarray(features)
-
-
-def _check_coords(path: Path, coords_path: Path, raw: np.ndarray, n_features: int) -> np.ndarray:
-    """(N, 2) int64 level-0 coords or a FeatureError naming both counts on a mismatch; a
-    legacy (1, N, 2) array is squeezed like a (1, N, D) bag."""
+def _check_coords(path: Path, coords_path: Path, raw: np.ndarray) -> np.ndarray:
+    """(N, 2) int64 level-0 coords (the header was checked by :func:`_check_coords_header`)."""
     where = "" if coords_path == path else f" (from {coords_path})"
-    if raw.ndim == 3 and raw.shape[0] == 1:
-        raw = raw[0]
-    if raw.ndim != 2 or raw.shape[1] != 2:
-        raise FeatureError(
-            f"{path}: 'coords'{where} has shape {raw.shape}, expected (N, 2) or (1, N, 2) "
-            "level-0 (x, y) "
-            "(re-run patching)"
-        )
-    if raw.dtype.kind not in "fiu":
-        raise FeatureError(f"{path}: 'coords'{where} has non-numeric dtype {raw.dtype}")
-    if raw.shape[0] != n_features:
-        raise FeatureError(
-            f"{path}: features has {n_features} rows but coords{where} has {raw.shape[0]} "
-            "(features and coords come from different patching runs; re-extract, or point "
-            "runner_arguments.patches_dir at the matching coords)"
-        )
     if raw.dtype.kind == "f":
         if not np.isfinite(raw).all():
             raise FeatureError(f"{path}: 'coords'{where} contain NaN or Inf (re-run patching)")
@@ -406,15 +342,21 @@ class _Companion:
     coords: np.ndarray | None = None
 
 
-def _read_companion(path: Path, *, with_coords: bool) -> _Companion | None:
-    """A companion coords file's ``coords`` attrs (and values when asked); None if no coords."""
-    with _open(path) as handle:
-        node = handle.get("coords")
-        if not isinstance(node, h5py.Dataset):
+def _read_companion(
+    path: Path, *, with_coords: bool, owner: Path, n_features: int
+) -> _Companion | None:
+    """A companion coords file's ``coords`` attrs (and values when asked, after their header is
+    checked against the bag ``owner`` of ``n_features`` rows); None if it has no coords."""
+    with open_bag_file(path) as handle:
+        if "coords" not in handle:
             return None
-        coords = _read_dataset(path, handle, "coords") if with_coords else None
-        shape = tuple(node.shape)
-        n_rows = int(shape[1] if len(shape) == 3 and shape[0] == 1 else shape[0] if shape else 0)
+        node = bag_dataset(path, handle, "coords")
+        shape = bag_shape(tuple(node.shape))
+        n_rows = int(shape[0]) if shape else 0
+        coords = None
+        if with_coords:
+            check_coords_header(owner, path, node, n_features)  # before any read
+            coords = read_bag_dataset(path, node)
         return _Companion(path, _read_attrs(node.attrs), n_rows, coords)
 
 
@@ -454,23 +396,41 @@ def _folder_rule(path: Path, slide: Slide | None) -> tuple[int, str, int] | None
     return size, detail, int(round(overlap * src_mag / dst_mag))
 
 
-def load_bag(
-    path: Path,
-    *,
-    slide: Slide | None = None,
-    patch_size_level0_override: int | None = None,
-    patches_dir: Path | None = None,
-) -> Bag:
-    """Read and validate one features H5 (TRIDENT or CLAM) into a :class:`Bag`.
+class _Companions:
+    """The bag's companion coords file, looked up lazily (first readable candidate, once)."""
 
-    Features are cast to float32 (TRIDENT may store fp16) and a (1, N, D) bag is squeezed.
-    Coords come from the same file, else from a companion coords file (see module docstring).
-    ``slide`` is optional: it only helps rules c (level downsample) and e (MPP). Every problem is
-    a :class:`FeatureError` whose one-line message names the file and the fix.
-    """
-    path = Path(path)
-    slide_id = path.stem
-    with _open(path) as handle:
+    def __init__(self, path: Path, candidates: list[Path], n: int, *, with_coords: bool) -> None:
+        self.path, self.candidates, self.n, self.with_coords = path, candidates, n, with_coords
+        self._found: _Companion | None = None
+        self._tried = False
+
+    def get(self) -> _Companion | None:
+        if not self._tried:
+            self._tried = True
+            for candidate in self.candidates:
+                if candidate.is_file():
+                    self._found = _read_companion(
+                        candidate, with_coords=self.with_coords, owner=self.path, n_features=self.n
+                    )
+                    if self._found is not None:
+                        break
+        return self._found
+
+
+@dataclass
+class _OwnData:
+    """What the features file itself holds: features, encoder name, its coords and attrs."""
+
+    features: np.ndarray
+    encoder: str | None
+    coords: np.ndarray | None
+    coords_attrs: dict[str, Any]
+
+
+def _read_own(path: Path, max_patches: int) -> _OwnData:
+    """The features file's datasets, every header checked before any data is read (a file
+    declaring 10 million rows costs nothing to refuse)."""
+    with open_bag_file(path) as handle:
         if "features" not in handle:
             names = ", ".join(sorted(handle.keys())) or "none"
             raise FeatureError(
@@ -478,110 +438,151 @@ def load_bag(
                 "coords-only patches file, point runner_arguments.features_dir at the features "
                 "folder (TRIDENT features_<encoder>/, CLAM feat_dir)"
             )
-        features = _check_features(path, _read_dataset(path, handle, "features"))
-        encoder = _encoder_name(path, handle)
-        coords_node = handle.get("coords")
-        own_coords: np.ndarray | None = None
-        own_attrs: dict[str, Any] = {}
+        features_node = bag_dataset(path, handle, "features")
+        n = check_features_header(path, features_node, max_patches)
+        coords_node = bag_dataset(path, handle, "coords") if "coords" in handle else None
         if coords_node is not None:
-            own_coords = _read_dataset(path, handle, "coords")
-            if isinstance(coords_node, h5py.Dataset):
-                own_attrs = _read_attrs(coords_node.attrs)
-    n = features.shape[0]
-    candidates = _companion_candidates(path, slide_id, patches_dir)
-    companion: _Companion | None = None
-    companion_tried = False
+            check_coords_header(path, path, coords_node, n)
+        features = check_finite_rows(path, read_bag_dataset(path, features_node, np.float32))
+        coords = read_bag_dataset(path, coords_node) if coords_node is not None else None
+        attrs = _read_attrs(coords_node.attrs) if coords_node is not None else {}
+        return _OwnData(features, _encoder_name(path, handle), coords, attrs)
 
-    def get_companion() -> _Companion | None:
-        nonlocal companion, companion_tried
-        if not companion_tried:
-            companion_tried = True
-            for candidate in candidates:
-                if candidate.is_file():
-                    companion = _read_companion(candidate, with_coords=own_coords is None)
-                    if companion is not None:
-                        break
-        return companion
 
-    if own_coords is not None:
-        coords_path = path
-        coords = _check_coords(path, path, own_coords, n)
-    else:
-        found = get_companion()
-        if found is None or found.coords is None:
-            looked = ", ".join(str(c) for c in candidates)
-            raise FeatureError(
-                f"{path}: coords missing (no 'coords' dataset in the file, no companion coords "
-                f"file at {looked}); set runner_arguments.patches_dir to the folder of "
-                "<slide_id>.h5 coords files"
-            )
-        coords_path = found.path
-        coords = _check_coords(path, found.path, found.coords, n)
+def _bag_coords(path: Path, own: _OwnData, companions: _Companions) -> tuple[np.ndarray, Path]:
+    """(level-0 coords, the file they came from): the bag's own, else the companion's."""
+    if own.coords is not None:
+        return _check_coords(path, path, own.coords), path
+    found = companions.get()
+    if found is None or found.coords is None:
+        looked = ", ".join(str(c) for c in companions.candidates)
+        raise FeatureError(
+            f"{path}: coords missing (no 'coords' dataset in the file, no companion coords "
+            f"file at {looked}); set runner_arguments.patches_dir to the folder of "
+            "<slide_id>.h5 coords files"
+        )
+    return _check_coords(path, found.path, found.coords), found.path
 
+
+def _size_from_companion(
+    path: Path, companions: _Companions, downsamples: Any
+) -> tuple[tuple[int, str, str], int | None] | None:
+    """Rule d: rules a-c on the companion coords file's attrs (and its overlap)."""
+    found = companions.get()
+    if found is None:
+        return None
+    hit = patch_size_from_attrs(found.attrs, downsamples)
+    if hit is None:
+        return None
+    if found.n_rows != companions.n:
+        log.warning(
+            "%s: companion %s has %d coords but the bag has %d patches; it may come from "
+            "another patching run",
+            path,
+            found.path,
+            found.n_rows,
+            companions.n,
+        )
+    resolved = (hit[0], "d", f"{hit[2]} (rule {hit[1]} on {found.path})")
+    return resolved, _overlap_from_attrs(found.attrs)
+
+
+def _size_from_spacing(path: Path, coords: np.ndarray) -> tuple[int, str, str]:
+    """Rule f: the smallest coordinate step, with a loud warning (overlap is assumed none)."""
+    step = patch_size_from_spacing(coords)
+    if step is None or step <= 0:
+        raise FeatureError(
+            f"{path}: cannot determine the level-0 patch size (no size attrs, no companion "
+            f"coords file, a single patch position); {_FIX_OVERRIDE}"
+        )
+    message = (
+        f"{path}: level-0 patch size guessed as {step} px from coordinate spacing; if the "
+        f"patches overlap the heatmap will be wrong, {_FIX_OVERRIDE}"
+    )
+    warnings.warn(message, PatchSizeGuessWarning, stacklevel=4)
+    log.warning(message)
+    return step, "f", f"smallest coordinate step {step} px (assumes no overlap)"
+
+
+def _resolve_patch_size(
+    path: Path,
+    *,
+    slide: Slide | None,
+    own: _OwnData,
+    coords: np.ndarray,
+    companions: _Companions,
+    override: int | None,
+) -> tuple[tuple[int, str, str], int | None]:
+    """((level-0 patch size, rule, detail), overlap) by the module docstring's rule order."""
     downsamples = slide.level_downsamples if slide is not None else None
-    overlap_l0 = _overlap_from_attrs(own_attrs)
-    resolved: tuple[int, str, str] | None = None
-    if patch_size_level0_override is not None:
-        if patch_size_level0_override <= 0:
+    overlap_l0 = _overlap_from_attrs(own.coords_attrs)
+    if override is not None:
+        if override <= 0:
             raise FeatureError(
-                f"{path}: runner_arguments.patch_size_level0 = {patch_size_level0_override} "
+                f"{path}: runner_arguments.patch_size_level0 = {override} "
                 "must be a positive number of level-0 pixels"
             )
-        resolved = (int(patch_size_level0_override), "override", "runner_arguments override")
-    if resolved is None:
-        resolved = patch_size_from_attrs(own_attrs, downsamples)
-    if resolved is None:
-        found = get_companion()
-        if found is not None:
-            hit = patch_size_from_attrs(found.attrs, downsamples)
-            if hit is not None:
-                resolved = (hit[0], "d", f"{hit[2]} (rule {hit[1]} on {found.path})")
-                overlap_l0 = _overlap_from_attrs(found.attrs)
-                if found.n_rows != n:
-                    log.warning(
-                        "%s: companion %s has %d coords but the bag has %d patches; it may come "
-                        "from another patching run",
-                        path,
-                        found.path,
-                        found.n_rows,
-                        n,
-                    )
-    if resolved is None:
-        folder_hit = _folder_rule(path, slide)
-        if folder_hit is not None:
-            resolved = (folder_hit[0], "e", folder_hit[1])
-            overlap_l0 = folder_hit[2]
-    if resolved is None:
-        step = patch_size_from_spacing(coords)
-        if step is None or step <= 0:
-            raise FeatureError(
-                f"{path}: cannot determine the level-0 patch size (no size attrs, no companion "
-                f"coords file, a single patch position); {_FIX_OVERRIDE}"
-            )
-        resolved = (step, "f", f"smallest coordinate step {step} px (assumes no overlap)")
-        message = (
-            f"{path}: level-0 patch size guessed as {step} px from coordinate spacing; if the "
-            f"patches overlap the heatmap will be wrong, {_FIX_OVERRIDE}"
-        )
-        warnings.warn(message, PatchSizeGuessWarning, stacklevel=2)
-        log.warning(message)
-    size, rule, detail = resolved
+        return (int(override), "override", "runner_arguments override"), overlap_l0
+    resolved = patch_size_from_attrs(own.coords_attrs, downsamples)
+    if resolved is not None:
+        return resolved, overlap_l0
+    from_companion = _size_from_companion(path, companions, downsamples)
+    if from_companion is not None:
+        return from_companion
+    folder_hit = _folder_rule(path, slide)
+    if folder_hit is not None:
+        return (folder_hit[0], "e", folder_hit[1]), folder_hit[2]
+    return _size_from_spacing(path, coords), overlap_l0
+
+
+def load_bag(
+    path: Path,
+    *,
+    slide: Slide | None = None,
+    patch_size_level0_override: int | None = None,
+    patches_dir: Path | None = None,
+    max_patches: int = MAX_PATCHES,
+) -> Bag:
+    """Read and validate one features H5 (TRIDENT or CLAM) into a :class:`Bag`.
+
+    Features are cast to float32 while read (TRIDENT may store fp16) and a (1, N, D) bag is
+    squeezed. Coords come from the same file, else from a companion coords file (see module
+    docstring). Every dataset's shape, dtype and count is checked before its data is read, and a
+    bag of more than ``max_patches`` rows (``runner_arguments.max_patches``) is refused, so
+    memory is bounded by configuration, not by what a file declares. ``slide`` is optional: it
+    only helps rules c (level downsample) and e (MPP). Every problem is a :class:`FeatureError`
+    whose one-line message names the file and the fix.
+    """
+    path = Path(path)
+    own = _read_own(path, max_patches)
+    n = own.features.shape[0]
+    candidates = _companion_candidates(path, path.stem, patches_dir)
+    companions = _Companions(path, candidates, n, with_coords=own.coords is None)
+    coords, coords_path = _bag_coords(path, own, companions)
+    (size, rule, detail), overlap_l0 = _resolve_patch_size(
+        path,
+        slide=slide,
+        own=own,
+        coords=coords,
+        companions=companions,
+        override=patch_size_level0_override,
+    )
     log.info(
         "%s: %d patches x %d features (encoder %s); patch size %d px level 0 by rule %s (%s)",
         path,
         n,
-        features.shape[1],
-        encoder,
+        own.features.shape[1],
+        own.encoder,
         size,
         rule,
         detail,
     )
     return Bag(
-        features=features,
+        features=own.features,
         coords_l0=coords,
         patch_size_l0=size,
         patch_size_rule=rule,
-        encoder=encoder,
+        encoder=own.encoder,
         path=path,
         patch_size_detail=detail,
         overlap_l0=overlap_l0,

@@ -9,11 +9,17 @@ with exit code 2 and one line naming the folder, file or key and the fix, instea
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ClamHeatError, OutputError, os_error_advice
+from .errors import (
+    CheckpointError,
+    ClamHeatError,
+    OutputError,
+    message_line,
+    os_error_advice,
+)
 
 __all__ = [
     "GlobalInputError",
@@ -59,11 +65,11 @@ def output_folders(cfg: Any) -> list[tuple[str, Path]]:
 
 def _probe(folder: Path) -> None:
     """Create ``folder`` and write, sync and remove a small hidden file in it."""
-    from .atomic import temp_path_for
+    from .atomic import PROBE_NAME, temp_path_for
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        probe = temp_path_for(folder / ".clam_heat_probe", tag="probe")
+        probe = temp_path_for(folder / PROBE_NAME, tag="probe")
     except OutputError as err:  # mkstemp's OSError, already explained
         raise _Explained(str(err)) from None
     try:
@@ -93,38 +99,108 @@ def check_output_roots(folders: Iterable[tuple[str, Path]]) -> None:
 
 
 def check_global_inputs(cfg: Any, stage_names: Iterable[str]) -> None:
-    """The checkpoint loads into the configured model; encoder weights exist when extracting."""
+    """The checkpoint loads into the configured model with finite weights, and the encoder
+    builds (weights found, readable, not pickled, of the width ``embed_dim`` expects) whenever
+    a stage will encode patches: every row would fail the same way, so the run stops once."""
     names = set(stage_names)
-    args = cfg.model_arguments
     if names & {"infer", "overlap", "heatmap", "sample"}:
-        from .models import load_model
+        check_checkpoint(cfg)
+    if needs_encoder(cfg, names):
+        check_encoder(cfg)
 
-        try:
-            load_model(
-                Path(args.ckpt_path),
-                args.model_type,
-                n_classes=cfg.exp_arguments.n_classes,
-                embed_dim=args.embed_dim,
-                model_size=args.model_size,
-                device="cpu",
-            )
-        except ClamHeatError as err:
-            raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
-    if cfg.heatmap_arguments.calc_heatmap or _extracts_features(cfg):
-        from .encoders import find_encoder_weights
 
-        weights = find_encoder_weights(
-            cfg.encoder_arguments.model_name, cfg.runner_arguments.encoder_weights
+def check_checkpoint(cfg: Any) -> None:
+    """Load the checkpoint once on the CPU; refuse NaN/Inf weights naming the checkpoint."""
+    from .models import load_model
+
+    args = cfg.model_arguments
+    ckpt = Path(args.ckpt_path)
+    try:
+        model = load_model(
+            ckpt,
+            args.model_type,
+            n_classes=cfg.exp_arguments.n_classes,
+            embed_dim=args.embed_dim,
+            model_size=args.model_size,
+            device="cpu",
         )
-        if weights is not None and not weights.is_file():
-            raise GlobalInputError(
-                f"runner_arguments.encoder_weights: {weights}: no such file; download the "
-                f"{cfg.encoder_arguments.model_name} weights there or fix the path"
+    except ClamHeatError as err:
+        raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
+    bad = nonfinite_weight(model.state_dict())
+    if bad is not None:
+        key, count = bad
+        raise GlobalInputError(
+            f"model_arguments.ckpt_path: {ckpt}: {count} NaN/Inf values in weight {key!r}; "
+            "the training run diverged or the file is damaged: use an earlier checkpoint"
+        )
+
+
+def nonfinite_weight(state: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(first key, count) of a floating-point tensor holding NaN or Inf, or None.
+
+    >>> import torch
+    >>> nonfinite_weight({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])})
+    ('b', 1)
+    >>> nonfinite_weight({"a": torch.ones(2), "n": torch.tensor([3])}) is None
+    True
+    """
+    import torch
+
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                return key, count
+    return None
+
+
+def needs_encoder(cfg: Any, stage_names: Iterable[str]) -> bool:
+    """Whether a stage of this run encodes patches: the overlap pass (``calc_heatmap``, on in
+    CLAM's own template) or ``extract_features`` for rows without a feature H5."""
+    names = set(stage_names)
+    overlap = "overlap" in names and bool(cfg.heatmap_arguments.calc_heatmap)
+    return overlap or ("infer" in names and _extracts_features(cfg))
+
+
+def check_encoder(cfg: Any) -> None:
+    """Build the patch encoder once, as a row would; any failure is one line naming the weights.
+
+    The encoder is built through the per-process cache of :mod:`clam_heat.stages.resources`,
+    so a run in this process reuses it instead of loading the weights a second time (a pool's
+    workers build their own, so then it is built on the CPU and dropped).
+    """
+    from .encoders import build_encoder, find_encoder_weights
+    from .stages.resources import encoder_for
+
+    enc = cfg.encoder_arguments
+    key = "runner_arguments.encoder_weights"
+    weights = find_encoder_weights(enc.model_name, cfg.runner_arguments.encoder_weights)
+    if weights is not None and not weights.is_file():
+        raise GlobalInputError(
+            f"{key}: {weights}: no such file; download the {enc.model_name} weights there or "
+            "fix the path"
+        )
+    if weights is not None and weights.stat().st_size == 0:
+        raise GlobalInputError(f"{key}: {weights}: 0 bytes; re-copy it")
+    try:
+        if cfg.runner_arguments.workers > 1:  # workers build their own: check on the CPU here
+            build_encoder(
+                enc.model_name,
+                target_img_size=enc.target_img_size,
+                weights=cfg.runner_arguments.encoder_weights,
+                device="cpu",
+                dim=cfg.model_arguments.embed_dim,
             )
-        if weights is not None and weights.stat().st_size == 0:
-            raise GlobalInputError(
-                f"runner_arguments.encoder_weights: {weights}: 0 bytes; re-copy it"
-            )
+        else:
+            encoder_for(cfg)
+    except OSError as err:
+        raise GlobalInputError(
+            f"{key}: {weights}: cannot be read; {os_error_advice(weights or Path('.'), err)}"
+        ) from None
+    except ClamHeatError as err:
+        text = message_line(err)
+        named = any(block in text for block in ("_arguments.", "CKPT_PATH"))
+        raise GlobalInputError(text if named else f"{key}: {text}") from None
 
 
 def _extracts_features(cfg: Any) -> bool:

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
+from .atomic import sweep_probe_files, sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
+from .errors import OutputError
 from .executors import LocalExecutor, SerialExecutor
 from .phases import map_rows
-from .preflight import preflight
+from .preflight import OutputRootError, output_folders, preflight
 from .process_list import Recorder, build_process_list, shard_frame, shard_path
 from .process_list.build import missing_slide_reason
 from .process_list.csvfile import write_csv_atomic
@@ -50,11 +51,14 @@ from .stages.row import RowOutcome, failed_row_changed, plan_row
 from .tracking_hook import RunTracking
 
 log = logging.getLogger(__name__)
+#: Lines for the user's terminal (the CLI shows this logger's warnings as ``warning: ...``).
+_notice = logging.getLogger("clam_heat.notice")
 
 __all__ = [
     "RunSummary",
     "StopRequested",
     "StopSignals",
+    "cap_workers",
     "run_pipeline",
     "stop_line",
 ]
@@ -205,9 +209,9 @@ def run_pipeline(
     """
     start = time.perf_counter()
     plan = stages_for(cfg, stages)
-    preflight(cfg, plan, dry_run=dry_run)  # output roots and global inputs, exit 2 if bad
     summary = RunSummary()
     if dry_run:
+        preflight(cfg, plan, dry_run=True)  # global inputs only: a dry run writes nothing
         df, list_path = build_process_list(cfg, write=False)
         if shard is not None:
             df = shard_frame(df, list_path, *shard)
@@ -230,9 +234,14 @@ def run_pipeline(
         executor = LocalExecutor(workers) if workers > 1 else SerialExecutor()
     with contextlib.ExitStack() as held, StopSignals() as stop:
         try:
-            if shard is not None:  # shards side by side; never under a whole-list run
-                held.enter_context(list_lock(list_path, shared=True))
-            held.enter_context(list_lock(run_list))
+            # the lock first: a second run is refused at once, before the start-up checks
+            try:
+                if shard is not None:  # shards side by side; never under a whole-list run
+                    held.enter_context(list_lock(list_path, shared=True))
+                held.enter_context(list_lock(run_list))
+            except OutputError as err:  # no lock file can be made: an unwritable list folder
+                raise OutputRootError(str(err)) from None
+            preflight(cfg, plan)  # output roots and global inputs, exit 2 if bad
             replay_journal(run_list, run_results)  # a killed run's finished rows first
             _run_locked(cfg, plan, executor, summary, stop, shard, retry_failed, on_row, on_start)
         except StopRequested:
@@ -267,6 +276,7 @@ def _run_locked(
                 write_csv_atomic(df, list_path)
     summary.process_list = list_path
     pending, vanished = _pending_rows(cfg, df, retry_failed, summary, plan)
+    cap_workers(executor, len(pending), force=cfg.runner_arguments.force_workers)
     with executor:  # a local pool loads its libraries now
         _prepare_outputs(cfg, list_path, results_csv, sweep_roots=shard is None)
         summary.results_csv = results_csv
@@ -311,6 +321,29 @@ def _run_locked(
             finally:
                 with stop.held():
                     recorder.close()
+
+
+def cap_workers(executor: Any, pending: int, *, force: bool = False) -> None:
+    """Start no more local workers than there are pending rows, nor (unless ``force``) than
+    the cores this process may use: each idle worker still loads the model and the encoder.
+    Said in one line on stderr when it lowers the count."""
+    if not isinstance(executor, LocalExecutor) or executor.pids:
+        return  # another executor, or a pool the caller already started
+    from .executors.base import available_cores
+
+    asked = executor.workers
+    cores = available_cores()
+    cap = max(1, min(asked, pending, asked if force else cores))
+    if cap < asked:
+        why = [f"{pending} pending rows"] + ([] if force else [f"{cores} cores"])
+        _notice.warning(
+            "--workers %d lowered to %d (%s)%s",
+            asked,
+            cap,
+            ", ".join(why),
+            "" if force or cap < cores else "; set runner_arguments.force_workers to go past it",
+        )
+        executor.workers = cap
 
 
 def _stop(
@@ -381,6 +414,7 @@ def _prepare_outputs(
     raw_root, production_root = output_roots(cfg)  # writable: checked by preflight
     swept = sweep_temp_files(raw_root, production_root) if sweep_roots else 0
     swept += sweep_temp_files_of(list_path, results_csv)
+    swept += sweep_probe_files(folder for _key, folder in output_folders(cfg))
     if swept:
         log.info("removed %d temp files left by an interrupted run", swept)
     _save_resolved_config(cfg)

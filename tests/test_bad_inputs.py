@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,41 @@ def inf_features(p: Path, mp) -> Case:
     return Case(1, ("bad.h5",), row=("failed", "bad.h5"))
 
 
+def _declared_h5(project: Path, n_rows: int) -> Path:
+    """Row "bad" whose H5 declares ``n_rows`` feature rows (never written: a few KB on disk)
+    beside demo_000's 59 coords."""
+    with h5py.File(project / "features" / "demo_000.h5") as src:
+        coords = src["coords"][:]
+        coord_attrs = dict(src["coords"].attrs)
+        width = src["features"].shape[1]
+    target = _bad_h5(project, raw=b"")
+    with h5py.File(target, "w") as dst:
+        dst.create_dataset("features", shape=(n_rows, width), dtype="f4", chunks=(1024, width))
+        dst["coords"] = coords
+        dst["coords"].attrs.update(coord_attrs)
+    assert target.stat().st_size < 64_000
+    return target
+
+
+def header_of_ten_million_rows(p: Path, mp) -> Case:
+    _declared_h5(p, 10_000_000)
+    words = ("bad.h5", "declares 10000000 patches", "runner_arguments.max_patches (2000000)")
+    return Case(1, words, row=("failed", "max_patches"))
+
+
+def header_of_ten_million_rows_within_max_patches(p: Path, mp) -> Case:
+    _declared_h5(p, 10_000_000)
+    args = _set("runner_arguments.max_patches=20000000")
+    return Case(1, ("bad.h5", "10000000 rows", "coords has 59"), args, row=("failed", "59"))
+
+
+def dangling_soft_link_in_h5(p: Path, mp) -> Case:
+    target = _bad_h5(p, lambda d: d.pop("coords"))
+    with h5py.File(target, "a") as h5:
+        h5["coords"] = h5py.SoftLink("/nowhere")
+    return Case(1, ("bad.h5", "'coords'", "dangling"), row=("failed", "dangling"))
+
+
 def missing_h5(p: Path, mp) -> Case:
     shutil.copy(p / "slides" / "demo_000.tiff", p / "slides" / "bad.tiff")
     _add_row(p)
@@ -348,9 +384,95 @@ def all_white_slide(p: Path, mp) -> Case:
     return Case(1, ("bad.tiff", "no tissue found"), row=("failed", "no tissue found"))
 
 
+def long_label(p: Path, mp) -> Case:
+    _label(p, "t" * 300)
+    return Case(2, ("demo.csv", "line 7", "300 bytes long", "plain name"))
+
+
+def newline_in_slide_id(p: Path, mp) -> Case:
+    _add_row(p, "bad\nid")
+    return Case(2, ("demo.csv", "line 7", "'bad\\nid'", "control character"))
+
+
+def newline_in_slide_file_name(p: Path, mp) -> Case:
+    (p / "process_lists" / "demo.csv").unlink()  # no list: the ids come from the file names
+    shutil.copy(p / "slides" / "demo_000.tiff", p / "slides" / "bad\nname.tiff")
+    return Case(2, ("data_arguments.data_dir", "'bad\\nname'", "control character"))
+
+
+def save_exp_code_outside_the_roots(p: Path, mp) -> Case:
+    args = _set("exp_arguments.save_exp_code=../other")
+    return Case(2, ("exp_arguments.save_exp_code", "path separator", "plain name"), args)
+
+
+def absolute_save_exp_code(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("save_exp_code: demo", "save_exp_code: /tmp/x")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml:5", "exp_arguments.save_exp_code", "'/tmp/x'", "separator"))
+
+
+def dotdot_save_exp_code_flag(p: Path, mp) -> Case:
+    return Case(2, ("--save_exp_code ..", "contains '..'"), args=["--save_exp_code", ".."])
+
+
+def long_save_exp_code(p: Path, mp) -> Case:
+    args = _set("exp_arguments.save_exp_code=" + "x" * 300)
+    return Case(2, ("exp_arguments.save_exp_code", "300 bytes long"), args)
+
+
+def sampler_name_outside_the_roots(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("topk_high_attention", "../../up")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml", "samples[0].name", "path separator"))
+
+
+def class_name_outside_the_roots(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text().replace("    tumour: 1", "    ../tumour: 1")
+    (p / "config.yaml").write_text(text)
+    return Case(2, ("config.yaml", "label_dict", "'../tumour'", "path separator"))
+
+
 def bad_yaml(p: Path, mp) -> Case:
     (p / "config.yaml").write_text((p / "config.yaml").read_text() + "\n  : [unclosed\n")
     return Case(2, ("config.yaml",))
+
+
+def _append_yaml(p: Path, text: str) -> int:
+    """Append ``text`` to config.yaml; returns the line number of its first line."""
+    old = (p / "config.yaml").read_text()
+    (p / "config.yaml").write_text(old + text)
+    return old.count("\n") + 1
+
+
+#: Seven lines that expand to 9**7 (4.8 million) strings if constructed.
+_ALIAS_BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}' if prev else 'lol'] * 9)}]\n"
+    for prev, name in zip(["", "a", "b", "c", "d", "e", "f"], "abcdefg", strict=True)
+)
+
+
+def yaml_alias_bomb(p: Path, mp) -> Case:
+    line = _append_yaml(p, _ALIAS_BOMB)
+    return Case(2, (f"config.yaml:{line}:", "aliases expand to more than 10000 values"))
+
+
+def yaml_recursive_alias(p: Path, mp) -> Case:
+    line = _append_yaml(p, "loop: &loop\n  again: *loop\n")
+    return Case(2, (f"config.yaml:{line}:", "recursive alias"))
+
+
+def duplicate_yaml_key(p: Path, mp) -> Case:
+    text = (p / "config.yaml").read_text()
+    lines = text.splitlines()
+    first = lines.index("  alpha: 0.4") + 1
+    (p / "config.yaml").write_text(text.replace("  alpha: 0.4\n", "  alpha: 0.4\n  alpha: 0.9\n"))
+    return Case(2, (f"config.yaml:{first} and :{first + 1} heatmap_arguments.alpha given twice",))
+
+
+def duplicate_yaml_block(p: Path, mp) -> Case:
+    first = (p / "config.yaml").read_text().splitlines().index("heatmap_arguments:") + 1
+    line = _append_yaml(p, "heatmap_arguments:\n  calc_heatmap: true\n")
+    return Case(2, (f"config.yaml:{first} and :{line} heatmap_arguments given twice", "block"))
 
 
 def unknown_yaml_key(p: Path, mp) -> Case:
@@ -384,6 +506,15 @@ def missing_slide_folder(p: Path, mp) -> Case:
 
 def workers_zero(p: Path, mp) -> Case:
     return Case(2, ("--workers",), args=["--workers", "0"])
+
+
+def more_workers_than_rows(p: Path, mp) -> Case:
+    _label(p, "tumour")  # one pending row beside five done ones
+    import clam_heat.executors.base as base
+
+    mp.setattr(base, "available_cores", lambda: 1)
+    words = ("--workers 64 lowered to 1", "(6 pending rows, 1 cores)")
+    return Case(0, words, args=["--workers", "64"], stderr_prefix="warning: ", row=("done", ""))
 
 
 def bad_shard(p: Path, mp) -> Case:
@@ -431,6 +562,83 @@ def missing_encoder_weights(p: Path, mp) -> Case:
         f"runner_arguments.encoder_weights={p / 'nope.pth'}"
     )
     return Case(2, ("runner_arguments.encoder_weights", "nope.pth", "no such file"), args=sets)
+
+
+def _calc(p: Path, mp, *sets: str) -> list[str]:
+    """``calc_heatmap: true`` (CLAM's template) plus ``sets``, with an empty weights cache."""
+    mp.setenv("HF_HOME", str(p / "empty_hf_home"))
+    mp.delenv("HF_HUB_CACHE", raising=False)
+    mp.delenv("UNI_CKPT_PATH", raising=False)
+    return [a for key in ("heatmap_arguments.calc_heatmap=true", *sets) for a in _set(key)]
+
+
+def _tiny_weights(weights: Path) -> tuple[str, str]:
+    return "encoder_arguments.model_name=tiny_cnn", f"runner_arguments.encoder_weights={weights}"
+
+
+def encoder_weights_not_found(p: Path, mp) -> Case:
+    from clam_heat.models.clam import ClamSB
+
+    torch.save(ClamSB(embed_dim=1024).state_dict(), _ckpt(p))  # a 1024-d (ResNet50) model
+    args = _calc(p, mp, "model_arguments.embed_dim=1024")
+    return Case(2, ("resnet50_trunc", "no weights found", "runner_arguments.encoder_weights"), args)
+
+
+def pickled_encoder_weights(p: Path, mp) -> Case:
+    import pickle
+
+    (p / "w.pt").write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4))
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "pickled Python objects")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def unreadable_encoder_weights(p: Path, mp) -> Case:
+    (p / "w.pt").write_bytes(b"not a checkpoint at all")
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "cannot be read", "state_dict")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def permission_denied_encoder_weights(p: Path, mp) -> Case:
+    from clam_heat.encoders import build_encoder
+
+    weights = p / "w.pt"
+    torch.save(build_encoder("tiny_cnn", dim=64).module.state_dict(), weights)
+    real_load = torch.load
+
+    def fault(file, *args, **kwargs):  # what a file without read permission does (not as root)
+        if Path(str(file)) == weights:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_load(file, *args, **kwargs)
+
+    mp.setattr(torch, "load", fault)
+    sets = _tiny_weights(weights)
+    names = ("runner_arguments.encoder_weights", "w.pt", "permission denied")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def encoder_of_the_wrong_width(p: Path, mp) -> Case:
+    (p / "w.pt").write_bytes(_ckpt(p).read_bytes())  # any file: the width is refused first
+    args = _calc(p, mp, f"runner_arguments.encoder_weights={p / 'w.pt'}")
+    return Case(2, ("resnet50_trunc", "1024-d", "embed_dim is 64"), args)
+
+
+def encoder_weights_of_another_width(p: Path, mp) -> Case:
+    from clam_heat.encoders import build_encoder
+
+    torch.save(build_encoder("tiny_cnn", dim=32).module.state_dict(), p / "w.pt")
+    sets = _tiny_weights(p / "w.pt")
+    names = ("runner_arguments.encoder_weights", "w.pt", "do not fit", "(32,) vs (64,)")
+    return Case(2, names, _calc(p, mp, *sets))
+
+
+def nan_checkpoint(p: Path, mp) -> Case:
+    state = torch.load(_ckpt(p), weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 3)
+    state[key].view(-1)[3] = float("nan")
+    torch.save(state, _ckpt(p))
+    return Case(2, ("model_arguments.ckpt_path", "s_0_checkpoint.pt", "1 NaN/Inf", "earlier"))
 
 
 def raw_root_under_a_file(p: Path, mp) -> Case:
@@ -492,13 +700,23 @@ CASES: list[CaseFn] = [
     unopenable_slide, unreadable_slide, truncated_slide, header_only_slide, zero_byte_slide,
     text_file_as_slide, broken_h5, zero_byte_h5, h5_without_features, h5_without_coords,
     count_mismatch, width_mismatch, nan_features, inf_features, missing_h5, coords_all_outside,
-    coords_at_another_level, single_patch, equal_scores, duplicate_ids, traversal_id,
+    header_of_ten_million_rows, header_of_ten_million_rows_within_max_patches,
+    dangling_soft_link_in_h5, coords_at_another_level, single_patch, equal_scores, duplicate_ids,
+    traversal_id,
     separator_id, traversal_label, absolute_label, dotdot_label, backslash_label,
     dangling_symlink_in_list, dangling_symlink_in_folder, unreadable_entry_in_list,
+    long_label, newline_in_slide_id, newline_in_slide_file_name, save_exp_code_outside_the_roots,
+    absolute_save_exp_code, dotdot_save_exp_code_flag, long_save_exp_code,
+    sampler_name_outside_the_roots, class_name_outside_the_roots,
+    yaml_alias_bomb, yaml_recursive_alias, duplicate_yaml_key, duplicate_yaml_block,
     all_white_slide, bad_yaml, unknown_yaml_key, set_without_value, set_unknown_key,
-    set_out_of_range, missing_config, missing_slide_folder, workers_zero, bad_shard,
+    set_out_of_range, missing_config, missing_slide_folder, workers_zero, more_workers_than_rows,
+    bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
     wrong_architecture_checkpoint, wrong_model_type, missing_encoder_weights,
+    encoder_weights_not_found, pickled_encoder_weights, unreadable_encoder_weights,
+    permission_denied_encoder_weights, encoder_of_the_wrong_width,
+    encoder_weights_of_another_width, nan_checkpoint,
     raw_root_under_a_file, production_root_under_a_file, read_only_root, permission_denied_root,
     disk_full_root, status_of_missing_list,
 ]  # fmt: skip
@@ -598,3 +816,105 @@ def test_unexpected_error_is_one_line_with_the_traceback_in_a_file(
     assert len(lines) == 1 and lines[0].startswith("error: unexpected ZeroDivisionError: injected")
     log = Path(lines[0].rsplit("traceback is in ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+
+
+def test_start_up_sweep_removes_only_our_leftovers_inside_the_roots(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a sweep that walks a sibling run's folder or the shared root, follows a link out
+    of the root, removes a link (or its target) with a temp-like name, or forgets the probe."""
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    raw = project / "heatmaps" / "heatmap_raw_results"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kept = [
+        raw / "other_exp" / ".x_heatmap.jpg.abcd1234.tmp.jpg",  # a sibling run's live write
+        raw / ".list.csv.abcd1234.tmp",  # the shared root, beside our run's folder
+        elsewhere / ".z_heatmap.jpg.abcd1234.tmp.jpg",  # reached only through a link
+        raw / "..clam_heat_probe.probe-fresh123.tmp",  # another run probing right now
+    ]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"someone else's")
+    (raw / "demo" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    link = raw / "demo" / ".y_heatmap.jpg.abcd1234.tmp.jpg"
+    link.symlink_to(kept[2])
+    removed = [
+        raw / "demo" / "tumour" / ".demo_000.h5.qwer5678.tmp.h5",  # our killed write
+        raw / "..clam_heat_probe.probe-killed12.tmp",  # a probe killed two minutes ago
+    ]
+    for path in removed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"ours")
+    os.utime(removed[1], (time.time() - 120, time.time() - 120))
+    monkeypatch.chdir(project)
+    assert cli_main(["run", str(project / "config.yaml"), "-q"]) == 0, capfd.readouterr()
+    assert [p for p in removed if os.path.lexists(p)] == []
+    assert all(p.read_bytes() == b"someone else's" for p in kept)
+    assert link.is_symlink() and (raw / "demo" / "linked").is_symlink()
+
+
+def test_a_held_list_is_refused_before_the_start_up_checks(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a second run that loads the checkpoint and encoder and probes every output folder
+    before it learns that the list is taken (seconds to minutes with a large encoder)."""
+    import clam_heat.runner as runner
+    from clam_heat.process_list.lock import list_lock
+
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    checks: list[object] = []
+    monkeypatch.setattr(runner, "preflight", lambda *a, **k: checks.append(a))
+    with list_lock(project / "process_lists" / "demo.csv"):
+        assert cli_main(["run", str(project / "config.yaml"), "-q"]) == 2
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and "demo.csv: is being run by pid" in lines[0], lines
+    assert checks == []
+
+
+def test_a_ten_million_row_header_is_refused_before_its_data_is_read(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Catches: a reader that reads (and allocates) a dataset before checking its declared shape
+    against the coords and max_patches (2.5 GB for an 8 KB file). Every data read of the bad
+    file is counted at h5py's one read entry point."""
+    project = tmp_path / "demo"
+    shutil.copytree(finished, project)
+    bad = _declared_h5(project, 10_000_000)
+    reads: list[str] = []
+    real = h5py.Dataset.__getitem__
+
+    def counting(self, *args, **kwargs):
+        if Path(self.file.filename) == bad:
+            reads.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    for extra in ([], _set("runner_arguments.max_patches=20000000")):
+        assert cli_main(["run", str(project / "config.yaml"), "-q", "--retry-failed", *extra]) == 1
+        assert "bad.h5" in capfd.readouterr().err
+    assert reads == []
+    with h5py.File(bad) as h5:  # the counter does see a read of that file
+        h5["coords"][:2]
+    assert reads == ["/coords"]
+
+
+def test_workers_are_capped_at_the_pending_rows_and_the_cores(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches: `--workers 64` on 2 rows starting 64 processes that each load the model."""
+    import clam_heat.executors.base as base
+    from clam_heat.executors import LocalExecutor
+    from clam_heat.runner import cap_workers
+
+    monkeypatch.setattr(base, "available_cores", lambda: 8)
+    cases = [(64, 2, False, 2), (64, 100, False, 8), (64, 100, True, 64), (3, 100, False, 3)]
+    for asked, pending, force, expected in cases:
+        pool = LocalExecutor(asked)
+        caplog.clear()
+        cap_workers(pool, pending, force=force)
+        assert pool.workers == expected and pool.pids == []
+        notices = [r.getMessage() for r in caplog.records if r.name == "clam_heat.notice"]
+        assert len(notices) == (expected < asked), notices

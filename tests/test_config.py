@@ -104,6 +104,8 @@ def documented_defaults(cwd: Path) -> dict[str, object]:
         "runner_arguments": {
             "device": "auto",
             "workers": 1,
+            "force_workers": False,
+            "max_patches": 2_000_000,
             "features_dir": None,
             "patches_dir": None,
             "patch_size_level0": None,

@@ -255,7 +255,7 @@ def test_weights_that_do_not_fit_are_refused_with_the_key(tmp_path: Path) -> Non
     )
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(EncoderError, match=r"junk\.bin: cannot be read as encoder weights"):
+    with pytest.raises(EncoderError, match=r"junk\.bin: encoder weights cannot be read"):
         load_weights_file(junk)
 
 

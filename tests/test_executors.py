@@ -683,3 +683,20 @@ def test_cli_workers_scheduler_and_shards_write_the_serial_outputs(
     assert result.output.strip() == (
         "error: --shard '2/2': need 0 <= i < n (shards are numbered from 0)"
     )
+
+
+def test_worker_killed_for_memory_is_not_retried(
+    fresh, local_pool: LocalExecutor, arm, fault_file: Path
+) -> None:
+    """Catches: a row whose worker the OOM killer took being rerun blindly (killed again, and
+    twice the memory pressure on the node meanwhile)."""
+    fired = Path(str(fault_file) + ".fired")
+    fired.unlink(missing_ok=True)
+    arm("demo_001:infer:SIGKILL")
+    summary = _run(fresh, local_pool)
+    assert summary.counts == {"done": N_SLIDES - 1, "failed": 1}
+    assert fired.read_text().splitlines() == ["demo_001"]  # one attempt, no retry
+    ((slide_id, error),) = summary.failed
+    assert slide_id == "demo_001"
+    assert "worker process killed for memory in stage infer" in error
+    assert "runner_arguments.max_patches" in error and "--retry-failed" in error

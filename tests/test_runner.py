@@ -24,6 +24,7 @@ from clam_heat.atomic import is_temp_name, write_text_atomic
 from clam_heat.config import load_config
 from clam_heat.errors import ConfigError
 from clam_heat.ledger import file_identity
+from clam_heat.preflight import GlobalInputError
 from clam_heat.runner import run_pipeline
 from clam_heat.stages import Stage, StageRun, base_fingerprint, registry
 
@@ -317,10 +318,10 @@ def test_calc_heatmap_overlap_pass_is_cached_and_width_checked(demo_project: Pat
     wide = load_config(
         demo_project, overrides=[*ENCODER_PATH[:-3], "encoder_arguments.model_name=resnet50_trunc"]
     )
-    summary = run_pipeline(wide)
-    assert summary.counts == {"failed": 5}
-    error = summary.failed[0][1]
-    assert "1024" in error and str(wide.model_arguments.embed_dim) in error
+    with pytest.raises(GlobalInputError) as err:  # every row would fail: stop once, exit 2
+        run_pipeline(wide)
+    assert err.value.exit_code == 2
+    assert "1024" in str(err.value) and str(wide.model_arguments.embed_dim) in str(err.value)
 
 
 def test_overlap_grid_steps_scale_with_custom_downsample(demo_project: Path) -> None:

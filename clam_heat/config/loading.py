@@ -95,6 +95,14 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return out
 
 
+def _flag_value(text: str) -> str:
+    """A command-line value as typed, or ``repr``-escaped and cut when it would break or flood
+    a one-line message (a newline, a control character, hundreds of characters)."""
+    if len(text) <= 80 and not any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return text
+    return _show(text)
+
+
 def _show(value: Any) -> str:
     text = repr(value.as_posix() if isinstance(value, Path) else value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -192,12 +200,90 @@ def _record_lines(
             _record_lines(item, loc + (index,), loader, problems, name)
 
 
+#: The most values a config may expand to through aliases (a real config has a few hundred):
+#: a "billion laughs" of nested aliases is refused before it is expanded.
+MAX_YAML_VALUES = 10_000
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_tree(root: yaml.Node, problems: _Problems, name: str) -> bool:
+    """Walk the document as aliases expand it; True when it is safe to construct.
+
+    Refuses (one problem each, with the line) a recursive alias, an expansion beyond
+    :data:`MAX_YAML_VALUES` values (stopping there, so it takes milliseconds) and a key given
+    twice in one mapping (both lines: YAML would silently keep the last).
+    """
+    seen = 0
+    stack: list[tuple[yaml.Node, tuple[str, ...], frozenset[int]]] = [(root, (), frozenset())]
+    ok = True
+    checked: set[int] = set()
+    while stack:
+        node, path, ancestors = stack.pop()
+        seen += 1
+        line = node.start_mark.line + 1
+        if seen > MAX_YAML_VALUES:
+            problems.add_text(
+                (0, line, 0),
+                f"{name}:{line}: aliases expand to more than {MAX_YAML_VALUES} values; write "
+                "the values out instead of nesting aliases",
+            )
+            return False
+        if id(node) in ancestors:
+            problems.add_text(
+                (0, line, 0), f"{name}:{line}: recursive alias (a value contains itself); remove it"
+            )
+            return False
+        inner = ancestors | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            if id(node) not in checked:  # an aliased mapping is reported once
+                checked.add(id(node))
+                ok = _check_duplicate_keys(node, path, problems, name) and ok
+            for key_node, value_node in node.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                stack.append((value_node, (*path, key), inner))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                stack.append((item, (*path[:-1], f"{path[-1] if path else ''}[{index}]"), inner))
+    return ok
+
+
+def _check_duplicate_keys(
+    node: yaml.MappingNode, path: tuple[str, ...], problems: _Problems, name: str
+) -> bool:
+    """One problem per key given twice in ``node`` (a second block is a duplicate key too)."""
+    first: dict[tuple[str, str], int] = {}
+    ok = True
+    for key_node, _value in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+            continue
+        line = key_node.start_mark.line + 1
+        key = (key_node.tag, key_node.value)
+        if key not in first:
+            first[key] = line
+            continue
+        dotted = ".".join((*path, str(key_node.value)))
+        what = "block" if not path else "key"
+        problems.add_text(
+            (0, line, 0),
+            f"{name}:{first[key]} and :{line} {dotted} given twice (YAML would keep only the "
+            f"last); keep one {what}",
+        )
+        ok = False
+    return ok
+
+
 def _parse_yaml(text: str, problems: _Problems, name: str) -> Any:
-    """safe_load the text and record the line of every key; YAML errors become problems."""
+    """safe_load the text and record the line of every key; YAML errors become problems.
+
+    Aliases are checked before anything is built from them (see :func:`_check_tree`).
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
+            return None
+        if not _check_tree(node, problems, name):
             return None
         data = loader.construct_document(node)
         _record_lines(node, (), loader, problems, name)
@@ -208,6 +294,9 @@ def _parse_yaml(text: str, problems: _Problems, name: str) -> Any:
         parts = [getattr(err, "context", None), getattr(err, "problem", None)]
         what = ", ".join(part for part in parts if part) or str(err).splitlines()[0]
         problems.add_text((0, line, 0), f"{name}:{line} invalid YAML: {what}")
+        return None
+    except RecursionError:
+        problems.add_text((0, 0, 0), f"{name}: nested too deeply to read; flatten the config")
         return None
     finally:
         loader.dispose()
@@ -236,7 +325,7 @@ def _set_override(
 
 def _apply_set(data: dict[str, Any], problems: _Problems, spec: str, order: int) -> None:
     """Apply one generic ``BLOCK.KEY=VALUE`` override (the value is parsed as YAML)."""
-    where = f"--set {spec}"
+    where = f"--set {_flag_value(spec)}"
     path, sep, raw = spec.partition("=")
     parts = path.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -289,7 +378,7 @@ def _build(
     for order, spec in enumerate(overrides):
         _apply_set(raw, problems, spec, order)
     if save_exp_code is not None:
-        text = f"--save_exp_code {save_exp_code}"
+        text = f"--save_exp_code {_flag_value(save_exp_code)}"
         _set_override(raw, problems, ("exp_arguments", "save_exp_code"), save_exp_code, text, 90)
     if overlap is not None:
         text = f"--overlap {overlap}"

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..atomic import name_problem
 from ..models.registry import model_type_problem
 from .fields import (
     _DEVICE,
@@ -40,6 +41,22 @@ from .fields import (
 )
 
 # --------------------------------------------------------------------------- CLAM blocks
+
+
+def _show_name(name: Any) -> str:
+    """A name quoted with ``repr`` escaping, cut to 60 characters (a message stays one line)."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain_name(value: str, why: str) -> str:
+    """``value`` if it can be one path segment under an output root, else a one-line problem
+    (the value itself is shown by the loader, ``repr``-escaped)."""
+    bad = name_problem(value)
+    if bad:
+        raise _KeyProblem(f"{bad}; it {why}, so give a plain name (no '/', '\\' or '..')")
+    return value
+
 
 ClassChoice = Literal["predicted", "all"] | list[str]
 
@@ -69,6 +86,11 @@ class ExpArguments(_Block):
     )
     batch_size: int = Field(256, ge=1, description="Patches per encoder batch (both passes).")
 
+    @field_validator("save_exp_code")
+    @classmethod
+    def _check_save_exp_code(cls, value: str) -> str:
+        return _plain_name(value, "names the run's folder under both save dirs")
+
 
 class DataArguments(_Block):
     """``data_arguments``: where slides and the process list are, and the class names."""
@@ -96,6 +118,18 @@ class DataArguments(_Block):
         default_factory=lambda: {"LUAD": 0, "LSCC": 1},
         description="Class name -> class index; exactly n_classes entries valued 0..n-1.",
     )
+
+    @field_validator("label_dict")
+    @classmethod
+    def _check_label_names(cls, value: dict[str, int]) -> dict[str, int]:
+        for name in value:
+            bad = name_problem(str(name))
+            if bad:
+                raise _KeyProblem(
+                    f"class name {_show_name(name)} {bad}; class names name output folders, so "
+                    "give a plain name"
+                )
+        return value
 
     @field_validator("slide_ext")
     @classmethod
@@ -296,9 +330,7 @@ class SampleSpec(_Block):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value in (".", ".."):
-            raise _KeyProblem("must be a plain folder name (no '/', '\\', '.' or '..')")
-        return value
+        return _plain_name(value, "names the sampler's folder")
 
     @model_validator(mode="after")
     def _check_percentile_threshold(self) -> SampleSpec:
@@ -363,7 +395,18 @@ class RunnerArguments(_Block):
     """``runner_arguments``: clam-heat's own settings (CLAM configs need none of them)."""
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    workers: int = Field(1, ge=1, description="Parallel slide workers.")
+    workers: int = Field(
+        1, ge=1, description="Parallel slide workers (at most the pending rows and the cores)."
+    )
+    force_workers: Bool = Field(
+        False, description="Let workers exceed the cores this process may use."
+    )
+    max_patches: int = Field(
+        2_000_000,
+        ge=1,
+        description="Largest bag read (patches); a feature file declaring more fails its row "
+        "before its data is read, so memory is bounded by this, not by the input.",
+    )
     features_dir: OptionalPath = Field(
         None,
         description="Folder of TRIDENT/CLAM feature files <slide_id>.h5; null: CLAM's raw "

@@ -329,6 +329,7 @@ def _time_row(cfg: Any, row: Row, model: Any, device: str) -> float:
             slide=slide,
             patches_dir=runner.patches_dir,
             patch_size_level0_override=runner.patch_size_level0,
+            max_patches=runner.max_patches,
         )
         run_attention(model, bag.features, device=device)
         w, h = row.vis_dims or (1, 1)

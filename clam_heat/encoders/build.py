@@ -23,7 +23,7 @@ from torch import nn
 
 from ..devices import resolve_device
 from .networks import ResNet50Trunk, TinyCNN, VisionTransformer, _ConchImageTower, _TimmTrunk
-from .specs import _SPECS, _WEIGHTS_KEY, ENCODER_NAMES, RANDOM_INIT_SEED, EncoderError
+from .specs import _SPECS, _WEIGHTS_KEY, ENCODER_NAMES, RANDOM_INIT_SEED, EncoderError, _Spec
 from .weights import _adapt_state, _find_weights, _load_strict, load_weights_file
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,85 @@ def _build_conch(name: str, weights: Path | None, device: torch.device) -> tuple
     return module.to(device), source
 
 
+def _known_spec(model_name: str) -> _Spec:
+    """The spec of ``model_name``, or an EncoderError with the closest known name."""
+    if model_name not in _SPECS:
+        close = difflib.get_close_matches(str(model_name), ENCODER_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise EncoderError(
+            f"encoder_arguments.model_name {model_name!r} is not a known encoder{hint}; "
+            f"choose one of {', '.join(ENCODER_NAMES)}"
+        )
+    return _SPECS[model_name]
+
+
+def _output_width(model_name: str, spec: _Spec, dim: int | None) -> int:
+    """The feature width: ``dim`` for ``tiny_cnn`` (default 64), else the encoder's own, which
+    must equal ``dim`` (``model_arguments.embed_dim``) when given."""
+    if model_name == "tiny_cnn":
+        out_dim = 64 if dim is None else int(dim)
+        if out_dim < 1:
+            raise EncoderError(f"tiny_cnn width must be >= 1, got {dim}")
+        return out_dim
+    if dim is not None and dim != spec.dim:
+        raise EncoderError(
+            f"encoder {model_name!r} produces {spec.dim}-d features but "
+            f"model_arguments.embed_dim is {dim}; use the encoder the checkpoint was trained on"
+        )
+    return spec.dim
+
+
+def _log_backend(model_name: str, backend: str, used: str) -> None:
+    """Say which implementation builds a timm encoder (and why not timm, when it does not)."""
+    if model_name not in _TIMM_ENCODERS:
+        return
+    why = _import_timm()[1] if backend == "auto" and used == "builtin" else ""
+    log.info(
+        "encoder %s: %s%s",
+        model_name,
+        "timm.create_model (" + used + ")" if used != "builtin" else "built-in network",
+        f" (timm unavailable: {why})" if why else "",
+    )
+
+
+def _build_local(
+    model_name: str,
+    spec: _Spec,
+    weights: str | Path | None,
+    used: str,
+    out_dim: int,
+    allow_random: bool,
+    torch_device: torch.device,
+) -> tuple[nn.Module, str]:
+    """A timm or built-in encoder with its weights loaded strictly (or seeded-random), on
+    ``torch_device``; returns (module, where the weights came from)."""
+    path: Path | None = Path(weights).expanduser() if weights is not None else None
+    looked: list[str] = []
+    if path is None and model_name != "tiny_cnn":
+        path, looked = _find_weights(model_name, spec)
+    if path is None and model_name != "tiny_cnn" and not allow_random:
+        raise EncoderError(
+            f"encoder {model_name!r}: no weights found (looked at {'; '.join(looked)}); "
+            f"{spec.hint} and set {_WEIGHTS_KEY} to the weights file (no downloads are made)"
+        )
+    state = None if path is None else _adapt_state(model_name, load_weights_file(path))
+    # Weights to load: build on "meta" (no random init of ViT-L's 300M values) and assign
+    # them. Random: seeded init on the CPU, the same values whatever the target device.
+    meta = state is not None or torch_device.type == "meta"
+    with _seeded(RANDOM_INIT_SEED), torch.device("meta" if meta else "cpu"):
+        if used == "builtin":
+            module = _builtin_network(model_name, out_dim)
+        else:
+            module = _timm_network(model_name)
+    source = "seeded-random" if model_name == "tiny_cnn" else "random"
+    if state is not None and path is not None:
+        _load_strict(module, state, model_name, path)
+        source = str(path)
+    if used != "builtin" and model_name == "resnet50_trunc":
+        module = _TimmTrunk(module, out_dim)
+    return module.to(torch_device), source
+
+
 def build_encoder(
     model_name: str,
     *,
@@ -224,70 +303,24 @@ def build_encoder(
     ``builtin`` force one. Weights load the same way (strictly) either way; the choice is logged
     and recorded in ``Encoder.backend`` and its fingerprint.
     """
-    if model_name not in _SPECS:
-        close = difflib.get_close_matches(str(model_name), ENCODER_NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise EncoderError(
-            f"encoder_arguments.model_name {model_name!r} is not a known encoder{hint}; "
-            f"choose one of {', '.join(ENCODER_NAMES)}"
-        )
-    spec = _SPECS[model_name]
-    out_dim = spec.dim
-    if model_name == "tiny_cnn":
-        out_dim = 64 if dim is None else int(dim)
-        if out_dim < 1:
-            raise EncoderError(f"tiny_cnn width must be >= 1, got {dim}")
-    elif dim is not None and dim != spec.dim:
-        raise EncoderError(
-            f"encoder {model_name!r} produces {spec.dim}-d features but "
-            f"model_arguments.embed_dim is {dim}; use the encoder the checkpoint was trained on"
-        )
+    spec = _known_spec(model_name)
+    out_dim = _output_width(model_name, spec, dim)
     if model_name == "conch_v1_5" and target_img_size != 448:
         raise EncoderError(
             "encoder 'conch_v1_5' needs encoder_arguments.target_img_size 448, "
             f"got {target_img_size}"
         )
     used = encoder_backend(model_name, backend)
-    if model_name in _TIMM_ENCODERS:
-        why = _import_timm()[1] if backend == "auto" and used == "builtin" else ""
-        log.info(
-            "encoder %s: %s%s",
-            model_name,
-            "timm.create_model (" + used + ")" if used != "builtin" else "built-in network",
-            f" (timm unavailable: {why})" if why else "",
-        )
+    _log_backend(model_name, backend, used)
     torch_device = resolve_device(device, error=EncoderError)
-
     if model_name in ("conch_v1", "conch_v1_5"):
         module, source = _build_conch(
             model_name, None if weights is None else Path(weights), torch_device
         )
     else:
-        path: Path | None = Path(weights).expanduser() if weights is not None else None
-        looked: list[str] = []
-        if path is None and model_name != "tiny_cnn":
-            path, looked = _find_weights(model_name, spec)
-        if path is None and model_name != "tiny_cnn" and not allow_random:
-            raise EncoderError(
-                f"encoder {model_name!r}: no weights found (looked at {'; '.join(looked)}); "
-                f"{spec.hint} and set {_WEIGHTS_KEY} to the weights file (no downloads are made)"
-            )
-        state = None if path is None else _adapt_state(model_name, load_weights_file(path))
-        # Weights to load: build on "meta" (no random init of ViT-L's 300M values) and assign
-        # them. Random: seeded init on the CPU, the same values whatever the target device.
-        meta = state is not None or torch_device.type == "meta"
-        with _seeded(RANDOM_INIT_SEED), torch.device("meta" if meta else "cpu"):
-            if used == "builtin":
-                module = _builtin_network(model_name, out_dim)
-            else:
-                module = _timm_network(model_name)
-        source = "seeded-random" if model_name == "tiny_cnn" else "random"
-        if state is not None and path is not None:
-            _load_strict(module, state, model_name, path)
-            source = str(path)
-        if used != "builtin" and model_name == "resnet50_trunc":
-            module = _TimmTrunk(module, out_dim)
-        module = module.to(torch_device)
+        module, source = _build_local(
+            model_name, spec, weights, used, out_dim, allow_random, torch_device
+        )
     module.eval().requires_grad_(False)
     if getattr(module, "prefers_channels_last", False):
         module = module.to(memory_format=torch.channels_last)

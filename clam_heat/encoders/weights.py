@@ -136,12 +136,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
                 obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # permission denied, I/O error: the caller words the fix for the OS error
     except Exception as err:  # noqa: BLE001 - every unreadable file gets the same one-line error
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise EncoderError(
-            f"{path}: cannot be read as encoder weights ({first}); provide a .safetensors file or "
-            "a torch state dict saved with torch.save(model.state_dict(), path)"
-        ) from None
+        raise EncoderError(f"{path}: encoder weights {_unreadable(path, err)}") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -152,6 +150,16 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    """Why a weights file could not be read, with the fix (a pickle is named as one)."""
+    from ..models.checkpoint import _unreadable_reason
+
+    if path.suffix == ".safetensors":
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"cannot be read as safetensors ({first}); re-copy it or re-save it"
+    return _unreadable_reason(err, path.stat().st_size)
 
 
 def _adapt_state(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

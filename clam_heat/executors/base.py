@@ -244,8 +244,19 @@ def _shippable(ctx: RowContext) -> RowContext:
     return replace(ctx, _slide=None)
 
 
+def killed_for_memory(exitcode: int | None) -> bool:
+    """Whether a worker's death looks like the kernel's out-of-memory killer (SIGKILL): such a
+    row is not retried blindly, since the retry would be killed again (and double the load).
+
+    >>> killed_for_memory(-9), killed_for_memory(86), killed_for_memory(None)
+    (True, False, False)
+    """
+    return exitcode == -signal.SIGKILL
+
+
 def _lost_row(ctx: RowContext, attempts: int, why: str) -> RowOutcome:
-    """The failed outcome of a row whose worker died on every attempt; names the stage it was in."""
+    """The failed outcome of a row whose worker died on every attempt (or once, killed for
+    memory); names the stage it was in."""
     from ..ledger import Ledger
     from ..stages.registry import names
     from ..stages.row import RowOutcome
@@ -255,8 +266,15 @@ def _lost_row(ctx: RowContext, attempts: int, why: str) -> RowOutcome:
     running = [s for s in names() if (ledger.record(s) or {}).get("state") == "started"]
     where = f" in stage {running[0]}" if running else ""
     times = "once" if attempts == 1 else f"{attempts} times"
-    error = (
-        f"slide {ctx.slide_path}: worker process died{where} {times} ({why}); often out of "
-        "memory: check the worker's memory limit and log, then rerun with --retry-failed"
-    )
+    if why == "killed by SIGKILL":
+        error = (
+            f"slide {ctx.slide_path}: worker process killed for memory{where} (SIGKILL, the "
+            "kernel's out-of-memory killer; not retried); lower runner_arguments.max_patches "
+            "or --workers, or give each worker more memory, then rerun with --retry-failed"
+        )
+    else:
+        error = (
+            f"slide {ctx.slide_path}: worker process died{where} {times} ({why}); often out of "
+            "memory: check the worker's memory limit and log, then rerun with --retry-failed"
+        )
     return RowOutcome(ctx.slide_id, "failed", stage=done[-1] if done else "", error=error)

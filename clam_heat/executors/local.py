@@ -29,6 +29,7 @@ from .base import (
     _shippable,
     _thread_settings,
     available_cores,
+    killed_for_memory,
     pin_device,
     threads_per_worker,
 )
@@ -361,12 +362,13 @@ class LocalExecutor:
                     while (outcome := self._poll(worker)) is not None:  # sent just before dying
                         finished.append(outcome)
                     lost, why = worker.task, _exit_reason(worker.process.exitcode)
+                    memory = killed_for_memory(worker.process.exitcode)  # retried, killed again
                     self._replace_dead(worker)
                     if lost is None:
                         continue
                     ctx, attempt = lost
                     log.warning("%s: worker died (%s) on attempt %d", ctx.slide_id, why, attempt)
-                    if attempt < self.max_attempts:
+                    if attempt < self.max_attempts and not memory:
                         queue.append((ctx, attempt + 1))
                     else:
                         finished.append(_lost_row(ctx, attempt, why))

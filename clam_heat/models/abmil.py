@@ -56,10 +56,26 @@ class ABMIL(MilLabNet):
         self.classifier = nn.Linear(hp.hidden_dim * hp.num_heads, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedded = self.patch_embed(h)
-        raw = self.global_attn(embedded).transpose(0, 1)  # (K, N) pre-softmax
-        pooled = (torch.softmax(raw, dim=1) @ embedded).reshape(-1)
-        return self.classifier(pooled), raw.mean(dim=0)
+        embedded = self.embed(h)
+        raw = self.attention_raw(embedded)  # (K, N) pre-softmax
+        logits = self.pooled_logits(torch.softmax(raw, dim=1) @ embedded)
+        return logits, self.pick_attention(raw, logits, None)
+
+    # the pooling in parts (models.inference.PooledAttention): large bags go chunk by chunk
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(h)
+
+    def attention_raw(self, embedded: torch.Tensor) -> torch.Tensor:
+        return self.global_attn(embedded).transpose(0, 1)
+
+    def pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled.reshape(-1))
+
+    def pick_attention(
+        self, raw: torch.Tensor, logits: torch.Tensor, branch: int | None
+    ) -> torch.Tensor:
+        return raw.mean(dim=0)
 
     @staticmethod
     def infer_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -92,8 +92,8 @@ class _ClamBase(nn.Module):
         """
         if h.dim() != 2:
             raise ValueError(f"expected features of shape (N, E), got {tuple(h.shape)}")
-        embedded = self.attention_net[:3](h)
-        a_raw = self.attention_net[3](embedded).transpose(0, 1)
+        embedded = self.embed(h)
+        a_raw = self.attention_raw(embedded)
         if attention_only:
             return a_raw
         weights = torch.softmax(a_raw, dim=1)
@@ -102,6 +102,30 @@ class _ClamBase(nn.Module):
         y_hat = torch.topk(logits, 1, dim=1).indices
         y_prob = torch.softmax(logits, dim=1)
         return logits, y_prob, y_hat, a_raw, {}
+
+    # the pooling in parts, so a large bag can be scored a chunk of patches at a time
+    # (models.inference.PooledAttention); forward() is built from the same parts
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, E) features -> (n, width) embedded patches."""
+        return self.attention_net[:3](h)
+
+    def attention_raw(self, embedded: torch.Tensor) -> torch.Tensor:
+        """(n, width) -> (K, n) pre-softmax attention (K = 1, or one row per class for MB)."""
+        return self.attention_net[3](embedded).transpose(0, 1)
+
+    def pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(K, width) attention-pooled bag -> (C,) logits."""
+        return self._bag_logits(pooled)[0]
+
+    def pick_attention(
+        self, a_raw: torch.Tensor, logits: torch.Tensor, branch: int | None
+    ) -> torch.Tensor:
+        """CLAM's reduction on parts: row ``branch`` (``Y_hat`` when None) of A_raw."""
+        if a_raw.shape[0] == 1:
+            return a_raw[0]
+        row = int(torch.topk(logits.reshape(1, -1), 1, dim=1).indices.item())
+        return a_raw[row if branch is None else branch]
 
 
 class ClamSB(_ClamBase):

@@ -26,6 +26,8 @@ __all__ = [
     "INFERENCE_THREADS",
     "AttentionModel",
     "AttentionOutput",
+    "CHUNK_PATCHES",
+    "PooledAttention",
     "attention_logits",
     "needs_whole_bag",
     "run_attention",
@@ -90,6 +92,54 @@ class AttentionOutput:
         return int(self.top_ids[0])
 
 
+#: Patches scored at a time by :func:`run_attention` on an attention-pooling model
+#: (:class:`PooledAttention`): a larger bag goes chunk by chunk, so the embedded patches of a
+#: 1,000,000-patch bag are never in memory at once. Bags up to this size take the plain forward.
+CHUNK_PATCHES = 32_768
+
+
+@runtime_checkable
+class PooledAttention(Protocol):
+    """An attention-pooling model in parts (CLAM, ABMIL): a patch's embedding and attention
+    logits depend on that patch alone, and the bag is ``softmax(A) @ embedded``; so logits can
+    be computed chunk-wise, the softmax taken over all, and the pooling summed chunk-wise."""
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def attention_raw(self, embedded: torch.Tensor) -> torch.Tensor: ...
+
+    def pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor: ...
+
+    def pick_attention(
+        self, raw: torch.Tensor, logits: torch.Tensor, branch: int | None
+    ) -> torch.Tensor: ...
+
+
+def _pooling_parts(model: nn.Module) -> PooledAttention | None:
+    """The model (or the network a MIL-Lab wrapper holds) as :class:`PooledAttention`."""
+    for candidate in (model, getattr(model, "model", None)):
+        if isinstance(candidate, PooledAttention):
+            return candidate
+    return None
+
+
+def _reduce_chunked(
+    parts: PooledAttention, h: torch.Tensor, branch: int | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (C,), attention (N,)) of the whole bag, ``chunk`` patches at a time: attention
+    logits chunk-wise, the softmax over all of them, the pooled bag summed chunk-wise."""
+    n = int(h.shape[0])
+    starts = range(0, n, chunk)
+    raw = torch.cat([parts.attention_raw(parts.embed(h[i : i + chunk])) for i in starts], dim=1)
+    weights = torch.softmax(raw, dim=1)
+    pooled = None
+    for i in starts:
+        part = weights[:, i : i + chunk] @ parts.embed(h[i : i + chunk])
+        pooled = part if pooled is None else pooled + part
+    logits = parts.pooled_logits(pooled)
+    return logits.reshape(-1), parts.pick_attention(raw, logits, branch).reshape(-1)
+
+
 def _spec_of(model: nn.Module) -> ModelSpec | None:
     name = getattr(model, "model_type", None)
     if isinstance(name, str) and (name in _REGISTRY or name in BUILTIN_MODELS):
@@ -98,9 +148,13 @@ def _spec_of(model: nn.Module) -> ModelSpec | None:
 
 
 def _reduce(
-    model: nn.Module, h: torch.Tensor, branch: int | None
+    model: nn.Module, h: torch.Tensor, branch: int | None, chunk: int | None = CHUNK_PATCHES
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (C,), attention (N,)) through the model's reduction, or the protocol."""
+    """(logits (C,), attention (N,)) through the model's reduction, or the protocol; a bag of
+    more than ``chunk`` patches on an attention-pooling model is scored chunk by chunk."""
+    parts = _pooling_parts(model)
+    if parts is not None and chunk is not None and h.shape[0] > chunk:
+        return _reduce_chunked(parts, h, branch, chunk)
     spec = _spec_of(model)
     if spec is not None and spec.attention is not None:
         logits, attention = spec.attention(model, h, branch)
@@ -178,6 +232,7 @@ def run_attention(
     *,
     device: torch.device | str = "cpu",
     max_bag_size: int | None = None,
+    chunk: int | None = CHUNK_PATCHES,
 ) -> AttentionOutput:
     """One forward pass over a bag (CLAM runs it twice) under ``inference_mode``, on
     :data:`INFERENCE_THREADS` CPU threads (the same floats whatever executor runs it).
@@ -185,13 +240,15 @@ def run_attention(
     ``features``: (N, D) float32 with D equal to the model's input width, else
     :class:`FeatureError` naming both. ``max_bag_size`` overrides the model's own guard (set
     for models whose cost grows with N²); a larger bag is a :class:`FeatureError`. The
-    attention is the predicted class's, through the model's own reduction.
+    attention is the predicted class's, through the model's own reduction. An attention-pooling
+    model (:class:`PooledAttention`) scores a bag of more than ``chunk`` patches chunk by chunk
+    (the same result within float rounding, memory bounded by ``chunk``); None: never.
     """
     if features.ndim == 2 and features.shape[0] == 0:
         raise FeatureError("empty bag (0 patches): nothing to score")
     with torch.inference_mode(), fixed_threads():
         h = _as_bag(model, features, max_bag_size, device)
-        logits, attention = _reduce(model, h, None)
+        logits, attention = _reduce(model, h, None, chunk)
         probs = torch.softmax(logits.float(), dim=0)
         attention_np = _checked_scores(model, attention, int(h.shape[0]))
         top_ids = torch.argsort(probs, descending=True, stable=True)

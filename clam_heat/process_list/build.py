@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..atomic import name_problem
 from ..errors import ProcessListError
 from .columns import (
     _TEXT_COLUMNS,
@@ -55,17 +56,19 @@ def _validate_ids(ids: pd.Series, where: list[str], source: str) -> None:
             f"{source}: {where[empty[0]]}: slide_id is empty; every row needs the slide's "
             "file name (extension optional)"
         )
+    where = [_shown(w) for w in where]
     for i, sid in enumerate(text):
         sid = str(sid)
-        if "/" in sid or "\\" in sid or (os.altsep and os.altsep in sid):
+        bad = name_problem(sid)
+        if bad == "contains a path separator":
             raise ProcessListError(
                 f"{source}: {where[i]}: slide_id {sid!r} contains a path separator; ids name "
                 "output folders, so give the bare file name and put its folder in "
                 "data_arguments.data_dir"
             )
-        if ".." in sid:
+        if bad:
             raise ProcessListError(
-                f"{source}: {where[i]}: slide_id {sid!r} contains '..'; ids name output "
+                f"{source}: {where[i]}: slide_id {sid!r} {bad}; ids name output "
                 "folders, so rename the slide file or edit the id"
             )
     dup = pd.Series(list(text)).duplicated(keep=False).to_numpy()
@@ -79,6 +82,12 @@ def _validate_ids(ids: pd.Series, where: list[str], source: str) -> None:
         )
 
 
+def _shown(text: str) -> str:
+    """``text`` as is, or its ``repr`` when it holds a control character (a file name with a
+    newline must not break a one-line message)."""
+    return repr(text) if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else text
+
+
 def _validate_labels(frame: pd.DataFrame, where: list[str], source: str) -> None:
     """Refuse labels that would leave the output folders: a label names a sub-folder of the
     raw and production roots (CLAM's layout), so it is checked like a slide id."""
@@ -88,15 +97,7 @@ def _validate_labels(frame: pd.DataFrame, where: list[str], source: str) -> None
         if _is_blank(value, "str"):
             continue
         text = str(value).strip()
-        bad = (
-            "contains a path separator"
-            if "/" in text or "\\" in text or (os.altsep and os.altsep in text)
-            else "contains '..'"
-            if ".." in text
-            else "is '.'"
-            if text == "."
-            else ""
-        )
+        bad = name_problem(text)
         if bad:
             raise ProcessListError(
                 f"{source}: {where[i]}: label {text!r} {bad}; labels name output folders, so "

@@ -99,6 +99,7 @@ class ClassMapsStage(Stage):
             slide=slide,
             patch_size_level0_override=runner.patch_size_level0,
             patches_dir=runner.patches_dir,
+            max_patches=runner.max_patches,
         )
         model, _ = model_for(ctx.cfg)
         index = {name: i for i, name in ctx.cfg.data_arguments.label_names().items()}

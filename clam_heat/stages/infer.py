@@ -161,6 +161,7 @@ class InferStage(Stage):
             slide=slide,
             patch_size_level0_override=ctx.cfg.runner_arguments.patch_size_level0,
             patches_dir=ctx.cfg.runner_arguments.patches_dir,
+            max_patches=ctx.cfg.runner_arguments.max_patches,
         )
         warnings: list[str] = []
         if slide is not None:

@@ -5,17 +5,19 @@ the public registry (restored afterwards); the wrappers travel to worker process
 as every stage does, and are imported there by this module's name (``tests/helpers`` is put on
 ``sys.path`` by ``tests/conftest.py``, and worker processes inherit it).
 
-The spec file holds ``slide_id:stage[:marker_file]`` and is read per row, so a test can arm it
-after the workers started (no file, no fault). A worker process (never the process that armed
-it) running that stage of that slide exits at once (``os._exit``) after the ledger marked the
-stage started. With a marker file it does so only the first time (the marker is created
-exclusively).
+The spec file holds ``slide_id:stage[:marker_file]`` (``:SIGKILL`` instead of a marker: the
+worker SIGKILLs itself, as the out-of-memory killer would, and notes it in ``<spec>.fired``)
+and is read per row, so a test can arm it after the workers started (no file, no fault). A
+worker process (never the process that armed it) running that stage of that slide exits at once
+(``os._exit``) after the ledger marked the stage started. With a marker file it does so only
+the first time (the marker is created exclusively).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,18 @@ class DieInStage(Stage):
 
     def run(self, ctx: Any) -> StageRun:
         if self._armed_for(ctx.slide_id):
+            if self._spec().endswith(":SIGKILL"):  # what the kernel's OOM killer does
+                with open(self.spec_file + ".fired", "a", encoding="utf-8") as fired:
+                    fired.write(f"{ctx.slide_id}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
             os._exit(FAULT_EXIT_CODE)
         return self.inner.run(ctx)
+
+    def _spec(self) -> str:
+        try:
+            return Path(self.spec_file).read_text("utf-8").strip()
+        except OSError:
+            return ""
 
     def _armed_for(self, slide_id: str) -> bool:
         if os.getpid() == self.driver_pid:
@@ -64,7 +76,7 @@ class DieInStage(Stage):
         stage, _, marker = rest.partition(":")
         if target != slide_id or stage != self.name:
             return False
-        if marker:
+        if marker and marker != "SIGKILL":
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
