@@ -82,8 +82,9 @@ def test_contributions_sum_to_the_logit_minus_the_bias(name: str) -> None:
 #: Models whose logits jump along the path (a hard choice of patches: DSMIL's critical
 #: instance, ILRA's top-k, MIL_fc's top instance): no quadrature makes IG complete there.
 DISCONTINUOUS = {"dsmil", "ilra", "mil_fc", "mil_fc_mc"}
-#: RRT's ReLU attention bends the path often: 1.25 % at 64 steps on this bag, so 128 steps.
-STEPS = {"rrt": 128}
+#: RRT's ReLU attention and the transformer's class token bend the path often (1.25 % and
+#: 1.05 % at 64 steps on this bag), so 128 steps.
+STEPS = {"rrt": 128, "transformer": 128}
 
 
 @pytest.mark.parametrize("name", list(registered_models()))
@@ -307,7 +308,7 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
             "exp_arguments.save_exp_code=fc",
         ],
     )
-    assert run_pipeline(cfg).ok
+    assert run_pipeline(cfg, retry_failed=True).ok  # the refused row is retried
     prod = Path(cfg.exp_arguments.production_save_dir) / "fc"
     assert len(list(prod.rglob("*_instance_heatmap.jpg"))) == 1
     assert len(list(prod.rglob("*_occlusion_heatmap.jpg"))) == 1
