@@ -297,6 +297,14 @@ def quick(
             "--no-segment", "--no_segment", help="Do not mask the heatmap to detected tissue."
         ),
     ] = False,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Attribution method(s): attention, contribution, gradient_x_input, "
+            "integrated_gradients, occlusion, instance; repeat or comma-separate.",
+        ),
+    ] = None,
     workers: WorkersOpt = None,
     set_: SetOpt = None,
     retry_failed: RetryFailedOpt = False,
@@ -336,6 +344,7 @@ def quick(
         alpha=alpha,
         vis_level=vis_level,
         no_segment=no_segment,
+        method=[m.strip() for value in method or [] for m in value.split(",") if m.strip()],
     )
     try:
         plan = prepare_quick(options)

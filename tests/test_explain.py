@@ -312,3 +312,38 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
     prod = Path(cfg.exp_arguments.production_save_dir) / "fc"
     assert len(list(prod.rglob("*_instance_heatmap.jpg"))) == 1
     assert len(list(prod.rglob("*_occlusion_heatmap.jpg"))) == 1
+
+
+@pytest.mark.slow
+def test_quick_with_methods_writes_method_pngs_and_faithfulness_columns(
+    demo_source: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from clam_heat.cli import app
+
+    feats, slides = tmp_path / "features", tmp_path / "slides"
+    feats.mkdir()
+    slides.mkdir()
+    for sid in ("demo_000", "demo_001"):
+        shutil.copy(demo_source / "features" / f"{sid}.h5", feats)
+        shutil.copy(demo_source / "slides" / f"{sid}.tiff", slides)
+    out = tmp_path / "out"
+    args = ["quick", "--ckpt", str(demo_source / "ckpts" / "s_0_checkpoint.pt")]
+    args += ["--h5-dir", str(feats), "--slide-dir", str(slides), "--out", str(out), "-q"]
+    args += ["--method", "attention,integrated_gradients", "--method", "occlusion"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for sid in ("demo_000", "demo_001"):
+        assert (out / f"{sid}_heatmap.png").is_file()  # MIL-Lab's attention image, as before
+        for method in ("integrated_gradients", "occlusion"):
+            assert (out / f"{sid}_{method}_heatmap.png").is_file()
+    table = pd.read_csv(out / "heatmap_results.csv")
+    assert list(table.columns[:7]) == [
+        "slide_id", "num_patches", "prediction", "probabilities",
+        "attention_mean", "attention_std", "heatmap_path",
+    ]  # fmt: skip
+    for col in ("faith_occlusion_deletion", "faith_integrated_gradients_insertion"):
+        assert table[col].between(0, 1).all()

@@ -60,6 +60,8 @@ class QuickOptions:
     alpha: float | None = None
     vis_level: int | None = None
     no_segment: bool = False
+    #: attribution methods (issue 22); empty: attention only, as before
+    method: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         "heatmap_arguments": {  # no fine pass: it needs encoder weights
             "calc_heatmap": False,
             **{k: v for k, v in drawing.items() if v is not None},
+            **({"method": list(options.method)} if options.method else {}),
         },
         "runner_arguments": {
             "features_dir": str(h5_dir),
