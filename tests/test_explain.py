@@ -74,7 +74,7 @@ def test_contributions_sum_to_the_logit_minus_the_bias(name: str) -> None:
         from clam_heat.explain.bag import Bag
         from clam_heat.explain.contribution import contributions
 
-        exact, _ = contributions(Bag(model, torch.from_numpy(x).double()), target)
+        exact, _, _ = contributions(Bag(model, torch.from_numpy(x).double()), target)
         assert abs(float(exact.sum()) - expected) <= 1e-6 * abs(expected)
         assert abs(total - expected) <= 1e-5 * abs(expected)  # the stored float32 map
 

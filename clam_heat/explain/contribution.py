@@ -15,21 +15,23 @@ import torch
 from .bag import Attribution, Bag, ExplainOptions
 
 
-def contributions(bag: Bag, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) float64 contributions to logit ``target`` and that class's bias (float64)."""
+def contributions(bag: Bag, target: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(N,) float64 contributions to logit ``target``, that class's bias (float64), and the
+    logit pooled the model's way (pooled features, then the head) from the same pass."""
     head = bag.spec.linear_head  # type: ignore[union-attr]
     raw, embedded, w, b = head(bag.model, bag.features)
     weights = torch.softmax(raw.double(), dim=1)  # (K, N)
     k = weights.shape[0]
     w_c = w[target].double().reshape(k, -1)  # (K, E)
     per_patch = (embedded.double() @ w_c.T) * weights.T  # (N, K)
-    return per_patch.sum(dim=1), b[target].double()
+    pooled = torch.softmax(raw, dim=1) @ embedded  # (K, E) in the model's dtype
+    logit = float((pooled.reshape(-1) * w[target]).sum() + b[target])
+    return per_patch.sum(dim=1), b[target].double(), logit
 
 
 @torch.no_grad()
 def attribute(bag: Bag, target: int, options: ExplainOptions, method: str) -> Attribution:
-    scores, bias = contributions(bag, target)
-    logit = float(bag.full_logits()[target])
+    scores, bias, logit = contributions(bag, target)
     total = float(scores.sum())
     error = abs(total - (logit - float(bias))) / max(abs(logit - float(bias)), 1e-12)
     return Attribution(
