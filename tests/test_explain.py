@@ -241,7 +241,7 @@ def _one_row(config: Path, n: int = 2) -> None:
 
 @pytest.mark.slow
 def test_a_run_with_three_methods_draws_three_maps_and_the_faithfulness_report(
-    demo_project: Path,
+    demo_project: Path, tmp_path: Path
 ) -> None:
     _one_row(demo_project)
     cfg = load_config(
@@ -275,6 +275,23 @@ def test_a_run_with_three_methods_draws_three_maps_and_the_faithfulness_report(
     assert report["slides"] == 2
     assert set(report["methods"]) == {"attention", "contribution", "integrated_gradients", "random"}
     assert (cfg.results_csv_path.parent / f"{stem}_faithfulness.png").stat().st_size > 1000
+
+    # clam-heat compare: two methods of one run, rank agreement per slide
+    from clam_heat.compare import compare_runs
+    from clam_heat.rows import resolved_config_path
+
+    config = resolved_config_path(cfg)
+    summary_ = compare_runs(
+        config, config, tmp_path / "cmp", pictures=False, methods=("attention", "contribution")
+    )
+    assert len(summary_.rows) == 2
+    for row in summary_.rows:
+        (a_path,) = raw.rglob(f"{row.slide_id}_blockmap.h5")
+        (b_path,) = raw.rglob(f"{row.slide_id}_contribution_blockmap.h5")
+        with h5py.File(a_path) as ha, h5py.File(b_path) as hb:
+            a = pd.Series(ha["attention_scores"][:].reshape(-1))
+            b = pd.Series(hb["attention_scores"][:].reshape(-1))
+        assert row.spearman == pytest.approx(a.corr(b, method="spearman"), abs=1e-9)
 
 
 @pytest.mark.slow
