@@ -364,3 +364,22 @@ def test_quick_with_methods_writes_method_pngs_and_faithfulness_columns(
     ]  # fmt: skip
     for col in ("faith_occlusion_deletion", "faith_integrated_gradients_insertion"):
         assert table[col].between(0, 1).all()
+
+
+def test_the_training_logger_draws_any_method() -> None:
+    """``model_attention(method=)`` (behind ``log_model`` and ``log_validation_attention``):
+    CLAM_SB's contribution map, by hand from its layers (a_i (W_c . h_i))."""
+    from clam_heat.training.maps import model_attention
+
+    model = _model("clam_sb")
+    x = _bag(10, seed=6)
+    model.train()
+    got = model_attention(model, x, class_index=1, method="contribution")
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        h = torch.from_numpy(x)
+        emb = model.attention_net[:3](h)
+        a = torch.softmax(model.attention_net[3](emb)[:, 0], dim=0)
+        expected = (a * (emb @ model.classifiers.weight[1])).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
