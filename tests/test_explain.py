@@ -383,3 +383,45 @@ def test_the_training_logger_draws_any_method() -> None:
         a = torch.softmax(model.attention_net[3](emb)[:, 0], dim=0)
         expected = (a * (emb @ model.classifiers.weight[1])).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_serial_and_local_runs_write_the_same_explanation_bytes(demo_project: Path) -> None:
+    """Maps, curves and the summary are the same bytes whatever process runs the row (fixed
+    torch threads, random orders seeded from the slide id)."""
+    import hashlib
+    import shutil
+
+    from clam_heat.executors import LocalExecutor
+
+    _one_row(demo_project)
+    pristine = demo_project.parent / "process_lists" / "demo.csv"
+    saved = pristine.read_bytes()
+    cfg = load_config(
+        demo_project,
+        overrides=["heatmap_arguments.method=[contribution, integrated_gradients, occlusion]"],
+    )
+    out = Path(cfg.exp_arguments.raw_save_dir).parent
+
+    def digests() -> dict[str, str]:
+        return {
+            str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*"))
+            if p.is_file()
+            and ("_faithfulness" in p.name or "_blockmap.h5" in p.name)
+            or p.name.endswith("_heatmap.jpg")
+        }
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_pipeline(cfg).ok
+    finally:
+        torch.set_num_threads(before)
+    serial = digests()
+    assert sum("_faithfulness.json" in k for k in serial) == 3  # 2 slides + the cohort summary
+    shutil.rmtree(out)
+    pristine.write_bytes(saved)
+    with LocalExecutor(2) as pool:
+        assert run_pipeline(cfg, executor=pool).ok
+    assert digests() == serial
