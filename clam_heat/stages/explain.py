@@ -66,7 +66,11 @@ class ExplainStage(Stage):
         return base_fingerprint(
             methods=extra_methods(ctx.cfg),
             targets=[name for name, _ in targets_of(ctx.cfg)],
-            drawn=ctx.cfg.block("heatmap_arguments"),
+            drawn={
+                k: v
+                for k, v in ctx.cfg.block("heatmap_arguments").items()
+                if not k.startswith("faithfulness")  # the faithfulness stage's keys
+            },
             model=ctx.cfg.block("model_arguments"),
             checkpoint=file_identity(Path(ctx.cfg.model_arguments.ckpt_path)),
             features=file_identity(_features_path(ctx)),
