@@ -487,7 +487,7 @@ def test_a_stage_registered_from_a_test_runs_in_order_and_resumes(demo_project: 
     with registry.registered(_CountWords(), _DoubleCount(), after="segment"):
         assert registry.names() == (
             "segment", "count_words", "double_count", "infer", "overlap", "heatmap", "sample",
-            "class_maps",
+            "class_maps", "explain", "faithfulness",
         )  # fmt: skip
         first = run_pipeline(cfg)
         assert first.ok and first.counts == {"done": 2}, first.failed
