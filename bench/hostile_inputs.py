@@ -1,4 +1,4 @@
-"""Peak memory and time of hostile or broken inputs (issue 20): each case runs in a fresh
+"""Peak memory and time of hostile or broken inputs (docs/reliability.md): each case runs in a fresh
 subprocess and reports its ``VmHWM`` (peak RSS) and wall time, so the numbers are the case's own.
 
     python bench/hostile_inputs.py            # all cases, one JSON line each

@@ -21,7 +21,7 @@ Cases (each in a fresh subprocess, so peak RSS is its own):
 * ``cohort``: a server with 10,000 rows; headless Chromium loads the cohort page; the time
   from navigation start to the first painted table (``window.clamHeat.painted``).
 
-Targets (issue 21): tiles p95 <= 50 ms warm, <= 200 ms cold; server RSS <= 600 MB after 2,000
+Targets (docs/viewer.md): tiles p95 <= 50 ms warm, <= 200 ms cold; server RSS <= 600 MB after 2,000
 tiles; render of 10000x10000 <= 500 MB RSS; cohort page <= 1 s.
 """
 

@@ -295,6 +295,14 @@ def quick(
             help="Mask the heatmap to detected tissue (off, as MIL-Lab's script).",
         ),
     ] = False,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Attribution method(s): attention, contribution, gradient_x_input, "
+            "integrated_gradients, occlusion, instance; repeat or comma-separate.",
+        ),
+    ] = None,
     workers: WorkersOpt = None,
     set_: SetOpt = None,
     retry_failed: RetryFailedOpt = False,
@@ -330,6 +338,7 @@ def quick(
         alpha=alpha,
         vis_level=vis_level,
         segment=segment,
+        method=[m.strip() for value in method or [] for m in value.split(",") if m.strip()],
     )
     plan, pool = _quick_plan(options)
     summary = _quick_run(plan, pool, retry_failed=retry_failed, dry_run=dry_run, quiet=quiet)

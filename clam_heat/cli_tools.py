@@ -69,12 +69,25 @@ def compare(
     no_pictures: Annotated[
         bool, typer.Option("--no-pictures", help="Only comparison.csv and summary.json.")
     ] = False,
+    method_a: Annotated[
+        str, typer.Option("--method-a", help="Map of run A: attention or an explain method.")
+    ] = "attention",
+    method_b: Annotated[
+        str, typer.Option("--method-b", help="Map of run B (same config twice: two methods).")
+    ] = "attention",
 ) -> None:
     """Compare two finished runs slide by slide: rank agreement, top-k overlap, predictions."""
     from .compare import compare_runs
 
     try:
-        summary = compare_runs(config_a, config_b, out, topk=topk, pictures=not no_pictures)
+        summary = compare_runs(
+            config_a,
+            config_b,
+            out,
+            topk=topk,
+            pictures=not no_pictures,
+            methods=(method_a, method_b),
+        )
     except ClamHeatError as err:
         fail(err)
     means = summary.means

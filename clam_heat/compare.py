@@ -248,8 +248,9 @@ class RunOutput:
     pred_index: int | None = None
 
 
-def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
-    """Slides whose ``infer`` stage is done in the run of ``config_path``, by slide id.
+def run_outputs(config_path: str | Path, method: str = "attention") -> dict[str, RunOutput]:
+    """Slides whose ``infer`` stage is done in the run of ``config_path``, by slide id, with
+    the map of ``method`` (``attention``: the blockmap; else ``<id>_<method>_blockmap.h5``).
 
     Built on the run's own row contexts (:mod:`clam_heat.rows`: same process list, same
     folders), so a run whose outputs were moved with their config still resolves; the
@@ -258,7 +259,7 @@ def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
     from .config import load_config
     from .ledger import Ledger
     from .process_list import read_process_list
-    from .rows import blockmap_h5_path, build_contexts
+    from .rows import blockmap_h5_path, build_contexts, method_scores_h5_path
 
     cfg = load_config(config_path)
     if not cfg.process_list_path.is_file():
@@ -269,7 +270,9 @@ def run_outputs(config_path: str | Path) -> dict[str, RunOutput]:
     found: dict[str, RunOutput] = {}
     for ctx in build_contexts(cfg, read_process_list(cfg.process_list_path)):
         record = Ledger.load(ctx.ledger_path).record("infer") or {}
-        blockmap = blockmap_h5_path(ctx)
+        blockmap = (
+            blockmap_h5_path(ctx) if method == "attention" else method_scores_h5_path(ctx, method)
+        )
         if record.get("state") != "done" or not blockmap.is_file():
             continue
         result = record.get("result", {})
@@ -484,14 +487,18 @@ def compare_runs(
     topk: int | None = None,
     pictures: bool = True,
     panel_side: int = PANEL_SIDE,
+    methods: tuple[str, str] = ("attention", "attention"),
 ) -> CompareSummary:
     """Compare the finished slides of two runs; writes the CSV, pictures and summary JSON.
+
+    ``methods``: the map read from run A and from run B (docs/explanations.md): give one config
+    twice and two methods to compare two methods of one run.
 
     ``topk`` patches per slide enter the Jaccard overlap (default 10 % of the shared patches).
     Raises :class:`CompareError` when no slide finished in both runs.
     """
     out = Path(out_dir)
-    runs_a, runs_b = run_outputs(config_a), run_outputs(config_b)
+    runs_a, runs_b = run_outputs(config_a, methods[0]), run_outputs(config_b, methods[1])
     shared = [sid for sid in runs_a if sid in runs_b]
     if not shared:
         raise CompareError(

@@ -41,6 +41,9 @@ __all__ = [
     "blockmap_png_path",
     "build_contexts",
     "class_heatmap_path",
+    "faithfulness_json_path",
+    "method_heatmap_path",
+    "method_scores_h5_path",
     "class_scores_h5_path",
     "cohort_scores_path",
     "features_cache_path",
@@ -360,6 +363,32 @@ def class_scores_h5_path(ctx: RowContext, class_name: str) -> Path:
     's1_class_LSCC_blockmap.h5'
     """
     return ctx.raw(f"_class_{_safe_class(class_name)}_blockmap.h5")
+
+
+def method_scores_h5_path(ctx: RowContext, method: str, class_name: str | None = None) -> Path:
+    """One attribution method's map (blockmap layout): ``<id>_<method>_blockmap.h5``, or
+    ``<id>_<method>_class_<name>_blockmap.h5`` for one class of ``classes``.
+
+    >>> from clam_heat.config import HeatmapConfig
+    >>> ctx = RowContext(HeatmapConfig(), "s1", {}, Path("s1.svs"), "LUAD", {})
+    >>> method_scores_h5_path(ctx, "occlusion").name
+    's1_occlusion_blockmap.h5'
+    """
+    part = f"_class_{_safe_class(class_name)}" if class_name is not None else ""
+    return ctx.raw(f"_{method}{part}_blockmap.h5")
+
+
+def method_heatmap_path(ctx: RowContext, method: str, class_name: str | None = None) -> Path:
+    """One method's production image: ``<id>_<method>_heatmap.<ext>`` (or ``_class_<name>``)."""
+    ext = ctx.cfg.heatmap_arguments.save_ext
+    if class_name is not None:
+        return ctx.production_dir / f"{ctx.slide_id}_{method}_class_{_safe_class(class_name)}.{ext}"
+    return ctx.production_dir / f"{ctx.slide_id}_{method}_heatmap.{ext}"
+
+
+def faithfulness_json_path(ctx: RowContext) -> Path:
+    """The row's deletion and insertion curves (``<raw>/<id>_faithfulness.json``)."""
+    return ctx.raw("_faithfulness.json")
 
 
 def class_heatmap_path(ctx: RowContext, class_name: str) -> Path:

@@ -321,6 +321,26 @@ def _run_locked(
             finally:
                 with stop.held():
                     recorder.close()
+            _faithfulness_summary(cfg, df, results_csv, tracking)
+
+
+def _faithfulness_summary(
+    cfg: HeatmapConfig, df: Any, results_csv: Path, tracking: RunTracking
+) -> None:
+    """``<results>/<list>_faithfulness.json`` and ``.png`` from the rows' curves
+    (docs/explanations.md), logged to the tracker; nothing unless the faithfulness stage is on."""
+    if not cfg.heatmap_arguments.faithfulness_on():
+        return
+    from .explain.report import write_faithfulness_summary
+    from .rows import faithfulness_json_path
+
+    files = [(ctx.slide_id, faithfulness_json_path(ctx)) for ctx in build_contexts(cfg, df)]
+    stem = results_csv.stem
+    json_out = results_csv.with_name(f"{stem}_faithfulness.json")
+    png_out = results_csv.with_name(f"{stem}_faithfulness.png")
+    if write_faithfulness_summary(files, json_out, png_out) is not None:
+        tracking.tracker.log_artifact(json_out)
+        tracking.tracker.log_artifact(png_out)
 
 
 def cap_workers(executor: Any, pending: int, *, force: bool = False) -> None:

@@ -361,7 +361,7 @@ def test_data_dir_list_is_rejected(cwd: Path) -> None:
             "model_type",
             "clam_ss",
             "must be one of clam_sb, clam_mb, clam, abmil, transmil, dsmil, ilra, rrt, "
-            "transformer, mil or a "
+            "transformer, mil_fc, mil_fc_mc, mil or a "
             "MIL-Lab name <model>.<config>.<encoder>.<task> (did you mean 'clam_sb'?)",
         ),
         ("data_arguments", "slide_ext", "tif", "must start with '.' (e.g. '.tif')"),

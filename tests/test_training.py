@@ -613,9 +613,10 @@ def registered_model(name: str) -> torch.nn.Module:
 
 
 def test_every_registered_model_is_covered() -> None:
-    from clam_heat.models import registered_models
+    from clam_heat.models import get_model_spec, registered_models
 
-    assert set(registered_models()) == {"clam_sb", "clam_mb", "clam", *SMALL_SIZES}
+    with_attention = {n for n in registered_models() if get_model_spec(n).has_attention}
+    assert with_attention == {"clam_sb", "clam_mb", "clam", *SMALL_SIZES}  # mil_fc: no attention
 
 
 @pytest.mark.parametrize("name", ["clam_sb", "clam_mb", "clam", *SMALL_SIZES])

@@ -382,7 +382,7 @@ def test_two_writers_saving_at_once_lose_no_note(tmp_path: Path) -> None:
 
 class _Tracked(ArraySlide):
     """An in-memory slide that records being closed, and being closed during a read (the
-    OpenSlide abort of issue 20)."""
+    OpenSlide abort seen under concurrent use)."""
 
     closed_while_held: list[str] = []
     closed: list[str] = []

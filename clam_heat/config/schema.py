@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -266,6 +266,64 @@ class HeatmapArguments(_Block):
         "per-class attention: clam_mb, dsmil) or a list of class names.",
     )
 
+    # -- attribution methods (docs/explanations.md, clam_heat.explain); left out of ``block()``
+    # while at their defaults, so a config that does not ask for them resolves (and
+    # fingerprints) as before
+    method: Annotated[str | list[str], BeforeValidator(_check_methods)] = Field(
+        "attention",
+        description="Attribution method(s) drawn: attention (CLAM), contribution, "
+        "gradient_x_input, integrated_gradients, occlusion, instance; one name or a list.",
+    )
+    signed_cmap: str = Field(
+        "RdBu_r", description="Diverging colormap of signed maps, centred on zero."
+    )
+    signed_scale: Literal["percentile", "raw"] = Field(
+        "percentile",
+        description="Signed maps: scale by the 99th percentile of |score| (percentile) or by "
+        "the largest |score| (raw); zero is always the colormap's centre.",
+    )
+    ig_steps: int = Field(32, ge=2, le=4096, description="Integrated gradients: path steps.")
+    ig_baseline: Literal["zeros", "mean"] = Field(
+        "zeros", description="Integrated gradients baseline: zero features or the bag's mean."
+    )
+    occlusion_group: int = Field(
+        4,
+        ge=1,
+        description="Occlusion of bags above 2,048 patches: leave out groups of N x N patches.",
+    )
+    faithfulness: Bool | None = Field(
+        None,
+        description="Deletion/insertion curves per method; default: on when a method other "
+        "than attention is asked.",
+    )
+    faithfulness_steps: int = Field(20, ge=2, le=1000, description="Steps of each curve.")
+    faithfulness_random: int = Field(
+        3, ge=0, le=100, description="Seeded random orders for the faithfulness baseline."
+    )
+
+    #: Keys dumped only when set away from their default (see ``HeatmapConfig.block``).
+    QUIET_DEFAULTS: ClassVar[tuple[str, ...]] = (
+        "method",
+        "signed_cmap",
+        "signed_scale",
+        "ig_steps",
+        "ig_baseline",
+        "occlusion_group",
+        "faithfulness",
+        "faithfulness_steps",
+        "faithfulness_random",
+    )
+
+    def methods(self) -> list[str]:
+        """``method`` as a list of distinct names, in the order given."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    def faithfulness_on(self) -> bool:
+        """Whether the faithfulness stage runs (auto: any method besides attention)."""
+        if self.faithfulness is not None:
+            return bool(self.faithfulness)
+        return self.methods() != ["attention"]
+
     @field_validator("binary_thresh")
     @classmethod
     def _check_binary_thresh(cls, value: float) -> float:
@@ -282,13 +340,29 @@ class HeatmapArguments(_Block):
             f"must be one of {', '.join(SAVE_EXTS)}" + _did_you_mean(value.lower(), SAVE_EXTS)
         )
 
-    @field_validator("cmap")
+    @field_validator("cmap", "signed_cmap")
     @classmethod
     def _check_cmap(cls, value: str) -> str:
         names = _colormap_names()
         if value in names:
             return value
         raise _KeyProblem("not a matplotlib colormap" + _did_you_mean(value, names))
+
+
+def _check_methods(value: Any) -> Any:
+    """One method name or a non-empty list of distinct ones (torch-free registry)."""
+    from ..explain.registry import method_problem
+
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(v, str) for v in names):
+        raise _KeyProblem("must be a method name or a list of method names")
+    if len(set(names)) != len(names):
+        raise _KeyProblem("lists a method twice")
+    for name in names:
+        problem = method_problem(name)
+        if problem:
+            raise _KeyProblem(problem)
+    return value
 
 
 def _check_classes(value: Any) -> Any:
@@ -553,7 +627,11 @@ class HeatmapConfig(BaseModel):
         if name not in BLOCKS:
             raise KeyError(f"{name}: " + _unknown("block", name, BLOCK_NAMES))
         model: BaseModel = getattr(self, name)
-        return model.model_dump(mode="json")
+        dumped = model.model_dump(mode="json")
+        for key in getattr(model, "QUIET_DEFAULTS", ()):
+            if key in dumped and dumped[key] == type(model).model_fields[key].default:
+                del dumped[key]
+        return dumped
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """All blocks with CLAM key names (paths as absolute str); loads back to an equal config."""

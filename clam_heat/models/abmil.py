@@ -95,4 +95,15 @@ class ABMIL(MilLabNet):
         }
 
 
-register_mil_lab("abmil", ABMIL, signature=("model.global_attn.",), per_patch=True)
+def _linear_head(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """ABMIL's classifier is linear in the pooled heads: (attention logits (K, N), embedded
+    (N, E), W (C, K*E), b (C,))."""
+    net = model.model
+    embedded = net.patch_embed(h)
+    raw = net.global_attn(embedded).transpose(0, 1)
+    return raw, embedded, net.classifier.weight, net.classifier.bias
+
+
+register_mil_lab(
+    "abmil", ABMIL, signature=("model.global_attn.",), per_patch=True, linear_head=_linear_head
+)

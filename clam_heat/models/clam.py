@@ -286,6 +286,21 @@ def _attention(
     return logits[0], a_raw[row] if a_raw.shape[0] > 1 else a_raw[0]
 
 
+def _linear_head(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """CLAM's head is linear in the pooled features: (attention logits (K, N), embedded (N, 512),
+    W (C, K*512), b (C,)), with K = 1 (SB) or one branch per class (MB, W block-diagonal)."""
+    embedded = model.attention_net[:3](h)
+    raw = model.attention_net[3](embedded).transpose(0, 1)
+    if isinstance(model.classifiers, nn.Linear):
+        return raw, embedded, model.classifiers.weight, model.classifiers.bias
+    heads = list(model.classifiers)
+    width = embedded.shape[1]
+    weight = torch.zeros(len(heads), len(heads) * width, dtype=h.dtype, device=h.device)
+    for c, head in enumerate(heads):
+        weight[c, c * width : (c + 1) * width] = head.weight[0]
+    return raw, embedded, weight, torch.cat([head.bias for head in heads])
+
+
 def _clam_hparams(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Gate and attention dropout read from a CLAM-layout state dict."""
     gated = not any(k.startswith("attention_net.3.module.") for k in state)
@@ -342,6 +357,7 @@ _CLAM = {
     "guess_cause": lambda state, model, choice: _guess_cause(state, model),
     "count_classes": _count_classes,
     "attention": _attention,
+    "linear_head": _linear_head,
     "per_patch": True,
     "key_prefix": "",
     "input_key": "attention_net.0.weight",

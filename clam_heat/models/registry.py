@@ -54,6 +54,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "ilra": "ilra",
     "rrt": "rrt",
     "transformer": "transformer",
+    "mil_fc": "mil_fc",
+    "mil_fc_mc": "mil_fc",
 }
 
 #: MIL-Lab's encoder -> feature width table (docs/rules/formats.md#mil-lab-names), plus TRIDENT's
@@ -80,9 +82,10 @@ ENCODER_DIM_MAPPING: dict[str, int] = {
 
 #: Model names that exist but cannot give a per-patch heatmap, with the reason.
 REFUSED: dict[str, str] = {
-    "mil": "CLAM's MIL_fc has no attention map (it scores patches independently)",
-    "mil_fc": "CLAM's MIL_fc has no attention map (it scores patches independently)",
-    "mil_fc_mc": "CLAM's MIL_fc_mc has no attention map (it scores patches independently)",
+    "mil": (
+        "CLAM's MIL_fc has no attention map (it scores patches independently; name it mil_fc "
+        "or mil_fc_mc and draw it with heatmap_arguments.method: instance)"
+    ),
     "wikg": "WiKG's attention is a patch-to-patch graph, not a per-patch score",
     "dftd": "DFTD attends over shuffled pseudo-bag instances that do not map to patches",
 }
@@ -123,6 +126,13 @@ class ModelSpec:
     ``gate``); values read from the checkpoint override them. ``checkpoint_label``: how a
     checkpoint of this model is named when it is loaded as another model ("this is a CLAM
     checkpoint").
+
+    What the attribution methods (:mod:`clam_heat.explain`) may use: ``has_attention`` (False:
+    the model pools no attention, so ``attention`` does not apply; its reduction's per-patch
+    score is only a placeholder); ``linear_head(model, h)`` -> ``(attention logits r (K, N),
+    embedded (N, E), W (C, K*E), b (C,))`` when the bag logits are ``W @ concat_k(softmax(r[k])
+    @ embedded) + b`` (exact signed contributions); ``instance_logits(model, h)`` -> (N, C)
+    logits of each patch scored alone (the ``instance`` method).
     """
 
     name: str
@@ -142,6 +152,9 @@ class ModelSpec:
     per_class: bool = False
     config_keys: tuple[str, ...] = ()
     checkpoint_label: str | None = None
+    has_attention: bool = True
+    linear_head: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    instance_logits: Callable[..., torch.Tensor] | None = None
 
     def looks_like(self, normalised: StateDict) -> bool:
         """Whether a (``model.``-normalised) checkpoint's keys look like this model."""

@@ -2,13 +2,14 @@
 
 The columns a run writes (status and results) are in :mod:`.results`.
 
-Deliberate deviations from CLAM, each fixing a listed weakness (spec §10):
+Deliberate deviations from CLAM, each fixing a listed weakness (docs/rules/heatmaps.md#deviations):
 
 - ``a_t``/``a_h`` keep their fractions (CLAM truncates them with ``int()`` before storing them
-  as float32, §10.17), so a preset ``a_t`` of 0.5 means 0.5 here.
-- A blank or junk override cell never drops into ``pdb`` (§10.2): blank means "use the
-  default", junk raises :class:`~clam_heat.errors.ProcessListError` naming the slide, column and
-  value.
+  as float32, docs/rules/heatmaps.md#fractional-area-thresholds), so a preset ``a_t`` of 0.5
+  means 0.5 here.
+- A blank or junk override cell never drops into ``pdb`` (docs/rules/heatmaps.md#no-prompt):
+  blank means "use the default", junk raises :class:`~clam_heat.errors.ProcessListError`
+  naming the slide, column and value.
 - ``keep_ids``/``exclude_ids`` also accept a number (``2`` or ``2.0`` from a numeric column).
 - Folder listing keeps only names *ending* with ``slide_ext`` and skips dot-files (macOS
   ``._x.svs`` resource forks), where CLAM keeps any name *containing* it.
@@ -111,7 +112,8 @@ _BLANK_WORDS = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>"})
 
 
 def builtin_defaults() -> dict[str, object]:
-    """create_heatmaps' own defaults, used when ``data_arguments.preset`` is null (spec §2.1).
+    """create_heatmaps' own defaults, used when ``data_arguments.preset`` is null
+    (docs/rules/heatmaps.md#presets).
 
     >>> d = builtin_defaults()
     >>> d["sthresh"], d["a_t"], d["max_n_holes"], d["line_thickness"], d["keep_ids"]
@@ -242,7 +244,8 @@ def _whole_number(value: object) -> int:
 
 
 def _parse_ids(value: object) -> list[int]:
-    """Contour ids from a keep_ids/exclude_ids cell (spec §2.4), more forgiving than CLAM.
+    """Contour ids from a keep_ids/exclude_ids cell, more forgiving than CLAM
+    (docs/rules/heatmaps.md#keep-and-exclude-ids).
 
     >>> _parse_ids("none"), _parse_ids("0,3"), _parse_ids(" 1, 2 "), _parse_ids(2.0)
     ([], [0, 3], [1, 2], [2])
@@ -390,7 +393,8 @@ def _coerce_column(
 def initialize_columns(
     df: pd.DataFrame, defaults: Mapping[str, object], *, source: str = "process list"
 ) -> pd.DataFrame:
-    """CLAM's ``initialize_df`` for a DataFrame (spec §2.2), plus our status columns.
+    """CLAM's ``initialize_df`` for a DataFrame, plus our status columns
+    (docs/rules/heatmaps.md#process-list-columns).
 
     For each managed column in CLAM's order: if present, only its blank cells get the default
     (every other cell is parsed and range-checked, junk raises ProcessListError); if absent, it
@@ -454,7 +458,8 @@ def _default_kind(key: str, default: object) -> _Kind:
 
 
 def row_params(row: Mapping[str, Any] | pd.Series, defaults: Mapping[str, object]) -> dict:
-    """The 14 seg/filter/vis/patch parameters for one row (CLAM's ``load_params``, §2.3).
+    """The 14 seg/filter/vis/patch parameters for one row (CLAM's ``load_params``,
+    docs/rules/heatmaps.md#per-row-overrides).
 
     A blank or absent cell gives the default; any other cell is cast to the default's type
     (bool accepts TRUE/False/1/0); ``keep_ids``/``exclude_ids`` come back as ``list[int]``.

@@ -27,7 +27,7 @@ __all__ = [
 #: Columns the run writes besides the status columns: CLAM's results columns (``bag_size`` then
 #: rank-ordered ``Pred_c``/``p_c``: ``p_0`` is the TOP probability, not class 0's), our
 #: class-ordered ``prob_<label>`` and the attention statistics.
-PREDICTION_COLUMN = re.compile(r"^(bag_size|Pred_\d+|p_\d+|prob_.+)$")
+PREDICTION_COLUMN = re.compile(r"^(bag_size|Pred_\d+|p_\d+|prob_.+|faith_.+)$")
 ATTENTION_COLUMNS = ("attention_mean", "attention_std")
 #: Process-list columns a run writes; everything else belongs to the user and is never merged.
 RUN_COLUMNS: tuple[str, ...] = ("status", "stage", "error", "updated_at")
@@ -92,6 +92,8 @@ def result_columns(result: Mapping[str, Any], n_classes: int) -> dict[str, Any]:
         cols[f"prob_{label}"] = round(prob, 6)
     for name in ATTENTION_COLUMNS:
         cols[name] = round(result[name], 6)
+    for name in sorted(k for k in result if k.startswith("faith_")):  # faithfulness stage
+        cols[name] = round(float(result[name]), 6)
     return cols
 
 

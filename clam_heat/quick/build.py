@@ -60,6 +60,8 @@ class QuickOptions:
     alpha: float = 0.5
     vis_level: int = -1
     segment: bool = False
+    #: attribution methods (docs/explanations.md); empty: attention only, as before
+    method: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,7 @@ def build_quick_config(options: QuickOptions) -> QuickPlan:
         "heatmap_arguments": {  # no fine pass: it needs encoder weights
             "calc_heatmap": False,
             **drawing,
+            **({"method": list(options.method)} if options.method else {}),
         },
         "runner_arguments": {
             "features_dir": str(h5_dir),

@@ -73,7 +73,7 @@ def write_mil_lab_outputs(cfg: HeatmapConfig, out: Path, slide_ids: Sequence[str
 
     from ..process_list import read_process_list
     from ..process_list.results import MIL_LAB_RESULT_COLUMNS, mil_lab_result_row
-    from ..rows import build_contexts, production_heatmap_path
+    from ..rows import build_contexts, method_heatmap_path, production_heatmap_path
 
     out = Path(out)
     names = cfg.data_arguments.label_names()
@@ -89,7 +89,15 @@ def write_mil_lab_outputs(cfg: HeatmapConfig, out: Path, slide_ids: Sequence[str
         target = mil_lab_heatmap_path(out, ctx.slide_id)
         if source.is_file():
             encoded += _as_png(source, target)
-        rows.append(mil_lab_result_row(row, labels, str(target) if target.is_file() else ""))
-    table = pd.DataFrame(rows, columns=list(MIL_LAB_RESULT_COLUMNS))
+        # OUT/<id>_<method>_heatmap.png for each method (docs/explanations.md)
+        for method in cfg.heatmap_arguments.methods():
+            drawn = method_heatmap_path(ctx, method)
+            if method != "attention" and drawn.is_file():
+                encoded += _as_png(drawn, out / f"{ctx.slide_id}_{method}_heatmap.png")
+        faith = {k: row[k] for k in row if str(k).startswith("faith_")}
+        result = mil_lab_result_row(row, labels, str(target) if target.is_file() else "")
+        rows.append({**result, **faith})
+    faith_columns = sorted({k for r in rows for k in r if k.startswith("faith_")})
+    table = pd.DataFrame(rows, columns=[*MIL_LAB_RESULT_COLUMNS, *faith_columns])
     csv_path = write_text_atomic(out / MIL_LAB_CSV, table.to_csv(index=False))
     return MilLabOutputs(csv_path, len(rows), encoded)

@@ -54,7 +54,8 @@ class ClassMapsStage(Stage):
     preload = ("clam_heat.heatmap", "clam_heat.features", "clam_heat.models")
 
     def enabled(self, cfg: HeatmapConfig) -> bool:
-        return cfg.heatmap_arguments.classes != "predicted"
+        hm = cfg.heatmap_arguments
+        return hm.classes != "predicted" and "attention" in hm.methods()
 
     def fingerprint(self, ctx: RowContext) -> dict[str, Any]:
         from .infer import _features_path

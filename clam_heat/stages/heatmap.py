@@ -64,6 +64,9 @@ class HeatmapStage(Stage):
     depends_on = ("segment", "infer", "overlap")
     preload = ("clam_heat.heatmap", "matplotlib", "imagecodecs", "tifffile")
 
+    def enabled(self, cfg: Any) -> bool:
+        return "attention" in cfg.heatmap_arguments.methods()  # other maps: the explain stage
+
     def fingerprint(self, ctx: RowContext) -> dict[str, Any]:
         runner = ctx.cfg.runner_arguments
         calc = ctx.cfg.heatmap_arguments.calc_heatmap
@@ -160,7 +163,8 @@ class HeatmapStage(Stage):
 def _drawn_keys(ctx: RowContext) -> dict[str, Any]:
     """The heatmap_arguments this stage draws with (``classes`` belongs to ``class_maps``)."""
     block = ctx.cfg.block("heatmap_arguments")
-    block.pop("classes", None)
+    for key in ("classes", *type(ctx.cfg.heatmap_arguments).QUIET_DEFAULTS):  # other stages'
+        block.pop(key, None)
     return block
 
 

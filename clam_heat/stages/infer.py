@@ -171,6 +171,9 @@ class InferStage(Stage):
             if warning:
                 warnings.append(warning)
         model, device = model_for(ctx.cfg)
+        from ..explain import check_methods
+
+        check_methods(model, ctx.cfg.heatmap_arguments.methods())  # one line, before any work
         try:
             out = run_attention(model, bag.features, device=device)
         except FeatureError as err:  # run_attention's messages do not name the file; add it

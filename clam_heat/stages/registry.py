@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from .base import Stage
 from .class_maps import ClassMapsStage
+from .explain import ExplainStage
+from .faithfulness import FaithfulnessStage
 from .heatmap import HeatmapStage
 from .infer import InferStage
 from .overlap import OverlapStage
@@ -41,6 +43,8 @@ _BUILTIN: tuple[Stage, ...] = (
     HeatmapStage(),
     SampleStage(),
     ClassMapsStage(),
+    ExplainStage(),
+    FaithfulnessStage(),
 )
 _TABLE: list[Stage] = list(_BUILTIN)
 

@@ -62,6 +62,11 @@ def resolve(stages: Sequence[Stage | str] | None) -> tuple[Stage, ...]:
     return tuple(registry.get(s) if isinstance(s, str) else s for s in stages)
 
 
+def outcome_stages(stages: Sequence[Stage | str] | None) -> set[str]:
+    """Names of the stages a row runs (for which ledger results reach its outcome)."""
+    return {s if isinstance(s, str) else s.name for s in resolve(stages)}
+
+
 def plan_row(
     ctx: RowContext, stages: Sequence[Stage | str] | None = None
 ) -> dict[str, Reason | None]:
@@ -167,6 +172,11 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
         infer = ledger.record("infer")
         if infer:
             outcome.result = dict(infer.get("result", {}))
+            faith = (
+                ledger.record("faithfulness") if "faithfulness" in outcome_stages(stages) else None
+            )
+            if faith:  # the faith_* areas become results columns too
+                outcome.result.update(faith.get("result", {}))
         if outcome.warnings:  # a done row keeps its warnings where users look: the error column
             outcome.error = "warning: " + "; ".join(dict.fromkeys(outcome.warnings))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the run

@@ -276,16 +276,24 @@ class AttentionHeatmapLogger:
         return self._guarded(lambda: attention, coords, **where)
 
     def log_model(
-        self, model: Any, features: Any, coords: Any = None, **where: Unpack[LogKeys]
+        self,
+        model: Any,
+        features: Any,
+        coords: Any = None,
+        *,
+        method: str = "attention",
+        **where: Unpack[LogKeys],
     ) -> str | None:
         """Like :meth:`log`, but the scores come from ``model`` on the bag ``features`` (N, D)
         through the model's own reduction (:func:`~clam_heat.training.model_attention`); the
         model only runs on epochs that are drawn. Works for every registered model, and lets
         ``class_index`` pick any class's map, also for models that reduce inside their forward
-        (DSMIL)."""
+        (DSMIL). ``method``: an attribution method instead of attention (docs/explanations.md)."""
         class_index = where.get("class_index")
         return self._guarded(
-            lambda: model_attention(model, features, class_index=class_index), coords, **where
+            lambda: model_attention(model, features, class_index=class_index, method=method),
+            coords,
+            **where,
         )
 
     def _guarded(
@@ -381,6 +389,7 @@ def log_validation_attention(
     *,
     features_dir: str | Path | None = None,
     tracker: Tracker | None = None,
+    method: str = "attention",
     **logger_options: Any,
 ) -> str | None:
     """One call for CLAM's ``validate_clam`` / ``validate``: draw the first validation slide's
@@ -409,6 +418,7 @@ def log_validation_attention(
     def first_bag() -> Any:
         batch = next(iter(loader))
         data = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return model_attention(model, data.detach().cpu() if hasattr(data, "detach") else data)
+        bag = data.detach().cpu() if hasattr(data, "detach") else data
+        return model_attention(model, bag, method=method)
 
     return logger._guarded(first_bag, None, step=epoch, slide_id=slide_id)

@@ -175,14 +175,18 @@ def normalize_attention(scores: np.ndarray, method: Normalisation = "softmax") -
     return (values - low) / (high - low)
 
 
-def model_attention(model: Any, features: Any, *, class_index: int | None = None) -> np.ndarray:
+def model_attention(
+    model: Any, features: Any, *, class_index: int | None = None, method: str = "attention"
+) -> np.ndarray:
     """Per-patch attention (N,) float64 of a registered model on one whole bag, through the
     model's own reduction (:mod:`clam_heat.models.inference`), in eval mode and without grad.
 
     ``features`` (N, D) tensor or array. ``class_index`` None: the predicted class's map (as
     :func:`~clam_heat.models.run_attention` gives it); else that class's map for models with one
     map per class (CLAM_MB, DSMIL), ignored by single-map models. The model's training mode is
-    restored afterwards.
+    restored afterwards. ``method``: another attribution method of :mod:`clam_heat.explain`
+    (``contribution``, ``integrated_gradients`` ...), for the class ``class_index`` or the
+    predicted one (signed scores).
     """
     from ..models.inference import attention_logits, run_attention
 
@@ -190,7 +194,13 @@ def model_attention(model: Any, features: Any, *, class_index: int | None = None
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
-        if class_index is None:
+        if method != "attention":
+            from ..explain import explain_bag
+
+            targets = None if class_index is None else [class_index]
+            (found,) = explain_bag(model, bag, [method], targets=targets).values()
+            scores = found.scores
+        elif class_index is None:
             scores = run_attention(model, bag).attention
         else:
             scores = attention_logits(model, bag, branch=class_index)
