@@ -1,6 +1,6 @@
 """Cost of the attribution methods (docs/explanations.md): CPU seconds of each method for each
-model as a ratio to that model's attention pass, measured in the same run, and peak RSS of one method on
-a large bag (each in a fresh process).
+model as a ratio to that model's attention pass, measured in the same run, and peak RSS of one
+method on a large bag (each in a fresh process).
 
     python bench/explain.py                       # 15,000 x 1,024, clam_sb and abmil
     python bench/explain.py --models clam_sb abmil transmil --patches 15000
