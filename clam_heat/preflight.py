@@ -98,15 +98,16 @@ def check_output_roots(folders: Iterable[tuple[str, Path]]) -> None:
             raise OutputRootError(f"{key} {folder}: cannot write output here; {err}") from None
 
 
-def check_global_inputs(cfg: Any, stage_names: Iterable[str]) -> None:
+def check_global_inputs(cfg: Any, stage_names: Iterable[str], *, in_process: bool = True) -> None:
     """The checkpoint loads into the configured model with finite weights, and the encoder
     builds (weights found, readable, not pickled, of the width ``embed_dim`` expects) whenever
-    a stage will encode patches: every row would fail the same way, so the run stops once."""
+    a stage will encode patches: every row would fail the same way, so the run stops once.
+    ``in_process``: the rows run in this process (then the encoder built here is kept)."""
     names = set(stage_names)
     if names & {"infer", "overlap", "heatmap", "sample"}:
         check_checkpoint(cfg)
     if needs_encoder(cfg, names):
-        check_encoder(cfg)
+        check_encoder(cfg, in_process=in_process)
 
 
 def check_checkpoint(cfg: Any) -> None:
@@ -162,12 +163,13 @@ def needs_encoder(cfg: Any, stage_names: Iterable[str]) -> bool:
     return overlap or ("infer" in names and _extracts_features(cfg))
 
 
-def check_encoder(cfg: Any) -> None:
+def check_encoder(cfg: Any, *, in_process: bool = True) -> None:
     """Build the patch encoder once, as a row would; any failure is one line naming the weights.
 
     The encoder is built through the per-process cache of :mod:`clam_heat.stages.resources`,
-    so a run in this process reuses it instead of loading the weights a second time (a pool's
-    workers build their own, so then it is built on the CPU and dropped).
+    so rows run in this process (``in_process``) reuse it instead of loading the weights a
+    second time; when workers run them, they build their own, so it is built on the CPU and
+    dropped.
     """
     from .encoders import build_encoder, find_encoder_weights
     from .stages.resources import encoder_for
@@ -183,7 +185,7 @@ def check_encoder(cfg: Any) -> None:
     if weights is not None and weights.stat().st_size == 0:
         raise GlobalInputError(f"{key}: {weights}: 0 bytes; re-copy it")
     try:
-        if cfg.runner_arguments.workers > 1:  # workers build their own: check on the CPU here
+        if not in_process:  # workers build their own: check on the CPU here
             build_encoder(
                 enc.model_name,
                 target_img_size=enc.target_img_size,
@@ -208,9 +210,12 @@ def _extracts_features(cfg: Any) -> bool:
     return bool(getattr(cfg.runner_arguments, "extract_features", False))
 
 
-def preflight(cfg: Any, stages: Iterable[Any], *, dry_run: bool = False) -> None:
+def preflight(
+    cfg: Any, stages: Iterable[Any], *, dry_run: bool = False, in_process: bool = True
+) -> None:
     """Everything checked once before any row is touched (a dry run writes nothing, so it
-    checks only the inputs)."""
+    checks only the inputs). ``in_process``: the rows run in this process."""
     if not dry_run:
         check_output_roots(output_folders(cfg))
-    check_global_inputs(cfg, [getattr(s, "name", str(s)) for s in stages])
+    names = [getattr(s, "name", str(s)) for s in stages]
+    check_global_inputs(cfg, names, in_process=in_process)

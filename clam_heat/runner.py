@@ -241,7 +241,8 @@ def run_pipeline(
                 held.enter_context(list_lock(run_list))
             except OutputError as err:  # no lock file can be made: an unwritable list folder
                 raise OutputRootError(str(err)) from None
-            preflight(cfg, plan)  # output roots and global inputs, exit 2 if bad
+            # output roots and global inputs, exit 2 if bad
+            preflight(cfg, plan, in_process=isinstance(executor, SerialExecutor))
             replay_journal(run_list, run_results)  # a killed run's finished rows first
             _run_locked(cfg, plan, executor, summary, stop, shard, retry_failed, on_row, on_start)
         except StopRequested:

@@ -593,6 +593,12 @@ def pickled_encoder_weights(p: Path, mp) -> Case:
     return Case(2, names, _calc(p, mp, *sets))
 
 
+def pickled_encoder_weights_with_workers(p: Path, mp) -> Case:
+    case = pickled_encoder_weights(p, mp)  # checked in the driver before any worker starts
+    case.args += ["--workers", "2"]
+    return case
+
+
 def unreadable_encoder_weights(p: Path, mp) -> Case:
     (p / "w.pt").write_bytes(b"not a checkpoint at all")
     sets = _tiny_weights(p / "w.pt")
@@ -714,7 +720,8 @@ CASES: list[CaseFn] = [
     bad_shard,
     missing_checkpoint, empty_checkpoint, truncated_checkpoint, plain_pickle_checkpoint,
     wrong_architecture_checkpoint, wrong_model_type, missing_encoder_weights,
-    encoder_weights_not_found, pickled_encoder_weights, unreadable_encoder_weights,
+    encoder_weights_not_found, pickled_encoder_weights, pickled_encoder_weights_with_workers,
+    unreadable_encoder_weights,
     permission_denied_encoder_weights, encoder_of_the_wrong_width,
     encoder_weights_of_another_width, nan_checkpoint,
     raw_root_under_a_file, production_root_under_a_file, read_only_root, permission_denied_root,
