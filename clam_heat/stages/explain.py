@@ -93,7 +93,7 @@ class ExplainStage(Stage):
         from ..features import load_bag
         from ..h5io import write_scores_h5
         from ..heatmap import render_heatmap
-        from ..segmentation import load_geojson
+        from ..tissue import load_geojson
         from .heatmap import _vis_level, production_spec
         from .infer import _features_path
         from .resources import model_for
