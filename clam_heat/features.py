@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from .errors import FeatureError, message_line
 
 if TYPE_CHECKING:
+    import h5py
+
     from .slide import Slide
 
 __all__ = [
@@ -310,6 +311,8 @@ def patch_size_from_spacing(coords_l0: np.ndarray) -> int | None:
 
 
 def _open(path: Path) -> h5py.File:
+    import h5py  # here, not at the top: finding a bag's file (a fingerprint) needs no HDF5
+
     if not path.is_file():
         raise FeatureError(f"{path}: features file not found (check runner_arguments.features_dir)")
     try:
@@ -323,6 +326,8 @@ def _open(path: Path) -> h5py.File:
 
 
 def _read_dataset(path: Path, handle: h5py.File, name: str) -> np.ndarray:
+    import h5py
+
     node = handle[name]
     if not isinstance(node, h5py.Dataset):
         raise FeatureError(f"{path}: '{name}' is a group, not a dataset (re-extract the features)")
@@ -404,6 +409,8 @@ class _Companion:
 
 def _read_companion(path: Path, *, with_coords: bool) -> _Companion | None:
     """A companion coords file's ``coords`` attrs (and values when asked); None if no coords."""
+    import h5py
+
     with _open(path) as handle:
         node = handle.get("coords")
         if not isinstance(node, h5py.Dataset):
@@ -464,6 +471,8 @@ def load_bag(
     ``slide`` is optional: it only helps rules c (level downsample) and e (MPP). Every problem is
     a :class:`FeatureError` whose one-line message names the file and the fix.
     """
+    import h5py
+
     path = Path(path)
     slide_id = path.stem
     with _open(path) as handle:

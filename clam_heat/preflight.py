@@ -8,6 +8,7 @@ with exit code 2 and one line naming the folder, file or key and the fix, instea
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -92,24 +93,35 @@ def check_output_roots(folders: Iterable[tuple[str, Path]]) -> None:
             raise OutputRootError(f"{key} {folder}: cannot write output here; {err}") from None
 
 
-def check_global_inputs(cfg: Any, stage_names: Iterable[str]) -> None:
-    """The checkpoint loads into the configured model; encoder weights exist when extracting."""
+def check_global_inputs(
+    cfg: Any, stage_names: Iterable[str], *, remember: Path | None = None
+) -> None:
+    """The checkpoint loads into the configured model; encoder weights exist when extracting.
+
+    ``remember`` names a small JSON file that records a checkpoint that loaded (its identity
+    and the model keys): while both stay the same the load is not repeated, so a rerun with
+    nothing to do never imports torch (1.7 of its 2.6 CPU seconds).
+    """
     names = set(stage_names)
     args = cfg.model_arguments
     if names & {"infer", "overlap", "heatmap", "sample"}:
-        from .models import load_model
+        key = _checkpoint_key(cfg)
+        if remember is None or _remembered(remember) != key:
+            from .models import load_model
 
-        try:
-            load_model(
-                Path(args.ckpt_path),
-                args.model_type,
-                n_classes=cfg.exp_arguments.n_classes,
-                embed_dim=args.embed_dim,
-                model_size=args.model_size,
-                device="cpu",
-            )
-        except ClamHeatError as err:
-            raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
+            try:
+                load_model(
+                    Path(args.ckpt_path),
+                    args.model_type,
+                    n_classes=cfg.exp_arguments.n_classes,
+                    embed_dim=args.embed_dim,
+                    model_size=args.model_size,
+                    device="cpu",
+                )
+            except ClamHeatError as err:
+                raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
+            if remember is not None:
+                _remember(remember, key)
     if cfg.heatmap_arguments.calc_heatmap or _extracts_features(cfg):
         from .encoders import find_encoder_weights
 
@@ -127,6 +139,48 @@ def check_global_inputs(cfg: Any, stage_names: Iterable[str]) -> None:
             )
 
 
+#: Where a run records the checkpoint that loaded (in the raw root; see check_global_inputs).
+CHECKPOINT_RECORD = ".checkpoint_checked.json"
+
+
+def _checkpoint_key(cfg: Any) -> dict[str, Any]:
+    """What the checkpoint check depends on: the file's identity and the model keys."""
+    from . import __version__
+    from .ledger import file_identity
+
+    args = cfg.model_arguments
+    identity = file_identity(Path(args.ckpt_path))
+    identity.pop("path", None)  # the content (or size + mtime) loads wherever the file lives
+    return {
+        "package_version": __version__,
+        "checkpoint": identity,
+        "model_type": args.model_type,
+        "model_size": args.model_size,
+        "embed_dim": args.embed_dim,
+        "n_classes": cfg.exp_arguments.n_classes,
+    }
+
+
+def _remembered(path: Path) -> Any:
+    """The key recorded at ``path`` (None when absent or unreadable: the check runs)."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remember(path: Path, key: dict[str, Any]) -> None:
+    """Record ``key`` (best effort: a record that cannot be written only costs a reload)."""
+    import json
+
+    from .atomic import write_text_atomic
+
+    with contextlib.suppress(OSError, OutputError):
+        write_text_atomic(path, json.dumps(key, sort_keys=True) + "\n", durable=False)
+
+
 def _extracts_features(cfg: Any) -> bool:
     """Whether rows without a feature H5 are encoded from the slide (then weights are needed)."""
     return bool(getattr(cfg.runner_arguments, "extract_features", False))
@@ -135,6 +189,11 @@ def _extracts_features(cfg: Any) -> bool:
 def preflight(cfg: Any, stages: Iterable[Any], *, dry_run: bool = False) -> None:
     """Everything checked once before any row is touched (a dry run writes nothing, so it
     checks only the inputs)."""
+    from .rows import output_roots
+
+    remember = output_roots(cfg)[0] / CHECKPOINT_RECORD
     if not dry_run:
         check_output_roots(output_folders(cfg))
-    check_global_inputs(cfg, [getattr(s, "name", str(s)) for s in stages])
+    names = [getattr(s, "name", str(s)) for s in stages]
+    # a dry run writes nothing, so it checks the checkpoint without the record
+    check_global_inputs(cfg, names, remember=remember if not dry_run else None)

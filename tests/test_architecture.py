@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "h5io": 2,
     "features": 3,
     "trackers": 2,
+    "list_status": 2,
     "config": 3,
     "process_list": 3,
     "models": 4,
