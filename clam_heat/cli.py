@@ -395,8 +395,10 @@ def _run_with_progress(
             else:
                 typer.echo(line, err=True)
 
-    try:
-        with progress if progress is not None else contextlib.nullcontext():
+    from .model_process import hosting
+
+    try:  # the model process forks before the progress bar's thread starts (clean state)
+        with hosting(), progress if progress is not None else contextlib.nullcontext():
             summary = runner(
                 cfg, retry_failed=retry_failed, dry_run=dry_run, on_row=on_row, on_start=on_start
             )

@@ -103,21 +103,13 @@ def check_global_inputs(
     nothing to do never imports torch (1.7 of its 2.6 CPU seconds).
     """
     names = set(stage_names)
-    args = cfg.model_arguments
     if names & {"infer", "overlap", "heatmap", "sample"}:
         key = _checkpoint_key(cfg)
         if remember is None or _remembered(remember) != key:
-            from .models import load_model
+            from . import model_process
 
             try:
-                load_model(
-                    Path(args.ckpt_path),
-                    args.model_type,
-                    n_classes=cfg.exp_arguments.n_classes,
-                    embed_dim=args.embed_dim,
-                    model_size=args.model_size,
-                    device="cpu",
-                )
+                model_process.call(_load_checkpoint, cfg)  # torch stays out of the driver
             except ClamHeatError as err:
                 raise GlobalInputError(f"model_arguments.ckpt_path: {err}") from None
             if remember is not None:
@@ -137,6 +129,21 @@ def check_global_inputs(
             raise GlobalInputError(
                 f"runner_arguments.encoder_weights: {weights}: 0 bytes; re-copy it"
             )
+
+
+def _load_checkpoint(cfg: Any) -> None:
+    """Load the configured model from its checkpoint on the CPU (raises what loading raises)."""
+    from .models import load_model
+
+    args = cfg.model_arguments
+    load_model(
+        Path(args.ckpt_path),
+        args.model_type,
+        n_classes=cfg.exp_arguments.n_classes,
+        embed_dim=args.embed_dim,
+        model_size=args.model_size,
+        device="cpu",
+    )
 
 
 #: Where a run records the checkpoint that loaded (in the raw root; see check_global_inputs).

@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "atomic": 1,
     "devices": 1,
     "threads": 1,
+    "memory": 1,
+    "model_process": 1,
     "slide": 2,
     "ledger": 2,
     "h5io": 2,

@@ -9,17 +9,24 @@ up with; the test process itself has imported torch long before, so it cannot te
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
+from clam_heat import model_process
 from clam_heat.cli import cli_main
 from clam_heat.config import load_config
 from clam_heat.config.fields import SHIPPED_CMAPS
-from clam_heat.errors import CheckpointError
+from clam_heat.errors import CheckpointError, SlideError
 from clam_heat.list_status import STATUSES, ListStatus, read_status
+from clam_heat.model_process import ModelProcessError
 from clam_heat.preflight import CHECKPOINT_RECORD, GlobalInputError, check_global_inputs
 from clam_heat.process_list import STATUSES as LIST_STATUSES
 from clam_heat.process_list import failed_rows, read_process_list, status_summary
@@ -205,3 +212,89 @@ def test_tissue_names_load_on_first_use() -> None:
         assert getattr(tissue, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = tissue.nope
+
+
+# ------------------------------------------------------------------ the model process
+
+
+def _crash_if_not(pid: int) -> int:
+    """Kill the calling process unless it is ``pid`` (a model process dying mid-call)."""
+    if os.getpid() != pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def _raise_slide_error(path: str) -> None:
+    raise SlideError(Path(path), "unreadable on purpose", "re-export it")
+
+
+def test_model_process_runs_calls_elsewhere_and_returns_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_process, "_can_host", lambda: True)  # this process has torch
+    here = os.getpid()
+    assert model_process.call(os.getpid) == here  # no model process: runs here
+    with model_process.hosting() as hosted:
+        assert hosted and model_process.is_running()
+        there = model_process.call(os.getpid)
+        assert there != here and model_process.call(os.getpid) == there  # one, kept
+        with pytest.raises(SlideError, match="slide.tiff: unreadable on purpose") as caught:
+            model_process.call(_raise_slide_error, "slide.tiff")
+        assert caught.value.exit_code == SlideError.exit_code  # type and fields kept
+        assert model_process.call(os.getpid) == there  # an error does not end it
+        with pytest.raises(ModelProcessError, match=r"died \(killed by SIGKILL\)"):
+            model_process.call(_crash_if_not, here)
+        assert not model_process.is_running()
+        assert model_process.call(_crash_if_not, here) == here  # later calls run here
+    assert not model_process.is_running()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(there, os.WNOHANG)  # reaped, not left as a zombie
+
+
+def test_run_keeps_torch_out_of_the_driver(demo_project: Path, tmp_path: Path) -> None:
+    """The CLI run forks the model process: the driver never imports torch, and the outputs
+    are those of a run that does everything in one process."""
+    folder = demo_project.parent
+    alone = tmp_path / "alone"
+    shutil.copytree(folder, alone)
+    code, output, loaded = _command(["run", str(demo_project), "--quiet"], folder)
+    assert code == 0 and "rows: 5 done" in output, output
+    assert "torch" not in loaded, loaded
+    env_off = "import os; os.environ['CLAM_HEAT_MODEL_PROCESS'] = '0'"
+    code, output, loaded = _command(["run", str(alone / "config.yaml"), "--quiet"], alone, env_off)
+    assert code == 0 and "torch" in loaded, output
+
+    def outputs(root: Path) -> dict[str, bytes]:
+        found = {}
+        for path in sorted((root / "heatmaps").rglob("*")):
+            if path.suffix in {".jpg", ".png"}:
+                found[str(path.relative_to(root))] = path.read_bytes()
+            elif path.name.endswith("_blockmap.h5"):
+                with h5py.File(path) as h5:
+                    found[str(path.relative_to(root))] = np.asarray(
+                        h5["attention_scores"]
+                    ).tobytes()
+        return found
+
+    ours, theirs = outputs(folder), outputs(alone)
+    assert len(ours) > 20 and ours == theirs
+
+
+def test_a_model_process_that_dies_fails_its_row_only(demo_project: Path) -> None:
+    folder = demo_project.parent
+    setup = "\n".join(
+        [
+            "import os, signal",
+            "import clam_heat.stages.infer as infer",  # torch-free: the driver stays so
+            "driver, real = os.getpid(), infer.write_blockmap",
+            "def dying(*args, **kwargs):",  # the first row's model process dies mid-stage
+            "    if os.getpid() != driver:",
+            "        os.kill(os.getpid(), signal.SIGKILL)",
+            "    return real(*args, **kwargs)",
+            "infer.write_blockmap = dying",
+        ]
+    )
+    code, output, _loaded = _command(["run", str(demo_project), "--quiet"], folder, setup)
+    assert code == 1, output
+    assert "rows: 1 failed, 4 done" in output, output
+    assert "the model process died (killed by SIGKILL) in <stage infer>" in output, output
