@@ -7,6 +7,7 @@ Progress goes to stderr, results to stdout; ``--quiet`` (or a non-TTY stderr) tu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -362,8 +363,6 @@ def quick(
 def _run_with_progress(
     cfg: Any, *, retry_failed: bool, dry_run: bool, quiet: bool, runner: Any
 ) -> Any:
-    import contextlib
-
     show = not quiet and sys.stderr.isatty()
     log_file = (
         Path(cfg.exp_arguments.raw_save_dir) / cfg.exp_arguments.save_exp_code / "clam_heat.log"
