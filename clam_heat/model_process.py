@@ -33,7 +33,7 @@ from .errors import ClamHeatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelProcessError", "call", "hosting", "is_running"]
+__all__ = ["ModelProcessError", "call", "hosting", "is_running", "release"]
 
 T = TypeVar("T")
 
@@ -193,6 +193,16 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     finally:
         if helper.dead and _HELPER is helper:
             _HELPER = None
+
+
+def release() -> None:
+    """Stop the model process now; later calls run here. For a run whose rows go to worker
+    processes (they run their model stages themselves): the helper, which then holds torch and
+    a model for nothing, should not sit beside them."""
+    global _HELPER
+    helper, _HELPER = _HELPER, None
+    if helper is not None:
+        helper.stop()
 
 
 def _can_host() -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import model_process
 from .atomic import sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .executors import LocalExecutor, SerialExecutor
@@ -228,6 +229,8 @@ def run_pipeline(
     if executor is None:
         workers = cfg.runner_arguments.workers
         executor = LocalExecutor(workers) if workers > 1 else SerialExecutor()
+    if not isinstance(executor, SerialExecutor):
+        model_process.release()  # workers run their own model stages (preflight used it)
     with contextlib.ExitStack() as held, StopSignals() as stop:
         try:
             if shard is not None:  # shards side by side; never under a whole-list run

@@ -25,12 +25,14 @@ from clam_heat.cli import cli_main
 from clam_heat.config import load_config
 from clam_heat.config.fields import SHIPPED_CMAPS
 from clam_heat.errors import CheckpointError, SlideError
+from clam_heat.executors import SerialExecutor
 from clam_heat.list_status import STATUSES, ListStatus, read_status
 from clam_heat.model_process import ModelProcessError
 from clam_heat.preflight import CHECKPOINT_RECORD, GlobalInputError, check_global_inputs
 from clam_heat.process_list import STATUSES as LIST_STATUSES
 from clam_heat.process_list import failed_rows, read_process_list, status_summary
 from clam_heat.rows import output_roots
+from clam_heat.runner import run_pipeline
 
 HEAVY = ("torch", "pandas", "matplotlib", "cv2")
 
@@ -298,3 +300,27 @@ def test_a_model_process_that_dies_fails_its_row_only(demo_project: Path) -> Non
     assert code == 1, output
     assert "rows: 1 failed, 4 done" in output, output
     assert "the model process died (killed by SIGKILL) in <stage infer>" in output, output
+
+
+class _ExactSerial(SerialExecutor):
+    """The runner's serial executor, told apart from its subclass below."""
+
+
+class _ElsewhereExecutor(SerialExecutor):
+    """Stands for workers elsewhere: not the runner's serial executor."""
+
+
+@pytest.mark.parametrize("executor", [None, _ElsewhereExecutor], ids=["serial", "workers"])
+def test_model_process_stays_only_for_a_serial_run(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch, executor: type | None
+) -> None:
+    monkeypatch.setattr(model_process, "_can_host", lambda: True)  # this process has torch
+    monkeypatch.setattr("clam_heat.runner.SerialExecutor", _ExactSerial)
+    cfg = load_config(demo_project)
+    with model_process.hosting():
+        summary = run_pipeline(cfg, executor=executor() if executor else None)
+        assert summary.ok and summary.counts == {"done": 5}
+        assert model_process.is_running() == (executor is None)
+        model_process.release()
+        assert not model_process.is_running()
+        assert model_process.call(os.getpid) == os.getpid()
