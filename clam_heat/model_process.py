@@ -118,7 +118,8 @@ def _serve(conn: Any) -> None:  # pragma: no cover - runs in the child
             try:
                 reply: tuple[str, Any] = ("ok", fn(*args))
             except BaseException as err:  # noqa: BLE001 - every failure goes back to the driver
-                log.debug("model process: %s failed\n%s", _name(fn), traceback.format_exc())
+                if not isinstance(err, ClamHeatError):  # its frames exist only here: log them
+                    log.error("model process: %s failed\n%s", _name(fn), traceback.format_exc())
                 reply = ("error", _error_payload(err))
             try:
                 conn.send(reply)
