@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from . import cli_tools
-from .cli_output import fail, missing_list_text, run_app
+from .cli_output import exit_now, fail, missing_list_text, run_app
 from .cli_tools import ConfigArg
 from .errors import ClamHeatError, ProcessListError
 
@@ -597,4 +597,4 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:  # pragma: no cover - console entry
-    sys.exit(cli_main())
+    exit_now(cli_main())  # no interpreter teardown: 0.15-0.2 CPU s per command

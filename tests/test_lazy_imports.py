@@ -324,3 +324,77 @@ def test_model_process_stays_only_for_a_serial_run(
         model_process.release()
         assert not model_process.is_running()
         assert model_process.call(os.getpid) == os.getpid()
+
+
+# ------------------------------------------------------------------ exit without teardown
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_exit_now_keeps_the_code_output_and_exit_handlers(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    done = _python(
+        "\n".join(
+            [
+                "import atexit, logging",
+                "from clam_heat.cli_output import exit_now",
+                f"handler = logging.FileHandler({str(log)!r})",
+                "logging.getLogger('x').addHandler(handler)",
+                "logging.getLogger('x').warning('last words')",  # flushed by logging's handler
+                "atexit.register(lambda: print('exit handler ran'))",
+                "print('to stdout', end='')",  # unflushed output still arrives
+                "exit_now(3)",
+            ]
+        ),
+        tmp_path,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "to stdout" in done.stdout and "exit handler ran" in done.stdout
+    assert log.read_text(encoding="utf-8") == "last words\n"
+
+
+def test_exit_now_waits_for_a_live_thread(tmp_path: Path) -> None:
+    marker = tmp_path / "written"
+    done = _python(
+        "\n".join(
+            [
+                "import threading, time",
+                "from pathlib import Path",
+                "from clam_heat.cli_output import exit_now",
+                "def late():",
+                "    time.sleep(0.5)",
+                f"    Path({str(marker)!r}).write_text('done')",
+                "threading.Thread(target=late).start()",
+                "exit_now(0)",
+            ]
+        ),
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text(encoding="utf-8") == "done"
+
+
+def test_console_entry_exit_codes(tmp_path: Path) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text(LIST_TEXT, encoding="utf-8")
+    ok = subprocess.run(
+        [sys.executable, "-m", "clam_heat", "status", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0 and "5 rows" in ok.stdout, ok.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "clam_heat", "status", str(tmp_path / "nope.csv")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(f"error: {tmp_path / 'nope.csv'}: process list file not found")
