@@ -201,3 +201,25 @@ def run_app(app: Any, argv: list[str] | None = None) -> int:
         logging.getLogger("clam_heat.notice").removeHandler(user)
         warnings_logger.removeHandler(forward)
     return code if isinstance(code, int) else EXIT_DONE
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without tearing the interpreter down.
+
+    Why: freeing every module and object one by one at exit cost 0.15-0.2 CPU s once pandas and
+    numpy are loaded, a fifth of a rerun with nothing to do. The exit handlers still run (they
+    close the log files and let trackers finish) and stdout/stderr are flushed; every output
+    file is already closed by then. With a non-daemon thread still alive the normal exit waits
+    for it instead.
+    """
+    import atexit
+    import threading
+
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)

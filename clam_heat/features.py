@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from .errors import FeatureError
@@ -46,6 +45,8 @@ from .h5io import (
 )
 
 if TYPE_CHECKING:
+    import h5py
+
     from .slide import Slide
 
 __all__ = [

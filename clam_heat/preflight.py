@@ -8,6 +8,7 @@ with exit code 2 and one line naming the folder, file or key and the fix, instea
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -98,16 +99,31 @@ def check_output_roots(folders: Iterable[tuple[str, Path]]) -> None:
             raise OutputRootError(f"{key} {folder}: cannot write output here; {err}") from None
 
 
-def check_global_inputs(cfg: Any, stage_names: Iterable[str], *, in_process: bool = True) -> None:
+def check_global_inputs(
+    cfg: Any, stage_names: Iterable[str], *, in_process: bool = True, remember: Path | None = None
+) -> None:
     """The checkpoint loads into the configured model with finite weights, and the encoder
     builds (weights found, readable, not pickled, of the width ``embed_dim`` expects) whenever
     a stage will encode patches: every row would fail the same way, so the run stops once.
-    ``in_process``: the rows run in this process (then the encoder built here is kept)."""
+
+    Both checks run in the model process when the run started one (torch stays out of the
+    driver; the encoder it builds is the one the overlap stage then uses there).
+    ``in_process``: the rows run in this process (then the encoder built is kept).
+    ``remember`` names a small JSON file that records a checkpoint that passed (its identity
+    and the model keys): while both stay the same the load is not repeated, so a rerun with
+    nothing to do never imports torch.
+    """
+    from . import model_process
+
     names = set(stage_names)
     if names & {"infer", "overlap", "heatmap", "sample"}:
-        check_checkpoint(cfg)
+        key = _checkpoint_key(cfg)
+        if remember is None or _remembered(remember) != key:
+            model_process.call(check_checkpoint, cfg)
+            if remember is not None:
+                _remember(remember, key)
     if needs_encoder(cfg, names):
-        check_encoder(cfg, in_process=in_process)
+        model_process.call(check_encoder, cfg, in_process)
 
 
 def check_checkpoint(cfg: Any) -> None:
@@ -163,7 +179,7 @@ def needs_encoder(cfg: Any, stage_names: Iterable[str]) -> bool:
     return overlap or ("infer" in names and _extracts_features(cfg))
 
 
-def check_encoder(cfg: Any, *, in_process: bool = True) -> None:
+def check_encoder(cfg: Any, in_process: bool = True) -> None:
     """Build the patch encoder once, as a row would; any failure is one line naming the weights.
 
     The encoder is built through the per-process cache of :mod:`clam_heat.stages.resources`,
@@ -205,6 +221,48 @@ def check_encoder(cfg: Any, *, in_process: bool = True) -> None:
         raise GlobalInputError(text if named else f"{key}: {text}") from None
 
 
+#: Where a run records the checkpoint that loaded (in the raw root; see check_global_inputs).
+CHECKPOINT_RECORD = ".checkpoint_checked.json"
+
+
+def _checkpoint_key(cfg: Any) -> dict[str, Any]:
+    """What the checkpoint check depends on: the file's identity and the model keys."""
+    from . import __version__
+    from .ledger import file_identity
+
+    args = cfg.model_arguments
+    identity = file_identity(Path(args.ckpt_path))
+    identity.pop("path", None)  # the content (or size + mtime) loads wherever the file lives
+    return {
+        "package_version": __version__,
+        "checkpoint": identity,
+        "model_type": args.model_type,
+        "model_size": args.model_size,
+        "embed_dim": args.embed_dim,
+        "n_classes": cfg.exp_arguments.n_classes,
+    }
+
+
+def _remembered(path: Path) -> Any:
+    """The key recorded at ``path`` (None when absent or unreadable: the check runs)."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remember(path: Path, key: dict[str, Any]) -> None:
+    """Record ``key`` (best effort: a record that cannot be written only costs a reload)."""
+    import json
+
+    from .atomic import write_text_atomic
+
+    with contextlib.suppress(OSError, OutputError):
+        write_text_atomic(path, json.dumps(key, sort_keys=True) + "\n", durable=False)
+
+
 def _extracts_features(cfg: Any) -> bool:
     """Whether rows without a feature H5 are encoded from the slide (then weights are needed)."""
     return bool(getattr(cfg.runner_arguments, "extract_features", False))
@@ -215,7 +273,13 @@ def preflight(
 ) -> None:
     """Everything checked once before any row is touched (a dry run writes nothing, so it
     checks only the inputs). ``in_process``: the rows run in this process."""
+    from .rows import output_roots
+
+    remember = output_roots(cfg)[0] / CHECKPOINT_RECORD
     if not dry_run:
         check_output_roots(output_folders(cfg))
     names = [getattr(s, "name", str(s)) for s in stages]
-    check_global_inputs(cfg, names, in_process=in_process)
+    # a dry run writes nothing, so it checks the checkpoint without the record
+    check_global_inputs(
+        cfg, names, in_process=in_process, remember=remember if not dry_run else None
+    )

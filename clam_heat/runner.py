@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import model_process
 from .atomic import sweep_probe_files, sweep_temp_files, sweep_temp_files_of, write_text_atomic
 from .config import HeatmapConfig
 from .errors import OutputError
@@ -232,6 +233,8 @@ def run_pipeline(
     if executor is None:
         workers = cfg.runner_arguments.workers
         executor = LocalExecutor(workers) if workers > 1 else SerialExecutor()
+    if not isinstance(executor, SerialExecutor):
+        model_process.release()  # workers run their own model stages (preflight used it)
     with contextlib.ExitStack() as held, StopSignals() as stop:
         try:
             # the lock first: a second run is refused at once, before the start-up checks

@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -28,11 +28,11 @@ from .heatmap.maths import to_percentiles
 from .threads import helper_threads
 
 if TYPE_CHECKING:
+    from .config import SampleSpec
     from .slide import Slide
 
 __all__ = [
     "MANIFEST_COLUMNS",
-    "PatchTarget",
     "SampleMode",
     "export_threshold",
     "threshold_indices",
@@ -93,14 +93,21 @@ def sample_indices(
     >>> sample_indices(s, mode="range_sample", k=5, score_start=0, score_end=1)[1]
     'range_sample: no patch has a percentile in [0, 1] (0-100 scale; top half: 50-100)'
     """
+    flat = np.asarray(scores).reshape(-1)
+    pct = to_percentiles(flat) if len(flat) else flat
+    return _pick(pct, mode=mode, k=k, seed=seed, score_start=score_start, score_end=score_end)
+
+
+def _pick(
+    pct: np.ndarray, *, mode: str, k: int, seed: int, score_start: float, score_end: float
+) -> tuple[np.ndarray, str | None]:
+    """:func:`sample_indices` on percentiles already computed (the saver prints them too)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if k < 1:
         raise ValueError(f"k = {k}: must be >= 1")
-    flat = np.asarray(scores).reshape(-1)
-    if len(flat) == 0:
+    if len(pct) == 0:
         return np.zeros(0, dtype=np.int64), f"{mode}: no patches to sample from"
-    pct = to_percentiles(flat)
     if mode == "topk":
         return np.argsort(-pct, kind="stable")[:k].astype(np.int64), None
     if mode == "reverse_topk":
@@ -195,55 +202,62 @@ def save_sampled_patches(
         return list(pool.map(lambda job: save(job[0], *job[1]), jobs))
 
 
-class PatchTarget(TypedDict):
-    """The keywords every sampler takes besides the slide, its patch coords and their scores."""
-
-    #: A ``sample_arguments.samples`` entry (CLAM's sampler keys, or ``mode: threshold``'s).
-    spec: Any
-    slide_id: str
-    #: The folder the sampler writes into.
-    folder: str | os.PathLike[str]
-    #: The slide level patches are read at.
-    patch_level: int
-    #: The patch side at level 0 (as in the blockmap's ``coords`` attributes).
-    patch_size_level0: int
+def _patch_side(slide: Slide, patch_level: int, patch_size_level0: int) -> int:
+    """The patch side in ``patch_level`` pixels: the level-0 side over that level's downsample,
+    rounded (at least 1); an unknown level is a :class:`~clam_heat.errors.SlideError`."""
+    slide.check_level(patch_level)
+    return max(1, int(round(patch_size_level0 / slide.level_downsamples[patch_level][0])))
 
 
 def sample_patches(
-    slide: Slide, coords: np.ndarray, scores: np.ndarray, **target: Unpack[PatchTarget]
+    slide: Slide,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    *,
+    spec: SampleSpec,
+    slide_id: str,
+    folder: str | os.PathLike[str],
+    patch_level: int,
+    patch_size_level0: int,
 ) -> tuple[list[Path], str | None]:
     """Run one configured sampler (a ``sample_arguments.samples`` entry) and save its patches.
 
-    ``spec`` has CLAM's sampler keys (``mode``, ``k``, ``seed``, ``score_start``,
-    ``score_end``). The patch side at ``patch_level`` is ``patch_size_level0`` divided by that
-    level's downsample (rounded). Names carry the percentile score, as CLAM's do.
+    Parameters
+    ----------
+    spec : SampleSpec
+        CLAM's sampler keys (``mode``, ``k``, ``seed``, ``score_start``, ``score_end``).
+    slide_id : str
+        Printed in each file name.
+    folder : path
+        The folder the sampler writes into (created when something is written).
+    patch_level : int
+        The slide level patches are read at.
+    patch_size_level0 : int
+        The patch side at level 0 (as in the blockmap's ``coords`` attributes); the side read
+        at ``patch_level`` is this over the level's downsample, rounded. Names carry the
+        percentile score, as CLAM's do.
 
     Returns
     -------
     (paths written, warning or None)
     """
-    spec, patch_level = target["spec"], target["patch_level"]
     flat = np.asarray(scores).reshape(-1)
     xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if len(flat) != len(xy):
         raise ValueError(f"{len(flat)} scores for {len(xy)} coords; they must pair up")
-    idx, warning = sample_indices(
-        flat,
+    pct = to_percentiles(flat) if len(flat) else flat
+    idx, warning = _pick(
+        pct,
         mode=spec.mode,
         k=int(spec.k),
         seed=int(spec.seed),
-        score_start=float(getattr(spec, "score_start", 0.0)),
-        score_end=float(getattr(spec, "score_end", 1.0)),
+        score_start=float(spec.score_start),
+        score_end=float(spec.score_end),
     )
     if len(idx) == 0:
         return [], warning
-    slide.check_level(patch_level)
-    downsample = slide.level_downsamples[patch_level][0]
-    patch_size = max(1, int(round(target["patch_size_level0"] / downsample)))
-    pct = to_percentiles(flat)
-    paths = save_sampled_patches(
-        slide, xy[idx], pct[idx], target["folder"], target["slide_id"], patch_level, patch_size
-    )
+    side = _patch_side(slide, patch_level, patch_size_level0)
+    paths = save_sampled_patches(slide, xy[idx], pct[idx], folder, slide_id, patch_level, side)
     return paths, warning
 
 
@@ -333,12 +347,17 @@ def export_threshold(
     coords: np.ndarray,
     scores: np.ndarray,
     *,
+    spec: SampleSpec,
+    slide_id: str,
+    folder: str | os.PathLike[str],
+    patch_level: int,
+    patch_size_level0: int,
     file_names: dict[str, str],
-    **target: Unpack[PatchTarget],
 ) -> tuple[list[Path], str | None]:
     """Export every patch at or above ``spec.threshold`` (``spec.score``: percentile or raw).
 
-    Writes into ``folder`` (one per slide and sampler): the patches (``spec.format`` png: one
+    The other keywords are :func:`sample_patches`'. Writes into ``folder`` (one per slide and
+    sampler): the patches (``spec.format`` png: one
     CLAM-named PNG each; h5: one HDF5), ``manifest.csv`` (:data:`MANIFEST_COLUMNS`; ``path``
     relative to ``folder``, ``<h5 name>#<row>`` for HDF5; ``percentile`` on a 0-1 scale) and a
     QuPath GeoJSON of the exported squares. ``file_names`` maps ``h5``, ``manifest`` and
@@ -353,8 +372,6 @@ def export_threshold(
 
     from .atomic import write_text_atomic
 
-    spec, slide_id, patch_level = target["spec"], target["slide_id"], target["patch_level"]
-    patch_size_level0 = target["patch_size_level0"]
     flat = np.asarray(scores, dtype=np.float64).reshape(-1)
     xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if len(flat) != len(xy):
@@ -363,10 +380,9 @@ def export_threshold(
     warning = None
     if len(idx) == 0:
         warning = f"threshold: no patch has a {spec.score} score >= {_num(spec.threshold)}"
-    slide.check_level(patch_level)
-    patch_size = max(1, int(round(patch_size_level0 / slide.level_downsamples[patch_level][0])))
+    patch_size = _patch_side(slide, patch_level, patch_size_level0)
     pct = to_percentiles(flat)[idx] / 100 if len(flat) else np.zeros(0)
-    out_dir = Path(target["folder"])
+    out_dir = Path(folder)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -22,6 +22,7 @@ from .fields import (
     _DEVICE,
     PROCESS_LIST_DIRS,
     SAVE_EXTS,
+    SHIPPED_CMAPS,
     Bool,
     Float,
     OptionalPath,
@@ -343,6 +344,8 @@ class HeatmapArguments(_Block):
     @field_validator("cmap", "signed_cmap")
     @classmethod
     def _check_cmap(cls, value: str) -> str:
+        if value in SHIPPED_CMAPS:
+            return value
         names = _colormap_names()
         if value in names:
             return value

@@ -44,6 +44,9 @@ class Stage(ABC):
     depends_on: ClassVar[tuple[str, ...]] = ()
     #: Modules this stage imports lazily; a local worker pool imports them once, up front.
     preload: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``run`` needs torch (a model or an encoder): such a stage runs in the model
+    #: process when the run started one (:mod:`clam_heat.model_process`).
+    needs_model: ClassVar[bool] = False
 
     def enabled(self, cfg: HeatmapConfig) -> bool:
         """Whether a run with ``cfg`` includes this stage."""

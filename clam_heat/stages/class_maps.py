@@ -52,6 +52,7 @@ class ClassMapsStage(Stage):
     name = "class_maps"
     depends_on = ("segment", "infer")
     preload = ("clam_heat.heatmap", "clam_heat.features", "clam_heat.models")
+    needs_model = True
 
     def enabled(self, cfg: HeatmapConfig) -> bool:
         hm = cfg.heatmap_arguments

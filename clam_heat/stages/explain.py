@@ -55,6 +55,7 @@ def targets_of(cfg: HeatmapConfig) -> list[tuple[str | None, int | None]]:
 class ExplainStage(Stage):
     name = "explain"
     depends_on = ("segment", "infer")
+    needs_model = True
     preload = ("clam_heat.explain", "clam_heat.heatmap", "clam_heat.features", "captum.attr")
 
     def enabled(self, cfg: HeatmapConfig) -> bool:

@@ -30,6 +30,7 @@ def slide_seed(slide_id: str) -> int:
 class FaithfulnessStage(Stage):
     name = "faithfulness"
     depends_on = ("infer", "explain")
+    needs_model = True
     preload = ("clam_heat.explain", "clam_heat.features")
 
     def enabled(self, cfg: HeatmapConfig) -> bool:

@@ -106,6 +106,7 @@ class InferStage(Stage):
     name = "infer"
     depends_on = ("segment",)  # only when it extracts features itself
     preload = ("clam_heat.features", "clam_heat.models", "h5py")
+    needs_model = True
 
     def upstream(self, cfg: HeatmapConfig) -> tuple[str, ...]:
         return self.depends_on if cfg.runner_arguments.extract_features else ()

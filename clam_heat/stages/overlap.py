@@ -20,6 +20,7 @@ from .resources import encode_kwargs, encoder_fingerprint, grid, model_for
 class OverlapStage(Stage):
     name = "overlap"
     depends_on = ("segment", "infer")
+    needs_model = True
 
     def enabled(self, cfg: HeatmapConfig) -> bool:
         return cfg.heatmap_arguments.calc_heatmap

@@ -16,16 +16,18 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .. import model_process
 from ..atomic import sync_paths
 from ..errors import ClamHeatError
 from ..ledger import Ledger, Reason, Timer
+from ..memory import release_freed_memory
 from ..rows import RowContext
 from . import registry
-from .base import Stage
+from .base import Stage, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,18 @@ def resolve(stages: Sequence[Stage | str] | None) -> tuple[Stage, ...]:
 def outcome_stages(stages: Sequence[Stage | str] | None) -> set[str]:
     """Names of the stages a row runs (for which ledger results reach its outcome)."""
     return {s if isinstance(s, str) else s.name for s in resolve(stages)}
+
+
+def _run_stage(stage: Stage, ctx: RowContext) -> StageRun:
+    """``stage.run(ctx)``: a stage that needs a model runs in the model process when the run
+    started one (the slide handle stays here; the other process opens its own); afterwards
+    the freed pixel buffers go back to the OS."""
+    if stage.needs_model:
+        run = model_process.call(stage.run, replace(ctx, _slide=None))
+    else:
+        run = stage.run(ctx)
+    release_freed_memory()
+    return run
 
 
 def plan_row(
@@ -149,7 +163,7 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
                 stage_timer = Timer()
                 old_outputs = set((ledger.record(name) or {}).get("outputs", []))
                 ledger.mark_started(name)
-                run = stage.run(ctx)
+                run = _run_stage(stage, ctx)
                 for stale in old_outputs - {str(p) for p in run.outputs}:
                     Path(stale).unlink(missing_ok=True)
                 sync_paths(run.outputs)  # durable before the ledger says done

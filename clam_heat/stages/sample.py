@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..h5io import read_scores
 from ..ledger import Ledger, file_identity
@@ -15,6 +15,11 @@ from ..rows import (
     threshold_file_names,
 )
 from .base import Stage, StageRun, base_fingerprint
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..config import SampleSpec
 
 
 class SampleStage(Stage):
@@ -67,7 +72,12 @@ class SampleStage(Stage):
 
 
 def _export_threshold(
-    ctx: RowContext, spec: Any, pred: int, scores: Any, coords: Any, patch_l0: int
+    ctx: RowContext,
+    spec: SampleSpec,
+    pred: int,
+    scores: np.ndarray,
+    coords: np.ndarray,
+    patch_l0: int,
 ) -> tuple[list[Path], str | None]:
     """A ``mode: threshold`` sampler: every patch at/above the threshold, a folder per slide."""
     from ..sampling import export_threshold

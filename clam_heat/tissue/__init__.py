@@ -16,35 +16,43 @@ Coordinate frames: ``l0_*`` are level-0 pixels, ``vis_*`` are pixels of the leve
 
 from __future__ import annotations
 
-from .contours import (
-    TissueContours,
-    contours_to_geojson,
-    load_geojson,
-    rasterize_tissue,
-    save_geojson,
-)
-from .grid import center_shift_for_overlap, grid_coords, patch_in_tissue
-from .overview import draw_overview, save_overview_jpg
-from .params import AUTO_LEVEL_DOWNSAMPLE, CONTOUR_FNS, ContourFn, SegmentationParams
-from .segment import area_unit, resolve_level, segment_array, segment_slide
+import importlib
+from typing import Any
 
-__all__ = [
-    "AUTO_LEVEL_DOWNSAMPLE",
-    "CONTOUR_FNS",
-    "ContourFn",
-    "SegmentationParams",
-    "TissueContours",
-    "area_unit",
-    "center_shift_for_overlap",
-    "contours_to_geojson",
-    "draw_overview",
-    "grid_coords",
-    "load_geojson",
-    "patch_in_tissue",
-    "rasterize_tissue",
-    "resolve_level",
-    "save_geojson",
-    "save_overview_jpg",
-    "segment_array",
-    "segment_slide",
-]
+#: Each public name and the module that defines it. Loaded on first use (PEP 562): a stage's
+#: fingerprint reads :class:`SegmentationParams` without importing OpenCV.
+_EXPORTS: dict[str, str] = {
+    "TissueContours": "contours",
+    "contours_to_geojson": "contours",
+    "load_geojson": "contours",
+    "rasterize_tissue": "contours",
+    "save_geojson": "contours",
+    "center_shift_for_overlap": "grid",
+    "grid_coords": "grid",
+    "patch_in_tissue": "grid",
+    "draw_overview": "overview",
+    "save_overview_jpg": "overview",
+    "AUTO_LEVEL_DOWNSAMPLE": "params",
+    "CONTOUR_FNS": "params",
+    "ContourFn": "params",
+    "SegmentationParams": "params",
+    "area_unit": "segment",
+    "resolve_level": "segment",
+    "segment_array": "segment",
+    "segment_slide": "segment",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
