@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -212,6 +213,9 @@ def _can_host() -> bool:
         and sys.platform.startswith("linux")
         and os.environ.get(ENV_SWITCH, "1") != "0"
         and "torch" not in sys.modules  # already paid here: no gain in another process
+        # fork copies only the calling thread: a lock another thread holds (logging, imports,
+        # a test runner's I/O) would stay locked in the child forever
+        and threading.active_count() == 1
     )
 
 
