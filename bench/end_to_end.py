@@ -98,7 +98,7 @@ print("BENCH " + json.dumps({
     "model_process_peak_mb": round(kids.ru_maxrss / 1024, 1),
     "torch_in_driver": "torch" in sys.modules,
 }), flush=True)
-from clam_heat.cli_output import exit_now
+from clam_heat.cli.output import exit_now
 exit_now(code)  # as the console script ends
 """
 

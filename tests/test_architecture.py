@@ -63,8 +63,6 @@ LAYERS: dict[str, int] = {
     "video": 11,
     "viewer": 11,
     "doctor": 11,
-    "cli_tools": 12,
-    "cli_output": 11,
     "cli": 13,
     "__main__": 14,
 }

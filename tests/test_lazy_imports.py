@@ -341,7 +341,7 @@ def test_exit_now_keeps_the_code_output_and_exit_handlers(tmp_path: Path) -> Non
         "\n".join(
             [
                 "import atexit, logging",
-                "from clam_heat.cli_output import exit_now",
+                "from clam_heat.cli.output import exit_now",
                 f"handler = logging.FileHandler({str(log)!r})",
                 "logging.getLogger('x').addHandler(handler)",
                 "logging.getLogger('x').warning('last words')",  # flushed by logging's handler
@@ -364,7 +364,7 @@ def test_exit_now_waits_for_a_live_thread(tmp_path: Path) -> None:
             [
                 "import threading, time",
                 "from pathlib import Path",
-                "from clam_heat.cli_output import exit_now",
+                "from clam_heat.cli.output import exit_now",
                 "def late():",
                 "    time.sleep(0.5)",
                 f"    Path({str(marker)!r}).write_text('done')",

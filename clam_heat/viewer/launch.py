@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,9 +14,6 @@ if TYPE_CHECKING:
     from ..config import HeatmapConfig
 
 __all__ = ["open_viewer", "run_app"]
-
-#: Loads a config as the CLI does: ``(name, save_exp_code, sets) -> HeatmapConfig``.
-ConfigLoader = Callable[[str, str | None, list[str] | None], "HeatmapConfig"]
 
 
 def run_app(cfg: HeatmapConfig, entries: list[ViewerEntry], config: str) -> ViewerApp:
@@ -47,12 +43,12 @@ def open_viewer(
     compare: str | None,
     host: str,
     port: int,
-    load: ConfigLoader,
     save_exp_code: str | None = None,
     sets: list[str] | None = None,
 ) -> tuple[ViewerServer, str | None, list[ViewerEntry]]:
     """A run (``config``), a pair (``slide`` file + ``heatmap`` image, no config) or two runs
-    (``config`` + ``compare``) -> (server, slide id to open first, entries)."""
+    (``config`` + ``compare``) -> (server, slide id to open first, entries). ``config`` is
+    loaded as ``run`` loads it, with ``save_exp_code`` and the ``--set`` overrides ``sets``."""
     if heatmap is not None or config is None:
         if heatmap is None or slide is None or config is not None:
             raise ProcessListError(
@@ -61,15 +57,15 @@ def open_viewer(
         entries = [pair_entry(Path(slide), heatmap, cmap)]
         app = ViewerApp(entries, title=heatmap.name, run_hint="clam-heat quick")
         return ViewerServer(app, host=host, port=port), entries[0].slide_id, entries
-    cfg = load(config, save_exp_code, sets)
+    from ..config import find_config, load_config
+
+    cfg = load_config(find_config(config), overrides=sets or [], save_exp_code=save_exp_code)
     entries = viewer_entries(cfg)
     if slide is not None and slide not in {e.slide_id for e in entries}:
         raise ProcessListError(
             f"--slide {slide!r} is not a row (process == 1) of {cfg.process_list_path}"
         )
     if compare is not None:
-        from ..config import find_config
-
         entries = compare_entries(entries, find_config(config), find_config(compare))
     app = run_app(cfg, entries, config)
     return ViewerServer(app, host=host, port=port), slide, entries

@@ -1,8 +1,4 @@
-"""Commands for the tools around a run: ``doctor``, ``compare``, ``video`` and ``render``.
-
-Each parses its options and calls one library function; :mod:`clam_heat.cli` registers them on
-the app. Kept apart so that ``cli.py`` stays one screenful of the run's own commands.
-"""
+"""The tools around a run: ``doctor``, ``compare`` and ``video``."""
 
 from __future__ import annotations
 
@@ -12,16 +8,12 @@ from typing import Annotated
 
 import typer
 
-from .cli_output import fail
-from .errors import ClamHeatError
-
-__all__ = ["compare", "doctor", "render", "video"]
-
-ConfigArg = Annotated[
-    str, typer.Argument(help="YAML config (path, or a name found in configs/ or heatmaps/configs/)")
-]
+from ..errors import ClamHeatError
+from .app import ConfigArg, app
+from .output import fail
 
 
+@app.command()
 def doctor(
     config: Annotated[
         str | None,
@@ -45,7 +37,7 @@ def doctor(
     """Check the setup: packages, OpenSlide, torch devices, output folder, browser; with CONFIG
     also the config, every listed slide and H5, the checkpoint, and a rough time/disk estimate.
     Exit 1 when a required check fails."""
-    from .doctor import exit_code, format_report, run_doctor
+    from ..doctor import exit_code, format_report, run_doctor
 
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"
     try:
@@ -58,6 +50,7 @@ def doctor(
     raise typer.Exit(exit_code(report))
 
 
+@app.command()
 def compare(
     config_a: Annotated[str, typer.Argument(help="First run's YAML config (A).")],
     config_b: Annotated[str, typer.Argument(help="Second run's YAML config (B).")],
@@ -77,7 +70,7 @@ def compare(
     ] = "attention",
 ) -> None:
     """Compare two finished runs slide by slide: rank agreement, top-k overlap, predictions."""
-    from .compare import compare_runs
+    from ..compare import compare_runs
 
     try:
         summary = compare_runs(
@@ -108,6 +101,7 @@ def compare(
     typer.echo(f"{summary.summary_path}")
 
 
+@app.command()
 def video(
     config: ConfigArg,
     slide: Annotated[str, typer.Option("--slide", help="Slide id (a finished row of the run).")],
@@ -127,8 +121,8 @@ def video(
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0)] = 0.5,
 ) -> None:
     """Fly-through MP4: the whole slide, the heatmap fading in, then the top-k regions."""
-    from .errors import ConfigError
-    from .video import make_flythrough
+    from ..errors import ConfigError
+    from ..video import make_flythrough
 
     try:
         try:
@@ -153,44 +147,3 @@ def video(
         f"{info.size[0]}x{info.size[1]}, {len(info.regions)} regions "
         f"(rendered in {info.render_seconds:.1f} s)"
     )
-
-
-def render(
-    config: ConfigArg,
-    slide: Annotated[str, typer.Option("--slide", help="The row's slide_id.")],
-    out: Annotated[Path, typer.Option("--out", help="Image to write (.png, .jpg, .tiff).")],
-    region: Annotated[
-        str | None, typer.Option("--region", help="X,Y,W,H in level-0 pixels (default: all).")
-    ] = None,
-    level: Annotated[int, typer.Option("--level", help="Pyramid level; -1: vis_level.")] = -1,
-    map_name: Annotated[str | None, typer.Option("--map", help="Map (default attention).")] = None,
-    cmap: Annotated[str | None, typer.Option("--cmap", help="Matplotlib colormap.")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="Heatmap opacity.")] = None,
-    threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Hide scores below (0-1 of the scale).")
-    ] = None,
-    overlay: Annotated[
-        bool, typer.Option("--overlay/--no-overlay", help="Blend over the slide (or white).")
-    ] = True,
-    legend: Annotated[bool, typer.Option("--legend", help="Add a colour bar below.")] = False,
-) -> None:
-    """Draw one region of a row's heatmap at any level from its scores (figures, ROI maps)."""
-    from .config import find_config, load_config
-    from .viewer.maps import check_region, render_region
-
-    picked = {"cmap": cmap, "alpha": alpha, "threshold": threshold}
-    try:
-        path, meta = render_region(
-            load_config(find_config(config)),
-            slide,
-            region=check_region(region) if region else None,
-            level=level,
-            out=out,
-            map_name=map_name,
-            overrides={k: v for k, v in picked.items() if v is not None},
-            overlay=overlay,
-            legend=legend,
-        )
-    except ClamHeatError as err:
-        fail(err)
-    typer.echo(f"{path}: {meta['map']} ({meta['scale']}, {meta['cmap']})")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ClamHeatError, counted
+from ..errors import ClamHeatError, counted
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -116,7 +116,7 @@ def unexpected(err: BaseException) -> int:
     import tempfile
     import traceback
 
-    from .errors import os_error_advice
+    from ..errors import os_error_advice
 
     path = _log_path()
     if path is not None:
