@@ -83,6 +83,14 @@ def tests_leave_the_checkout_alone() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def no_model_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs inside a test worker stay in one process: forking a worker that has loaded torch
+    copies its threads' locks held, and the child can wait on them forever. The model process
+    is tested in fresh interpreters (tests/test_lazy_imports.py), which drop this switch."""
+    monkeypatch.setenv("CLAM_HEAT_MODEL_PROCESS", "0")
+
+
+@pytest.fixture(autouse=True)
 def clam_heat_logging_restored() -> Iterator[None]:
     """The ``clam_heat`` logger as it was before the test: a CLI run adds a handler on its log
     file and stops propagation, which would leak into later tests (a worker pool then logs to a

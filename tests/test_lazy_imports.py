@@ -25,14 +25,12 @@ from clam_heat.cli import cli_main
 from clam_heat.config import load_config
 from clam_heat.config.fields import SHIPPED_CMAPS
 from clam_heat.errors import CheckpointError, SlideError
-from clam_heat.executors import SerialExecutor
 from clam_heat.list_status import STATUSES, ListStatus, read_status
 from clam_heat.model_process import ModelProcessError
 from clam_heat.preflight import CHECKPOINT_RECORD, GlobalInputError, check_global_inputs
 from clam_heat.process_list import STATUSES as LIST_STATUSES
 from clam_heat.process_list import failed_rows, read_process_list, status_summary
 from clam_heat.rows import output_roots
-from clam_heat.runner import run_pipeline
 
 HEAVY = ("torch", "pandas", "matplotlib", "cv2")
 
@@ -41,7 +39,8 @@ def _command(args: list[str], cwd: Path, setup: str = "") -> tuple[int, str, set
     """Run ``clam-heat ARGS`` in a fresh interpreter: (exit code, output, heavy modules loaded)."""
     code = "\n".join(
         [
-            "import sys",
+            "import os, sys",
+            "os.environ.pop('CLAM_HEAT_MODEL_PROCESS', None)",
             setup,
             "from clam_heat.cli import cli_main",
             f"code = cli_main({args!r})",
@@ -302,28 +301,37 @@ def test_a_model_process_that_dies_fails_its_row_only(demo_project: Path) -> Non
     assert "the model process died (killed by SIGKILL) in <stage infer>" in output, output
 
 
-class _ExactSerial(SerialExecutor):
-    """The runner's serial executor, told apart from its subclass below."""
-
-
-class _ElsewhereExecutor(SerialExecutor):
-    """Stands for workers elsewhere: not the runner's serial executor."""
-
-
-@pytest.mark.parametrize("executor", [None, _ElsewhereExecutor], ids=["serial", "workers"])
-def test_model_process_stays_only_for_a_serial_run(
-    demo_project: Path, monkeypatch: pytest.MonkeyPatch, executor: type | None
-) -> None:
-    monkeypatch.setattr(model_process, "_can_host", lambda: True)  # this process has torch
-    monkeypatch.setattr("clam_heat.runner.SerialExecutor", _ExactSerial)
-    cfg = load_config(demo_project)
-    with model_process.hosting():
-        summary = run_pipeline(cfg, executor=executor() if executor else None)
-        assert summary.ok and summary.counts == {"done": 5}
-        assert model_process.is_running() == (executor is None)
-        model_process.release()
-        assert not model_process.is_running()
-        assert model_process.call(os.getpid) == os.getpid()
+@pytest.mark.parametrize("workers", [False, True], ids=["serial", "workers"])
+def test_model_process_stays_only_for_a_serial_run(demo_project: Path, workers: bool) -> None:
+    """In a fresh interpreter (a fork of a test worker that has loaded torch would inherit its
+    threads' locks): the model process serves a serial run and is let go when rows go to
+    workers elsewhere (catches a helper left holding torch beside the workers)."""
+    code = "\n".join(
+        [
+            "import os, sys",
+            "os.environ.pop('CLAM_HEAT_MODEL_PROCESS', None)",
+            "from clam_heat import model_process, runner",
+            "from clam_heat.config import load_config",
+            "from clam_heat.executors import SerialExecutor",
+            "class ExactSerial(SerialExecutor): pass",
+            "class Elsewhere(SerialExecutor): pass",  # stands for workers elsewhere
+            "runner.SerialExecutor = ExactSerial",
+            f"cfg = load_config({str(demo_project)!r})",
+            "with model_process.hosting() as hosted:",
+            "    assert hosted",
+            f"    summary = runner.run_pipeline(cfg, executor=Elsewhere() if {workers} else None)",
+            "    assert summary.ok and summary.counts == {'done': 5}, summary.counts",
+            "    print('RUNNING', model_process.is_running())",
+            "    model_process.release()",
+            "    assert not model_process.is_running()",
+            "    assert model_process.call(os.getpid) == os.getpid()",
+            "print('TORCH', 'torch' in sys.modules)",
+        ]
+    )
+    done = _python(code, demo_project.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"RUNNING {not workers}" in done.stdout, done.stdout
+    assert "TORCH False" in done.stdout, done.stdout  # the driver never loaded it
 
 
 # ------------------------------------------------------------------ exit without teardown
