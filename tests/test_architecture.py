@@ -27,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clam_heat"
 #: list of model names it validates against), nothing else of ``models``.
 LAYERS: dict[str, int] = {
     "errors": 0,
+    "lazy": 0,
     "formats": 0,
     "__version__": 0,
     "atomic": 1,
