@@ -116,14 +116,16 @@ def check_global_inputs(
     from . import model_process
 
     names = set(stage_names)
+    passed = None  # a checkpoint key to record once every check has passed
     if names & {"infer", "overlap", "heatmap", "sample"}:
         key = _checkpoint_key(cfg)
         if remember is None or _remembered(remember) != key:
             model_process.call(check_checkpoint, cfg)
-            if remember is not None:
-                _remember(remember, key)
+            passed = key
     if needs_encoder(cfg, names):
         model_process.call(check_encoder, cfg, in_process)
+    if remember is not None and passed is not None:  # a refused run writes nothing
+        _remember(remember, passed)
 
 
 def check_checkpoint(cfg: Any) -> None:

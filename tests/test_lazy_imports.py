@@ -331,7 +331,8 @@ def test_model_process_stays_only_for_a_serial_run(demo_project: Path, workers: 
     done = _python(code, demo_project.parent)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"RUNNING {not workers}" in done.stdout, done.stdout
-    assert "TORCH False" in done.stdout, done.stdout  # the driver never loaded it
+    if not workers:  # (the stand-in for workers runs its rows, torch included, right here)
+        assert "TORCH False" in done.stdout, done.stdout  # the driver never loaded it
 
 
 # ------------------------------------------------------------------ exit without teardown

@@ -12,7 +12,7 @@ def signed_percent(scores: np.ndarray, scale: str = "percentile") -> np.ndarray:
     99th percentile of ``|s|`` (``percentile``) or its largest value (``raw``).
 
     >>> signed_percent(np.array([-2.0, 0.0, 1.0]), "raw")
-    array([  0.,  50.,  75.])
+    array([ 0., 50., 75.])
     >>> signed_percent(np.zeros(2))
     array([50., 50.])
     """
