@@ -63,7 +63,7 @@ def test_contributions_sum_to_the_logit_minus_the_bias(name: str) -> None:
     head = model.classifiers if name.startswith("clam") else model.model.classifier
     for target in range(_classes(name)):
         bias = (
-            float(head[target].bias[0])
+            float(head[target].bias[0].detach())
             if isinstance(head, torch.nn.ModuleList)
             else float(head.bias[target])
         )
