@@ -82,27 +82,20 @@ class ClassMapsStage(Stage):
         return outs
 
     def run(self, ctx: RowContext) -> StageRun:
-        from ..features import load_bag
         from ..h5io import write_scores_h5
         from ..heatmap import render_heatmap
         from ..heatmap.meta import image_meta
         from ..models import attention_logits
         from ..tissue import load_geojson
         from .heatmap import _vis_level, production_spec
-        from .infer import _features_path
+        from .infer import load_row_bag
         from .resources import model_for
 
         check_per_class(ctx.cfg)
         hm = ctx.cfg.heatmap_arguments
         runner = ctx.cfg.runner_arguments
         slide = ctx.slide()
-        bag = load_bag(
-            _features_path(ctx),
-            slide=slide,
-            patch_size_level0_override=runner.patch_size_level0,
-            patches_dir=runner.patches_dir,
-            max_patches=runner.max_patches,
-        )
+        bag = load_row_bag(ctx, slide)
         model, _ = model_for(ctx.cfg)
         index = {name: i for i, name in ctx.cfg.data_arguments.label_names().items()}
         tissue = load_geojson(segmentation_geojson_path(ctx)) if runner.segment_heatmap else None

@@ -91,23 +91,17 @@ class ExplainStage(Stage):
 
     def run(self, ctx: RowContext) -> StageRun:
         from ..explain import METHODS, explain_bag, signed_percent
-        from ..features import load_bag
         from ..h5io import write_scores_h5
         from ..heatmap import render_heatmap
         from ..tissue import load_geojson
         from .heatmap import _vis_level, production_spec
-        from .infer import _features_path
+        from .infer import load_row_bag
         from .resources import model_for
 
         hm = ctx.cfg.heatmap_arguments
         runner = ctx.cfg.runner_arguments
         slide = ctx.slide()
-        bag = load_bag(
-            _features_path(ctx),
-            slide=slide,
-            patch_size_level0_override=runner.patch_size_level0,
-            patches_dir=runner.patches_dir,
-        )
+        bag = load_row_bag(ctx, slide)
         model, _ = model_for(ctx.cfg)
         pairs = targets_of(ctx.cfg)
         maps = explain_bag(

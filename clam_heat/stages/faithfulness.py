@@ -57,21 +57,14 @@ class FaithfulnessStage(Stage):
         from ..atomic import atomic_path
         from ..explain import Bag, explain_bag
         from ..explain.faithfulness import faithfulness_curves
-        from ..features import load_bag
         from ..h5io import read_scores
         from ..models.inference import _as_bag, fixed_threads
         from .explain import explain_options
-        from .infer import _features_path
+        from .infer import load_row_bag
         from .resources import model_for
 
         hm = ctx.cfg.heatmap_arguments
-        runner = ctx.cfg.runner_arguments
-        bag = load_bag(
-            _features_path(ctx),
-            slide=None,
-            patch_size_level0_override=runner.patch_size_level0,
-            patches_dir=runner.patches_dir,
-        )
+        bag = load_row_bag(ctx, None)
         model, _ = model_for(ctx.cfg)
         with fixed_threads():
             seen = Bag(model, _as_bag(model, bag.features, None, "cpu"))

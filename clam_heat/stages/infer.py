@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,25 @@ from ..ledger import file_identity
 from ..rows import RowContext, blockmap_h5_path, features_cache_path, segmentation_geojson_path
 from .base import Stage, StageRun, base_fingerprint
 from .resources import encode_kwargs, encoder_fingerprint, grid, model_for
+
+if TYPE_CHECKING:
+    from ..features import Bag
+    from ..slide import Slide
+
+
+def load_row_bag(ctx: RowContext, slide: Slide | None, path: Path | None = None) -> Bag:
+    """The row's bag as every model stage reads it: the run's patch-size rules and its
+    ``max_patches`` bound (docs/reliability.md), from ``path`` or the row's features file."""
+    from ..features import load_bag
+
+    runner = ctx.cfg.runner_arguments
+    return load_bag(
+        path if path is not None else _features_path(ctx),
+        slide=slide,
+        patch_size_level0_override=runner.patch_size_level0,
+        patches_dir=runner.patches_dir,
+        max_patches=runner.max_patches,
+    )
 
 
 def _features_path(ctx: RowContext) -> Path:
@@ -146,7 +165,6 @@ class InferStage(Stage):
         return outs
 
     def run(self, ctx: RowContext) -> StageRun:
-        from ..features import load_bag
         from ..models import run_attention
 
         path = _features_path(ctx)
@@ -157,13 +175,7 @@ class InferStage(Stage):
             slide = ctx.slide()
         except SlideError:
             slide = None  # the patch size can usually be resolved from the H5 alone
-        bag = load_bag(
-            path,
-            slide=slide,
-            patch_size_level0_override=ctx.cfg.runner_arguments.patch_size_level0,
-            patches_dir=ctx.cfg.runner_arguments.patches_dir,
-            max_patches=ctx.cfg.runner_arguments.max_patches,
-        )
+        bag = load_row_bag(ctx, slide, path)
         warnings: list[str] = []
         if slide is not None:
             warning = check_coords_in_slide(
