@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.inference import _reduce, _spec_of
+from ..models.inference import CHUNK_PATCHES, _reduce, _spec_of
 from ..models.registry import ModelSpec
 
 __all__ = ["Attribution", "Bag", "ExplainOptions"]
@@ -74,8 +74,11 @@ class Bag:
         return int(self.features.shape[0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(C,) bag logits of ``h`` (N, D); differentiable."""
-        return _reduce(self.model, h, None)[0]
+        """(C,) bag logits of ``h`` (N, D); differentiable. With gradients on, the bag goes
+        through the plain forward even when it is large: the chunked one embeds each chunk twice
+        (for the attention, then for the pooling), which under autograd keeps both copies."""
+        chunk = None if torch.is_grad_enabled() else CHUNK_PATCHES
+        return _reduce(self.model, h, None, chunk)[0]
 
     def batch_logits(self, hs: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of B bags ``hs`` (B, N, D), one forward each (Captum's batches)."""

@@ -1,11 +1,19 @@
 """``gradient_x_input`` and ``integrated_gradients`` through Captum, summed over features.
 
-The bag is one Captum input of shape (1, N, D) and the forward runs the model once per bag of
-a batch, so any model works unchanged. Integrated gradients integrate the class logit's
-gradient along the straight path from a baseline bag (zeros, or every patch set to the bag's
-mean feature) with ``ig_steps`` midpoint steps, one step per forward (memory stays that
-of one bag and its gradient); Captum's completeness delta (sum of attributions minus the logit
-difference) is stored with the map.
+Both methods want one number per patch: the feature-summed attribution. Captum attributes a
+per-patch gate ``g`` (N,) instead of the (N, D) features: the model sees
+``baseline + g[:, None] * (features - baseline)``, so by the chain rule
+``d logit / d g_i = sum_d (x_id - b_id) * d logit / d z_id``. At ``g = 1`` with a zero baseline
+that is gradient x input summed over features; integrated along ``g = alpha * 1`` (baseline
+``g = 0``) it is integrated gradients on the same straight path from the baseline bag,
+summed over features. The answers are equal to attributing the features and summing, but
+Captum's bookkeeping (scaled inputs, gradients, their running sum and the product with the
+input difference) is (N,) instead of (N, D): at 100,000 x 1,024 that is four bag-sized
+tensors fewer, and each step costs one forward and one backward of the model.
+
+One step per forward (``internal_batch_size=1``): memory stays that of one bag and its
+gradient. The completeness gap (sum of attributions minus the logit difference) is stored
+with the map.
 """
 
 from __future__ import annotations
@@ -32,13 +40,6 @@ def _captum() -> Any:
     return captum.attr
 
 
-def baseline_of(features: torch.Tensor, kind: str) -> torch.Tensor:
-    """The integrated-gradients baseline bag: zeros, or every patch at the bag's mean."""
-    if kind == "mean":
-        return features.mean(dim=0, keepdim=True).expand_as(features).contiguous()
-    return torch.zeros_like(features)
-
-
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module) -> Iterator[None]:
     """No gradients for the weights while attributing: only the input's are needed, which
@@ -53,33 +54,70 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+class _Gate(torch.autograd.Function):
+    """``baseline + gates[:, None] * difference`` whose backward is one batched dot product per
+    patch: autograd's own product rule would first build ``grad * difference``, one more
+    bag-sized tensor at the peak."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, gates: torch.Tensor, difference: torch.Tensor, baseline: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(difference)
+        column = gates.unsqueeze(1)
+        return (
+            column * difference if baseline is None else torch.addcmul(baseline, column, difference)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (difference,) = ctx.saved_tensors
+        return torch.bmm(grad.unsqueeze(1), difference.unsqueeze(2)).view(-1), None, None
+
+
+class _GatedBag:
+    """The bag's class logits as a function of per-patch gates (see the module docstring)."""
+
+    def __init__(self, bag: Bag, baseline: torch.Tensor | None) -> None:
+        self.bag = bag
+        self.baseline = baseline  # (1, D) or None for zeros
+        features = bag.features.detach()
+        self.difference = features if baseline is None else features - baseline
+
+    def __call__(self, gates: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits for B gate vectors (B, N), one forward each."""
+        return torch.stack(
+            [self.bag.logits(_Gate.apply(g, self.difference, self.baseline)) for g in gates]
+        )
+
+
+def baseline_row(features: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """The baseline patch (1, D) every patch starts from: None for zeros, else the bag's mean."""
+    return features.mean(dim=0, keepdim=True) if kind == "mean" else None
+
+
 def attribute(bag: Bag, target: int, options: ExplainOptions, method: str) -> Attribution:
     attr = _captum()
-    inputs = bag.features.detach().unsqueeze(0).requires_grad_()
+    features = bag.features.detach()
+    ones = torch.ones((1, bag.n), dtype=features.dtype, device=features.device)
     with torch.enable_grad(), _frozen(bag.model):
         if method == "gradient_x_input":
-            result = attr.InputXGradient(bag.batch_logits).attribute(inputs, target=target)
-            scores = result[0].sum(dim=1)
-            return Attribution(_numpy(scores), target)
-        # zeros as a scalar baseline: one bag-sized copy fewer while Captum runs
-        zeros = options.ig_baseline == "zeros"
-        baseline = None if zeros else baseline_of(bag.features.detach(), options.ig_baseline)
-        result, delta = attr.IntegratedGradients(bag.batch_logits).attribute(
-            inputs,
-            baselines=0.0 if baseline is None else baseline.unsqueeze(0),
+            gated = _GatedBag(bag, None)
+            result = attr.InputXGradient(gated).attribute(ones.requires_grad_(), target=target)
+            return Attribution(_numpy(result[0]), target)
+        gated = _GatedBag(bag, baseline_row(features, options.ig_baseline))
+        result = attr.IntegratedGradients(gated).attribute(
+            ones,
+            baselines=0.0,
             target=target,
             n_steps=options.ig_steps,
             method="riemann_middle",  # midpoints: robust to the kinks of ReLU and max
             internal_batch_size=1,
-            return_convergence_delta=True,
         )
-    scores = result[0].sum(dim=1)
-    del result
+    scores = result[0]
     with torch.no_grad():
-        if baseline is None:
-            baseline = baseline_of(bag.features, "zeros")
-        difference = float(bag.logits(bag.features)[target] - bag.logits(baseline)[target])
-    gap = float(delta.reshape(-1)[0])
+        difference = float(gated(ones)[0, target] - gated(torch.zeros_like(ones))[0, target])
+    gap = float(scores.double().sum()) - difference
     return Attribution(
         _numpy(scores),
         target,
