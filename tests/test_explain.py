@@ -26,7 +26,12 @@ SMALL = {
     "transmil": {"hidden_dim": 32, "num_heads": 4},
     "dsmil": {"hidden_dim": 24, "attn_dim": 8},
     "ilra": {"hidden_dim": 32, "topk": 6},
-    "rrt": {"hidden_dim": 32, "dim_head": 8, "pool_dim": 12},
+    "rrt": {
+        "hidden_dim": 32,
+        "dim_head": 8,
+        "pool_dim": 12,
+        "num_heads": 1,
+    },  # 1 head: the pinv of 256 landmarks is its cost
     "transformer": {"hidden_dim": 32},
 }
 
