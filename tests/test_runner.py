@@ -59,6 +59,50 @@ def test_full_run_then_nothing_to_redo(demo_project: Path) -> None:
     assert done_stages(cfg) == before
 
 
+def test_a_done_row_is_checked_without_opening_its_slide(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo draws at ``vis_level: -1`` with ``save_orig``, so the ``_orig_<level>`` image is
+    named by the level -1 resolved to. A rerun with every row done takes that level from the
+    ledger instead of opening each slide again (catches a no-op rerun that opens 10,000 slides
+    on a network filesystem just to name files); an opened slide here fails its row."""
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg).ok
+    production = Path(cfg.exp_arguments.production_save_dir) / "demo"
+    assert len(list(production.rglob("*_orig_3.jpg"))) == 5  # 3: the level nearest 32x
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr("clam_heat.slide.open_slide", refuse)
+    again = run_pipeline(cfg)
+    assert again.ok, again.failed
+    assert again.stage_seconds == {}
+
+
+def test_the_remembered_level_is_only_that_of_an_auto_level_drawing(demo_project: Path) -> None:
+    """Drawn at a fixed level 2, then asked for -1: the plain image is named by the level -1
+    resolves to (3), not by the level the ledger remembers (catches a remembered level reused
+    when the configured level changed), and the rerun replaces the old image."""
+    write_text_atomic(
+        demo_project, demo_project.read_text().replace("vis_level: -1", "vis_level: 2")
+    )
+    assert run_pipeline(load_config(demo_project)).ok
+    cfg = load_config(demo_project, overrides=["heatmap_arguments.vis_level=-1"])
+    production = Path(cfg.exp_arguments.production_save_dir) / "demo"
+    assert len(list(production.rglob("*_orig_2.jpg"))) == 5
+    from clam_heat.process_list import read_process_list
+    from clam_heat.rows import build_contexts
+    from clam_heat.stages.heatmap import HeatmapStage
+
+    ctx = build_contexts(cfg, read_process_list(cfg.process_list_path))[0]
+    assert HeatmapStage().outputs(ctx)["orig"].name == f"{ctx.slide_id}_orig_3.jpg"
+    ctx.close()
+    assert run_pipeline(cfg).ok
+    assert len(list(production.rglob("*_orig_3.jpg"))) == 5
+    assert not list(production.rglob("*_orig_2.jpg"))  # the stale ones are cleaned
+
+
 def test_alpha_reruns_only_heatmap_and_k_only_sampling(demo_project: Path) -> None:
     cfg = load_config(demo_project)
     assert run_pipeline(cfg).ok
