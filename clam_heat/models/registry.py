@@ -54,6 +54,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "ilra": "ilra",
     "rrt": "rrt",
     "transformer": "transformer",
+    "wikg": "wikg",
+    "dftd": "dftd",
     "mil_fc": "mil_fc",
     "mil_fc_mc": "mil_fc",
 }
@@ -86,8 +88,6 @@ REFUSED: dict[str, str] = {
         "CLAM's MIL_fc has no attention map (it scores patches independently; name it mil_fc "
         "or mil_fc_mc and draw it with heatmap_arguments.method: instance)"
     ),
-    "wikg": "WiKG's attention is a patch-to-patch graph, not a per-patch score",
-    "dftd": "DFTD attends over shuffled pseudo-bag instances that do not map to patches",
 }
 
 #: Names a CLAM config may carry although no heatmap can be drawn for them: they validate (a
@@ -128,11 +128,12 @@ class ModelSpec:
     checkpoint").
 
     What the attribution methods (:mod:`clam_heat.explain`) may use: ``has_attention`` (False:
-    the model pools no attention, so ``attention`` does not apply; its reduction's per-patch
-    score is only a placeholder); ``linear_head(model, h)`` -> ``(attention logits r (K, N),
-    embedded (N, E), W (C, K*E), b (C,))`` when the bag logits are ``W @ concat_k(softmax(r[k])
-    @ embedded) + b`` (exact signed contributions); ``instance_logits(model, h)`` -> (N, C)
-    logits of each patch scored alone (the ``instance`` method).
+    the model has no per-patch attention map, so ``attention`` does not apply; its reduction's
+    per-patch score is only a placeholder); ``linear_head(model, h)`` -> ``(attention logits
+    r (K, N), embedded (N, E), W (C, K*E), b (C,))`` when the bag logits are
+    ``W @ concat_k(softmax(r[k]) @ embedded) + b`` (exact signed contributions);
+    ``instance_logits(model, h)`` -> (N, C) logits of each patch scored alone (the ``instance``
+    method).
     """
 
     name: str
