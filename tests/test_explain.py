@@ -366,6 +366,42 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
 
 
 @pytest.mark.slow
+def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention(
+    demo_project: Path,
+) -> None:
+    """Issue #22: a MIL-Lab WiKG checkpoint fails its row with the one-line refusal under the
+    default method, and draws integrated-gradients and occlusion maps once they are asked for
+    (the refused row is retried)."""
+    _one_row(demo_project, 1)
+    base = load_config(demo_project)
+    torch.manual_seed(0)
+    model = build_model("wikg", n_classes=2, embed_dim=base.model_arguments.embed_dim)
+    ckpt = demo_project.parent / "ckpts" / "wikg.pt"
+    torch.save(model.state_dict(), ckpt)
+    common = ["model_arguments.model_type=wikg", f"model_arguments.ckpt_path={ckpt}"]
+    refused = run_pipeline(load_config(demo_project, overrides=common))
+    assert not refused.ok
+    assert "wikg has no per-patch attention map; use one of gradient_x_input" in str(refused.failed)
+    cfg = load_config(
+        demo_project,
+        overrides=[
+            *common,
+            "heatmap_arguments.method=[integrated_gradients, occlusion]",
+            "exp_arguments.save_exp_code=graph",
+        ],
+    )
+    assert run_pipeline(cfg, retry_failed=True).ok
+    prod = Path(cfg.exp_arguments.production_save_dir) / "graph"
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "graph"
+    for method in ("integrated_gradients", "occlusion"):
+        assert len(list(prod.rglob(f"*_{method}_heatmap.jpg"))) == 1
+        (h5,) = raw.rglob(f"*_{method}_blockmap.h5")
+        with h5py.File(h5) as f:
+            scores = f["attention_scores"][:].reshape(-1)
+        assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+@pytest.mark.slow
 def test_quick_with_methods_writes_method_pngs_and_faithfulness_columns(
     demo_source: Path, tmp_path: Path
 ) -> None:
