@@ -711,6 +711,9 @@ def test_model_type_is_checked_against_the_models_registry(cwd: Path) -> None:
     path = write(cwd / "config.yaml", "model_arguments:\n  model_type: mil.base.uni.none\n")
     [problem] = problems_of(path)
     assert "CLAM's MIL_fc has no attention map" in problem
+    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: dftd.base_afs\n")
+    [problem] = problems_of(path)  # caught before torch is imported
+    assert "MIL-Lab config 'base_afs' changes how dftd runs" in problem
 
 
 def test_config_and_model_registry_import_without_torch() -> None:

@@ -457,6 +457,13 @@ def test_parse_model_type_names_and_refusals() -> None:
     assert {"abmil", "transmil", "dsmil", "ilra", "rrt"} <= set(registered_models())
     assert parse_model_type("wikg.base.uni.none", embed_dim=1024).name == "wikg"  # issue #22
     assert parse_model_type("dftd.base.conch_v15.none", embed_dim=768).name == "dftd"
+    with pytest.raises(ConfigError) as err:  # same keys as base, another distillation rule
+        parse_model_type("dftd.base_afs.uni.none", embed_dim=1024)
+    assert str(err.value) == (
+        "model_arguments.model_type 'dftd.base_afs.uni.none': MIL-Lab config 'base_afs' changes "
+        "how dftd runs in ways its checkpoint does not record; clam-heat runs only dftd.base "
+        "(name it only for a model trained with it)"
+    )
     with pytest.raises(ConfigError, match="CLAM's MIL_fc has no attention map"):
         parse_model_type("mil", embed_dim=1024)
     with pytest.raises(ConfigError, match="unknown encoder 'genbio-pathfm'.*use the bare name"):

@@ -30,6 +30,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "CONFIG_ONLY_NAMES",
     "ENCODER_DIM_MAPPING",
+    "MIL_LAB_CONFIGS",
     "QUADRATIC_BAG_LIMIT",
     "REFUSED",
     "ModelChoice",
@@ -89,6 +90,11 @@ REFUSED: dict[str, str] = {
         "or mil_fc_mc and draw it with heatmap_arguments.method: instance)"
     ),
 }
+
+#: Models whose MIL-Lab config (the name's second part) sets behaviour that is not in the
+#: checkpoint's shapes, with the configs clam-heat runs: DTFD's ``base_afs`` distils by another
+#: rule than ``base`` from the same keys, so it is refused rather than run as ``base``.
+MIL_LAB_CONFIGS: dict[str, tuple[str, ...]] = {"dftd": ("base",)}
 
 #: Names a CLAM config may carry although no heatmap can be drawn for them: they validate (a
 #: CLAM config loads unchanged) and the model loader refuses them with the reason above.
@@ -239,7 +245,19 @@ def _name_part(model_type: str) -> tuple[str, list[str], str | None]:
                 "e.g. abmil.base.uni_v2.none"
             ),
         )
-    return parts[0], parts, None
+    name = parts[0]
+    if len(parts) >= 2 and parts[1] not in MIL_LAB_CONFIGS.get(name, (parts[1],)):
+        known = ", ".join(f"{name}.{c}" for c in MIL_LAB_CONFIGS[name])
+        return (
+            name,
+            parts,
+            (
+                f"MIL-Lab config {parts[1]!r} changes how {name} runs in ways its checkpoint does "
+                f"not record; clam-heat runs only {known} (name it only for a model trained with "
+                "it)"
+            ),
+        )
+    return name, parts, None
 
 
 def model_type_problem(model_type: str) -> str | None:
