@@ -765,6 +765,31 @@ def test_wikg_and_dftd_declare_no_attention_and_guard_as_documented() -> None:
             assert np.isfinite(out.logits).all() and out.attention.shape == (n,)
 
 
+def test_wikg_similarity_in_row_blocks_equals_the_whole_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WiKG's top-k neighbours computed 7 rows at a time (a bag of 30: five blocks, the last
+    short) give the logits and feature gradients of the whole-matrix computation, written here
+    from MIL-Lab's maths (catches a block offset or a dropped last block)."""
+    from clam_heat.models import wikg
+
+    model = randomise(build_model("wikg", n_classes=2, embed_dim=D, hidden_dim=16), seed=4)
+    h = torch.from_numpy(bag(30, seed=6)).requires_grad_(True)
+    monkeypatch.setattr(wikg, "SIMILARITY_ROWS", 7)
+    blocks = model(h)[0]
+    (grad_blocks,) = torch.autograd.grad(blocks[1], h)
+
+    def whole(head: torch.Tensor, tail: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        top = torch.topk((head @ tail.T) / math.sqrt(head.shape[1]), k=k, dim=1)
+        return top.values, top.indices
+
+    monkeypatch.setattr(wikg, "top_neighbours", whole)
+    expected = model(h)[0]
+    (grad,) = torch.autograd.grad(expected[1], h)
+    torch.testing.assert_close(blocks, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_blocks, grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "name, sizes",
     [

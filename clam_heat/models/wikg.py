@@ -1,10 +1,10 @@
 """WiKG-MIL (Li et al. 2024, dynamic graph over patches) with MIL-Lab's keys and forward.
 
 Every patch is a node whose neighbours are its top-k partners in a learned head/tail similarity,
-so one patch's embedding depends on the others: a bag must be scored whole, and the cost grows
-with N² (the N x N similarity). MIL-Lab's attention output is that neighbour graph (N x N), not a
-per-patch score, so the model declares no attention and is drawn by the gradient and occlusion
-methods (docs/explanations.md).
+so one patch's embedding depends on the others: a bag must be scored whole, and the time grows
+with N² (the N x N similarity, computed a block of rows at a time so memory grows with N).
+MIL-Lab's attention output is that neighbour graph (N x N), not a per-patch score, so the model
+declares no attention and is drawn by the gradient and occlusion methods (docs/explanations.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from torch import nn
 
 from .layers import MilLabNet, MilLabParams, register_mil_lab, shape_of
 from .registry import QUADRATIC_BAG_LIMIT
+
+#: Rows of the N x N similarity computed at once: each patch's top-k needs only its own row, so
+#: the whole matrix (1.6 GB at 20,000 patches) is never held, in the forward or for gradients.
+SIMILARITY_ROWS = 2048
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
@@ -40,6 +44,17 @@ class _AttentionReadout(nn.Module):
         """(N, E) -> pooled (E,), node weights (N,) (sum to 1)."""
         weights = torch.softmax(self.gate_nn(x)[:, 0], dim=0)
         return weights @ x, weights
+
+
+def top_neighbours(head: torch.Tensor, tail: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Each patch's ``k`` largest similarities ``head_i . tail_j / sqrt(E)`` (N, k) and their
+    columns, :data:`SIMILARITY_ROWS` rows of the similarity at a time (differentiable)."""
+    scale = head.shape[1] ** -0.5
+    parts = [
+        torch.topk((head[i : i + SIMILARITY_ROWS] @ tail.T) * scale, k=k, dim=1)
+        for i in range(0, head.shape[0], SIMILARITY_ROWS)
+    ]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
 class WiKG(MilLabNet):
@@ -104,8 +119,7 @@ class WiKG(MilLabNet):
         x = self.patch_embed(h)
         x = 0.5 * (x + x.mean(dim=0, keepdim=True))
         head, tail = self.W_head(x), self.W_tail(x)
-        similarity = (head @ tail.T) * head.shape[1] ** -0.5
-        top, index = torch.topk(similarity, k=min(self.hparams.topk, x.shape[0]), dim=1)
+        top, index = top_neighbours(head, tail, min(self.hparams.topk, x.shape[0]))
         neighbours = tail[index]  # (N, k, E)
         relation = torch.softmax(top, dim=1).unsqueeze(-1) * neighbours
         gate = torch.tanh(head.unsqueeze(1) + relation)
