@@ -654,6 +654,13 @@ def test_mil_lab_quirks_recorded_in_the_fixtures() -> None:
         assert abs(sum(mil_lab_fixture(name)["attention"]) - 1) < 1e-5
     transformer = mil_lab_fixture("transformer")
     assert transformer["attention_raw_shape"] == [1, 51, 51]
+    # why wikg and dftd have no attention map: a neighbour graph, and pseudo-bag instances
+    wikg, dftd = mil_lab_fixture("wikg"), mil_lab_fixture("dftd")
+    assert wikg["attention_raw_shape"] == [1, 50, 50] and wikg["attention_row_nonzeros"] == [4]
+    assert wikg["logits_raw_shape"] == [1, 3]
+    assert dftd["attention_raw_shape"] == [50, 1]  # base: every patch, in shuffled order
+    assert dftd["attention_raw_shape_MaxMinS_16"] == [32, 1]  # 2 top + 2 bottom x 8 pseudo-bags
+    assert dftd["attention_raw_shape_AFS_4"] == [8, 1]  # one per pseudo-bag
     assert transformer["logits"] != transformer["logits_with_return_attention"]
 
 
