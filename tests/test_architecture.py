@@ -212,7 +212,7 @@ def test_the_overlap_pass_works_for_every_registered_model(demo_project: Path) -
     checked = []
     for model_type in registered_models():
         if not get_model_spec(model_type).has_attention:
-            continue  # mil_fc, mil_fc_mc: no attention to draw (their maps: tests/test_explain)
+            continue  # mil_fc, mil_fc_mc, wikg, dftd: no attention map (tests/test_explain)
         torch.manual_seed(0)
         model = build_model(model_type, n_classes=2, embed_dim=embed_dim)
         ckpt = demo_project.parent / "ckpts" / f"{model_type}.pt"

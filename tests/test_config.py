@@ -361,7 +361,7 @@ def test_data_dir_list_is_rejected(cwd: Path) -> None:
             "model_type",
             "clam_ss",
             "must be one of clam_sb, clam_mb, clam, abmil, transmil, dsmil, ilra, rrt, "
-            "transformer, mil_fc, mil_fc_mc, mil or a "
+            "transformer, wikg, dftd, mil_fc, mil_fc_mc, mil or a "
             "MIL-Lab name <model>.<config>.<encoder>.<task> (did you mean 'clam_sb'?)",
         ),
         ("data_arguments", "slide_ext", "tif", "must start with '.' (e.g. '.tif')"),
@@ -705,9 +705,15 @@ def test_model_type_is_checked_against_the_models_registry(cwd: Path) -> None:
         assert load_config(path).model_arguments.model_type == "toy.base.uni.none"
     finally:
         registry._REGISTRY.pop("toy", None)
-    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: wikg.base.uni.none\n")
+    for name in ("wikg.base.uni.none", "dftd.base.uni.none"):  # registered since issue #22
+        path = write(cwd / "config.yaml", f"model_arguments:\n  model_type: {name}\n")
+        assert load_config(path).model_arguments.model_type == name
+    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: mil.base.uni.none\n")
     [problem] = problems_of(path)
-    assert "WiKG's attention is a patch-to-patch graph, not a per-patch score" in problem
+    assert "CLAM's MIL_fc has no attention map" in problem
+    path = write(cwd / "config.yaml", "model_arguments:\n  model_type: dftd.base_afs\n")
+    [problem] = problems_of(path)  # caught before torch is imported
+    assert "MIL-Lab config 'base_afs' changes how dftd runs" in problem
 
 
 def test_config_and_model_registry_import_without_torch() -> None:

@@ -473,6 +473,37 @@ def test_project_is_reused_with_same_parameters_and_rebuilt_otherwise(
     assert '"n_slides": 2' in (folder / "demo_manifest.json").read_text()
 
 
+@pytest.mark.slow
+def test_demo_of_a_model_without_attention_draws_it_with_integrated_gradients(
+    tmp_path: Path,
+) -> None:
+    """``clam-heat demo --model dftd`` (issue #22: no per-patch attention map) writes a config
+    whose method applies to the model, so the demo runs instead of failing every row on the
+    attention refusal. Catches a demo config that keeps ``attention`` for such a model."""
+    import h5py
+    import torch
+    import yaml
+    from typer.testing import CliRunner
+
+    from clam_heat.cli import app
+
+    folder = tmp_path / "dftd_demo"
+    made = CliRunner().invoke(
+        app, ["demo", "--model", "dftd", "--folder", str(folder), "--slides", "1", "-q"]
+    )
+    assert made.exit_code == 0, made.output
+    assert "rows: 1 done" in made.output
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model_arguments"]["model_type"] == "dftd.base.conch_v1.demo"
+    assert config["heatmap_arguments"]["method"] == "integrated_gradients"
+    state = torch.load(folder / "ckpts" / "dftd_demo.pt", weights_only=True)
+    assert "model.attCls.classifier.fc.weight" in state  # MIL-Lab's DFTD layout
+    (blockmap,) = folder.rglob("demo_000_integrated_gradients_blockmap.h5")
+    with h5py.File(blockmap) as h5:
+        assert h5.attrs["signed"] and h5["attention_scores"].shape[0] > 0
+    assert list(folder.rglob("demo_000_integrated_gradients_heatmap.jpg"))
+
+
 def test_demo_of_a_mil_lab_model_runs_with_mil_lab_flags(tmp_path: Path) -> None:
     """``clam-heat demo --model abmil`` trains ABMIL, saves it as MIL-Lab does, and MIL-Lab's
     command line (``--model_name abmil.base.<encoder>.<task>``) runs on it. Catches: a demo that

@@ -33,6 +33,8 @@ SMALL = {
         "num_heads": 1,
     },  # 1 head: the pinv of 256 landmarks is its cost
     "transformer": {"hidden_dim": 32},
+    "wikg": {"hidden_dim": 32},
+    "dftd": {"hidden_dim": 32, "attention_dim": 8},
 }
 
 
@@ -85,8 +87,9 @@ def test_contributions_sum_to_the_logit_minus_the_bias(name: str) -> None:
 
 
 #: Models whose logits jump along the path (a hard choice of patches: DSMIL's critical
-#: instance, ILRA's top-k, MIL_fc's top instance): no quadrature makes IG complete there.
-DISCONTINUOUS = {"dsmil", "ilra", "mil_fc", "mil_fc_mc"}
+#: instance, ILRA's top-k, MIL_fc's top instance, WiKG's top-k neighbours): no quadrature makes
+#: IG complete there.
+DISCONTINUOUS = {"dsmil", "ilra", "mil_fc", "mil_fc_mc", "wikg"}
 #: RRT's ReLU attention and the transformer's class token bend the path often (1.25 % and
 #: 1.05 % at 64 steps on this bag), so 128 steps.
 STEPS = {"rrt": 128, "transformer": 128}
@@ -144,7 +147,25 @@ def test_gradient_maps_equal_autograd_on_the_features(name: str, baseline: str) 
     np.testing.assert_allclose(got[("integrated_gradients", 1)].scores, ig, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["clam_sb", "clam_mb", "abmil", "transmil", "dsmil", "mil_fc"])
+def test_wikg_integrated_gradients_are_complete_when_every_patch_is_a_neighbour() -> None:
+    """With no more patches than WiKG's top-k (4) the neighbour choice never changes along the
+    path, so its forward is smooth and IG must be complete (catches a gradient cut inside the
+    graph layer, e.g. a detached neighbour gather). Model and bag are chosen so the logit moves
+    by about 0.9: on bags where it moves by 0.02 the quadrature error at ReLU kinks alone is a
+    few percent of it."""
+    model = _model("wikg", seed=3)
+    x = _bag(4, seed=1)
+    target = int(np.argmax(_plain_logits(model, x)))
+    opts = ExplainOptions(ig_steps=64)
+    got = explain_bag(model, x, ["integrated_gradients"], targets=[target], options=opts)
+    total = float(np.sum(got[("integrated_gradients", target)].scores, dtype=np.float64))
+    diff = _plain_logits(model, x)[target] - _plain_logits(model, np.zeros_like(x))[target]
+    assert abs(total - diff) <= 0.01 * abs(diff), (total, diff)
+
+
+@pytest.mark.parametrize(
+    "name", ["clam_sb", "clam_mb", "abmil", "transmil", "dsmil", "mil_fc", "wikg", "dftd"]
+)
 def test_occlusion_equals_brute_force_reruns(name: str) -> None:
     """Each patch's score = logit(bag) - logit(bag without it), by rerunning the model (catches
     a wrong closed form for linear heads or a mask applied to the wrong patch)."""
@@ -247,8 +268,22 @@ def test_methods_a_model_cannot_give_are_refused_in_one_line() -> None:
         ConfigError, match="transmil has no classifier that is linear.*use one of attention"
     ):
         explain_bag(_model("transmil"), _bag(), ["contribution"])
-    with pytest.raises(ConfigError, match="mil_fc pools no attention; use one of gradient_x_input"):
+    with pytest.raises(
+        ConfigError, match="mil_fc has no per-patch attention map; use one of gradient_x_input"
+    ):
         explain_bag(_model("mil_fc"), _bag(), ["attention"])
+    for name in ("wikg", "dftd"):  # issue #22: drawable by gradients and occlusion only
+        assert methods_for(get_model_spec(name)) == (
+            "gradient_x_input",
+            "integrated_gradients",
+            "occlusion",
+        )
+        with pytest.raises(ConfigError) as err:
+            explain_bag(_model(name), _bag(), ["attention"])
+        assert str(err.value) == (
+            f"heatmap_arguments.method attention: model {name} has no per-patch attention map; "
+            "use one of gradient_x_input, integrated_gradients, occlusion"
+        )
 
 
 def test_every_registered_model_has_a_map_under_some_method() -> None:
@@ -365,6 +400,42 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
     prod = Path(cfg.exp_arguments.production_save_dir) / "fc"
     assert len(list(prod.rglob("*_instance_heatmap.jpg"))) == 1
     assert len(list(prod.rglob("*_occlusion_heatmap.jpg"))) == 1
+
+
+@pytest.mark.slow
+def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention(
+    demo_project: Path,
+) -> None:
+    """Issue #22: a MIL-Lab WiKG checkpoint fails its row with the one-line refusal under the
+    default method, and draws integrated-gradients and occlusion maps once they are asked for
+    (the refused row is retried)."""
+    _one_row(demo_project, 1)
+    base = load_config(demo_project)
+    torch.manual_seed(0)
+    model = build_model("wikg", n_classes=2, embed_dim=base.model_arguments.embed_dim)
+    ckpt = demo_project.parent / "ckpts" / "wikg.pt"
+    torch.save(model.state_dict(), ckpt)
+    common = ["model_arguments.model_type=wikg", f"model_arguments.ckpt_path={ckpt}"]
+    refused = run_pipeline(load_config(demo_project, overrides=common))
+    assert not refused.ok
+    assert "wikg has no per-patch attention map; use one of gradient_x_input" in str(refused.failed)
+    cfg = load_config(
+        demo_project,
+        overrides=[
+            *common,
+            "heatmap_arguments.method=[integrated_gradients, occlusion]",
+            "exp_arguments.save_exp_code=graph",
+        ],
+    )
+    assert run_pipeline(cfg, retry_failed=True).ok
+    prod = Path(cfg.exp_arguments.production_save_dir) / "graph"
+    raw = Path(cfg.exp_arguments.raw_save_dir) / "graph"
+    for method in ("integrated_gradients", "occlusion"):
+        assert len(list(prod.rglob(f"*_{method}_heatmap.jpg"))) == 1
+        (h5,) = raw.rglob(f"*_{method}_blockmap.h5")
+        with h5py.File(h5) as f:
+            scores = f["attention_scores"][:].reshape(-1)
+        assert np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
 @pytest.mark.slow

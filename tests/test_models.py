@@ -455,13 +455,17 @@ def test_parse_model_type_names_and_refusals() -> None:
     assert parse_model_type("abmil.base.uni_v1.none", embed_dim=1024).in_dim == 1024  # TRIDENT
     assert parse_model_type("clam.base_ce.uni.none", embed_dim=1024).name == "clam"  # MIL-Lab CLAM
     assert {"abmil", "transmil", "dsmil", "ilra", "rrt"} <= set(registered_models())
-    for name, reason in {
-        "wikg.base.uni.none": "WiKG's attention is a patch-to-patch graph",
-        "dftd": "DFTD attends over shuffled pseudo-bag instances",
-        "mil": "CLAM's MIL_fc has no attention map",
-    }.items():
-        with pytest.raises(ConfigError, match=reason):
-            parse_model_type(name, embed_dim=1024)
+    assert parse_model_type("wikg.base.uni.none", embed_dim=1024).name == "wikg"  # issue #22
+    assert parse_model_type("dftd.base.conch_v15.none", embed_dim=768).name == "dftd"
+    with pytest.raises(ConfigError) as err:  # same keys as base, another distillation rule
+        parse_model_type("dftd.base_afs.uni.none", embed_dim=1024)
+    assert str(err.value) == (
+        "model_arguments.model_type 'dftd.base_afs.uni.none': MIL-Lab config 'base_afs' changes "
+        "how dftd runs in ways its checkpoint does not record; clam-heat runs only dftd.base "
+        "(name it only for a model trained with it)"
+    )
+    with pytest.raises(ConfigError, match="CLAM's MIL_fc has no attention map"):
+        parse_model_type("mil", embed_dim=1024)
     with pytest.raises(ConfigError, match="unknown encoder 'genbio-pathfm'.*use the bare name"):
         parse_model_type("abmil.base.genbio-pathfm.none", embed_dim=1024)
     with pytest.raises(ConfigError, match="unknown model \\(use one of clam_sb, clam_mb, clam, "):
@@ -565,6 +569,9 @@ def test_nan_weights_give_a_clear_error() -> None:
 
 MIL_LAB = Path(__file__).parent / "data" / "mil_lab"
 MIL_LAB_MODELS = ("transmil", "dsmil", "ilra", "rrt", "transformer")
+#: MIL-Lab models with no per-patch attention (drawn by gradients and occlusion): their
+#: fixtures hold logits only.
+NO_ATTENTION = ("wikg", "dftd")
 
 
 def mil_lab_fixture(name: str) -> dict:
@@ -608,7 +615,7 @@ def assert_close_to(got: np.ndarray, expected: list[float], rtol: float, what: s
     assert error < rtol, f"{what}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("name", MIL_LAB_MODELS)
+@pytest.mark.parametrize("name", [*MIL_LAB_MODELS, *NO_ATTENTION])
 def test_base_model_has_mil_labs_exact_keys_and_shapes(name: str) -> None:
     """Built with no size arguments, each model is MIL-Lab's base config, key for key."""
     fixture = mil_lab_fixture(name)
@@ -647,6 +654,13 @@ def test_mil_lab_quirks_recorded_in_the_fixtures() -> None:
         assert abs(sum(mil_lab_fixture(name)["attention"]) - 1) < 1e-5
     transformer = mil_lab_fixture("transformer")
     assert transformer["attention_raw_shape"] == [1, 51, 51]
+    # why wikg and dftd have no attention map: a neighbour graph, and pseudo-bag instances
+    wikg, dftd = mil_lab_fixture("wikg"), mil_lab_fixture("dftd")
+    assert wikg["attention_raw_shape"] == [1, 50, 50] and wikg["attention_row_nonzeros"] == [4]
+    assert wikg["logits_raw_shape"] == [1, 3]
+    assert dftd["attention_raw_shape"] == [50, 1]  # base: every patch, in shuffled order
+    assert dftd["attention_raw_shape_MaxMinS_16"] == [32, 1]  # 2 top + 2 bottom x 8 pseudo-bags
+    assert dftd["attention_raw_shape_AFS_4"] == [8, 1]  # one per pseudo-bag
     assert transformer["logits"] != transformer["logits_with_return_attention"]
 
 
@@ -676,6 +690,133 @@ def test_mil_lab_checkpoint_loads_strictly_and_infers_its_sizes(
     assert_close_to(out.logits, fixture["logits"], 1e-4, f"{name} logits")
     assert_close_to(out.attention, fixture["attention"], 1e-4, f"{name} attention")
     assert out.pred == int(np.argmax(fixture["logits"]))
+
+
+@pytest.mark.parametrize("name", NO_ATTENTION)
+def test_wikg_and_dftd_logits_match_mil_lab(name: str) -> None:
+    """Same weights, same bag: MIL-Lab's logits (float64, to the fixture's 7 significant
+    digits) for 50 and 300 patches (WiKG: 300 > every top-k; DFTD: clam-heat's unshuffled
+    pseudo-bags)."""
+    fixture = mil_lab_fixture(name)
+    model = build_model(name, n_classes=fixture["config"]["num_classes"], embed_dim=1024)
+    fill_like_fixture(model.double(), fixture)
+    m300 = "logits_m300" if name == "wikg" else "logits_m300_identity_order"
+    for key, n in (("logits", 50), (m300, 300)):
+        with torch.no_grad():
+            logits, score = model(torch.from_numpy(fixture_bag(n)))
+        assert logits.shape == (3,) and score.shape == (n,)
+        assert_close_to(logits.numpy(), fixture[key], 1e-6, f"{name} {key}")
+
+
+def test_dftd_base_logits_do_not_depend_on_mil_labs_shuffle_but_distilling_ones_do() -> None:
+    """The fixture records MIL-Lab's DFTD under two random shuffles and under the identity
+    order. Base config (0 instances per pseudo-bag: every patch reaches tier 2): all three
+    agree, and clam-heat's logits do not move when the bag is permuted. Distilling variants
+    (2 per pseudo-bag, or AFS): clam-heat equals MIL-Lab's identity order, which a real shuffle
+    changes -- why clam-heat does not shuffle (see clam_heat.models.dftd)."""
+    fixture = mil_lab_fixture("dftd")
+    assert fixture["logits"] == fixture["logits_seed1"] == fixture["logits_identity_order"]
+    h = torch.from_numpy(fixture_bag())
+    base = fill_like_fixture(build_model("dftd", n_classes=3, embed_dim=1024).double(), fixture)
+    permuted = torch.from_numpy(np.random.default_rng(0).permutation(50))
+    with torch.no_grad():
+        np.testing.assert_allclose(base(h[permuted])[0], base(h)[0], rtol=1e-12)
+    for distill, total in (("MaxMinS", 16), ("MaxS", 16), ("AFS", 4)):
+        model = build_model(
+            "dftd", n_classes=3, embed_dim=1024, distill=distill, total_instance=total
+        )
+        fill_like_fixture(model.double(), fixture)
+        with torch.no_grad():
+            logits = model(h)[0].numpy()
+            again = model(h)[0].numpy()
+        np.testing.assert_array_equal(logits, again)  # deterministic
+        expected = fixture[f"logits_{distill}_{total}_identity_order"]
+        assert_close_to(logits, expected, 1e-6, f"dftd {distill}/{total}")
+    assert fixture["logits_MaxMinS_16_seed0"] != fixture["logits_MaxMinS_16_identity_order"]
+
+
+@pytest.mark.parametrize("name", NO_ATTENTION)
+@pytest.mark.parametrize("prefix", ["model.", "module.model.", "module."])
+def test_wikg_and_dftd_checkpoints_load_strictly_and_score_as_mil_lab(
+    tmp_path: Path, name: str, prefix: str
+) -> None:
+    """A MIL-Lab checkpoint of WiKG / DFTD (float32, DataParallel or not, or saved from the
+    inner network) loads through the public path under its MIL-Lab name, with sizes read from
+    its shapes, and gives MIL-Lab's logits and prediction for the fixture bag."""
+    fixture = mil_lab_fixture(name)
+    reference = fill_like_fixture(build_model(name, n_classes=3, embed_dim=1024), fixture)
+    state = {prefix + k[len("model.") :]: v.float() for k, v in reference.state_dict().items()}
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", f"{name}.base.uni.none", n_classes=3, embed_dim=1024)
+    out = run_attention(loaded, fixture_bag().astype(np.float32))
+    assert_close_to(out.logits, fixture["logits"], 1e-4, f"{name} logits")
+    assert out.pred == int(np.argmax(fixture["logits"])) and out.attention.shape == (50,)
+
+
+def test_wikg_and_dftd_declare_no_attention_and_guard_as_documented() -> None:
+    """No attention map (the attention method is refused for them); WiKG's N x N similarity
+    gets the quadratic bag-size guard and bags smaller than its top-k still score; DFTD's
+    cost is linear, so no guard, and a bag smaller than its pseudo-bag count still scores."""
+    from clam_heat.models import get_model_spec
+
+    assert not get_model_spec("wikg").has_attention and not get_model_spec("dftd").has_attention
+    wikg = randomise(build_model("wikg", n_classes=2, embed_dim=D, hidden_dim=16))
+    assert wikg.max_bag_size == 20_000
+    with pytest.raises(FeatureError, match="above the 10-patch limit for wikg"):
+        run_attention(wikg, bag(12), max_bag_size=10)
+    dftd = randomise(build_model("dftd", n_classes=2, embed_dim=D, hidden_dim=16))
+    assert dftd.max_bag_size is None
+    for model in (wikg, dftd):
+        for n in (1, 3):
+            out = run_attention(model, bag(n))
+            assert np.isfinite(out.logits).all() and out.attention.shape == (n,)
+
+
+def test_wikg_similarity_in_row_blocks_equals_the_whole_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WiKG's top-k neighbours computed 7 rows at a time (a bag of 30: five blocks, the last
+    short) give the logits and feature gradients of the whole-matrix computation, written here
+    from MIL-Lab's maths (catches a block offset or a dropped last block)."""
+    from clam_heat.models import wikg
+
+    model = randomise(build_model("wikg", n_classes=2, embed_dim=D, hidden_dim=16), seed=4)
+    h = torch.from_numpy(bag(30, seed=6)).requires_grad_(True)
+    monkeypatch.setattr(wikg, "SIMILARITY_ROWS", 7)
+    blocks = model(h)[0]
+    (grad_blocks,) = torch.autograd.grad(blocks[1], h)
+
+    def whole(head: torch.Tensor, tail: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        top = torch.topk((head @ tail.T) / math.sqrt(head.shape[1]), k=k, dim=1)
+        return top.values, top.indices
+
+    monkeypatch.setattr(wikg, "top_neighbours", whole)
+    expected = model(h)[0]
+    (grad,) = torch.autograd.grad(expected[1], h)
+    torch.testing.assert_close(blocks, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_blocks, grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        ("wikg", {"hidden_dim": 32, "agg_type": "gcn"}),
+        ("wikg", {"hidden_dim": 32, "agg_type": "sage"}),
+        ("dftd", {"hidden_dim": 32, "attention_dim": 8, "num_residuals": 2}),
+        ("dftd", {"hidden_dim": 32, "attention_dim": 8, "num_residuals": 0}),
+    ],
+)
+def test_wikg_and_dftd_sizes_are_read_back_from_the_shapes(
+    tmp_path: Path, name: str, sizes: dict
+) -> None:
+    """Width, attention width, residual depth and WiKG's aggregation (gcn vs sage by the
+    shape of ``linear``) are recovered from a checkpoint."""
+    model = randomise(build_model(name, n_classes=2, embed_dim=D, **sizes), seed=3)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", name, n_classes=2, embed_dim=D)
+    assert repr(loaded) == repr(model) and loaded.model.hparams == model.model.hparams
+    h = bag(30, seed=5)
+    np.testing.assert_array_equal(run_attention(loaded, h).logits, run_attention(model, h).logits)
 
 
 NON_BASE = {

@@ -443,7 +443,7 @@ def test_every_attention_model_runs_in_the_demo_pipeline(demo_project: Path) -> 
     embed_dim = base.model_arguments.embed_dim
     keep = pd.read_csv(base.process_list_path).head(2)  # two slides keep this test quick
     keep.to_csv(base.process_list_path, index=False)
-    # the models with attention (mil_fc, mil_fc_mc: tests/test_explain.py)
+    # the models with attention (mil_fc, mil_fc_mc, wikg, dftd: tests/test_explain.py)
     model_types = ["clam_mb", *(n for n in registered_models() if get_model_spec(n).has_attention)]
     assert {"abmil", "transmil", "dsmil", "ilra", "rrt", "transformer"} <= set(model_types)
     for model_type in model_types:

@@ -261,8 +261,25 @@ def _write_lists_and_config(layout: _Layout, model: str, feature_dim: int) -> No
         assert isinstance(model_args, dict)
         model_args["ckpt_path"] = f"ckpts/{layout.ckpt.name}"
         model_args["model_type"] = mil_lab_demo_name(model)
+        method = _drawable_method(model)
+        if method is not None:
+            heatmap_args = config["heatmap_arguments"]
+            assert isinstance(heatmap_args, dict)
+            heatmap_args["method"] = method
     header = "# clam-heat demo config: CLAM create_heatmaps.py blocks, paths relative here\n"
     write_text(layout.config_path, header + "---\n" + yaml.safe_dump(config, sort_keys=False))
+
+
+def _drawable_method(model: str) -> str | None:
+    """The method the demo draws ``model`` with when it has no attention map (``instance``
+    where patches are scored alone, else integrated gradients); None keeps ``attention``."""
+    from ..explain.registry import methods_for
+    from ..models import get_model_spec
+
+    spec = get_model_spec(model)
+    if spec.has_attention:
+        return None
+    return "instance" if "instance" in methods_for(spec) else "integrated_gradients"
 
 
 def _check_model(model: str) -> None:

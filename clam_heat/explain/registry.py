@@ -117,7 +117,7 @@ def methods_for(model_spec: Any) -> tuple[str, ...]:
 def refusal(method: str, model_spec: Any) -> str:
     """One line: why ``method`` does not apply to the model, and which methods do."""
     reasons = {
-        "has_attention": "pools no attention",
+        "has_attention": "has no per-patch attention map",
         "linear_head": "has no classifier that is linear in attention-pooled features",
         "instance_logits": "does not score patches on their own",
     }

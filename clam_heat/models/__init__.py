@@ -7,7 +7,8 @@ Layout:
   the one list of names (imports no torch; the config validates against it);
 * :mod:`.layers` -- shared blocks (gated and Nystrom attention, PPEG, feed-forward);
 * :mod:`.clam`, :mod:`.abmil`, :mod:`.transmil`, :mod:`.dsmil`, :mod:`.ilra`, :mod:`.rrt`,
-  :mod:`.transformer` -- one architecture each, registering itself with its own reduction;
+  :mod:`.transformer`, :mod:`.wikg`, :mod:`.dftd`, :mod:`.mil_fc` -- one architecture each,
+  registering itself with its own reduction;
 * :mod:`.checkpoint` -- reading and normalising state dicts, the strict load, ``load_model``;
 * :mod:`.inference` -- :func:`run_attention` and the overlap pass's :func:`attention_logits`.
 
@@ -54,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "ILRA": "ilra",
     "RRT": "rrt",
     "TransformerMIL": "transformer",
+    "WiKG": "wikg",
+    "DFTD": "dftd",
     # checkpoints
     "build_model": "checkpoint",
     "checkpoint_n_classes": "checkpoint",

@@ -30,6 +30,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "CONFIG_ONLY_NAMES",
     "ENCODER_DIM_MAPPING",
+    "MIL_LAB_CONFIGS",
     "QUADRATIC_BAG_LIMIT",
     "REFUSED",
     "ModelChoice",
@@ -54,6 +55,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "ilra": "ilra",
     "rrt": "rrt",
     "transformer": "transformer",
+    "wikg": "wikg",
+    "dftd": "dftd",
     "mil_fc": "mil_fc",
     "mil_fc_mc": "mil_fc",
 }
@@ -86,9 +89,12 @@ REFUSED: dict[str, str] = {
         "CLAM's MIL_fc has no attention map (it scores patches independently; name it mil_fc "
         "or mil_fc_mc and draw it with heatmap_arguments.method: instance)"
     ),
-    "wikg": "WiKG's attention is a patch-to-patch graph, not a per-patch score",
-    "dftd": "DFTD attends over shuffled pseudo-bag instances that do not map to patches",
 }
+
+#: Models whose MIL-Lab config (the name's second part) sets behaviour that is not in the
+#: checkpoint's shapes, with the configs clam-heat runs: DTFD's ``base_afs`` distils by another
+#: rule than ``base`` from the same keys, so it is refused rather than run as ``base``.
+MIL_LAB_CONFIGS: dict[str, tuple[str, ...]] = {"dftd": ("base",)}
 
 #: Names a CLAM config may carry although no heatmap can be drawn for them: they validate (a
 #: CLAM config loads unchanged) and the model loader refuses them with the reason above.
@@ -128,11 +134,12 @@ class ModelSpec:
     checkpoint").
 
     What the attribution methods (:mod:`clam_heat.explain`) may use: ``has_attention`` (False:
-    the model pools no attention, so ``attention`` does not apply; its reduction's per-patch
-    score is only a placeholder); ``linear_head(model, h)`` -> ``(attention logits r (K, N),
-    embedded (N, E), W (C, K*E), b (C,))`` when the bag logits are ``W @ concat_k(softmax(r[k])
-    @ embedded) + b`` (exact signed contributions); ``instance_logits(model, h)`` -> (N, C)
-    logits of each patch scored alone (the ``instance`` method).
+    the model has no per-patch attention map, so ``attention`` does not apply; its reduction's
+    per-patch score is only a placeholder); ``linear_head(model, h)`` -> ``(attention logits
+    r (K, N), embedded (N, E), W (C, K*E), b (C,))`` when the bag logits are
+    ``W @ concat_k(softmax(r[k]) @ embedded) + b`` (exact signed contributions);
+    ``instance_logits(model, h)`` -> (N, C) logits of each patch scored alone (the ``instance``
+    method).
     """
 
     name: str
@@ -238,7 +245,19 @@ def _name_part(model_type: str) -> tuple[str, list[str], str | None]:
                 "e.g. abmil.base.uni_v2.none"
             ),
         )
-    return parts[0], parts, None
+    name = parts[0]
+    if len(parts) >= 2 and parts[1] not in MIL_LAB_CONFIGS.get(name, (parts[1],)):
+        known = ", ".join(f"{name}.{c}" for c in MIL_LAB_CONFIGS[name])
+        return (
+            name,
+            parts,
+            (
+                f"MIL-Lab config {parts[1]!r} changes how {name} runs in ways its checkpoint does "
+                f"not record; clam-heat runs only {known} (name it only for a model trained with "
+                "it)"
+            ),
+        )
+    return name, parts, None
 
 
 def model_type_problem(model_type: str) -> str | None:
