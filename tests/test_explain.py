@@ -72,7 +72,7 @@ def test_contributions_sum_to_the_logit_minus_the_bias(name: str) -> None:
         bias = (
             float(head[target].bias[0].detach())
             if isinstance(head, torch.nn.ModuleList)
-            else float(head.bias[target])
+            else float(head.bias[target].detach())
         )
         maps = explain_bag(model, x, ["contribution"], targets=[target])
         total = float(np.sum(maps[("contribution", target)].scores, dtype=np.float64))
