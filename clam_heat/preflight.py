@@ -129,7 +129,10 @@ def check_global_inputs(
 
 
 def check_checkpoint(cfg: Any) -> None:
-    """Load the checkpoint once on the CPU; refuse NaN/Inf weights naming the checkpoint."""
+    """Load the checkpoint once on the CPU; refuse NaN/Inf weights naming the checkpoint, and
+    a ``heatmap_arguments.method`` the model cannot give (checked here, once, not by the infer
+    stage of each row: a row whose scores are already computed would otherwise draw
+    ``attention`` from a model that has none)."""
     from .models import load_model
 
     args = cfg.model_arguments
@@ -152,6 +155,12 @@ def check_checkpoint(cfg: Any) -> None:
             f"model_arguments.ckpt_path: {ckpt}: {count} NaN/Inf values in weight {key!r}; "
             "the training run diverged or the file is damaged: use an earlier checkpoint"
         )
+    from .explain import check_methods
+
+    try:  # e.g. attention asked of a model with no per-patch attention map: every row's problem
+        check_methods(model, cfg.heatmap_arguments.methods())
+    except ClamHeatError as err:
+        raise GlobalInputError(message_line(err)) from None
 
 
 def nonfinite_weight(state: Mapping[str, Any]) -> tuple[str, int] | None:
@@ -228,7 +237,8 @@ CHECKPOINT_RECORD = ".checkpoint_checked.json"
 
 
 def _checkpoint_key(cfg: Any) -> dict[str, Any]:
-    """What the checkpoint check depends on: the file's identity and the model keys."""
+    """What the checkpoint check depends on: the file's identity, the model keys and the
+    methods asked of the model (a method it cannot give is refused there)."""
     from . import __version__
     from .ledger import file_identity
 
@@ -242,6 +252,7 @@ def _checkpoint_key(cfg: Any) -> dict[str, Any]:
         "model_size": args.model_size,
         "embed_dim": args.embed_dim,
         "n_classes": cfg.exp_arguments.n_classes,
+        "methods": list(cfg.heatmap_arguments.methods()),
     }
 
 

@@ -18,6 +18,7 @@ from clam_heat.explain import ExplainOptions, explain_bag
 from clam_heat.explain.faithfulness import faithfulness_curves
 from clam_heat.explain.registry import methods_for
 from clam_heat.models import build_model, get_model_spec, registered_models
+from clam_heat.preflight import GlobalInputError
 from clam_heat.runner import run_pipeline
 
 D = 16
@@ -386,8 +387,8 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
     ckpt = demo_project.parent / "ckpts" / "mil_fc.pt"
     torch.save(model.state_dict(), ckpt)
     common = ["model_arguments.model_type=mil_fc", f"model_arguments.ckpt_path={ckpt}"]
-    refused = run_pipeline(load_config(demo_project, overrides=common))
-    assert not refused.ok
+    with pytest.raises(GlobalInputError, match="mil_fc has no per-patch attention map"):
+        run_pipeline(load_config(demo_project, overrides=common))  # once, before any row
     cfg = load_config(
         demo_project,
         overrides=[
@@ -396,7 +397,7 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
             "exp_arguments.save_exp_code=fc",
         ],
     )
-    assert run_pipeline(cfg, retry_failed=True).ok  # the refused row is retried
+    assert run_pipeline(cfg).ok
     prod = Path(cfg.exp_arguments.production_save_dir) / "fc"
     assert len(list(prod.rglob("*_instance_heatmap.jpg"))) == 1
     assert len(list(prod.rglob("*_occlusion_heatmap.jpg"))) == 1
@@ -406,9 +407,11 @@ def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project
 def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention(
     demo_project: Path,
 ) -> None:
-    """Issue #22: a MIL-Lab WiKG checkpoint fails its row with the one-line refusal under the
-    default method, and draws integrated-gradients and occlusion maps once they are asked for
-    (the refused row is retried)."""
+    """Issue #22: a MIL-Lab WiKG checkpoint is refused in one line, before any row, under the
+    default method; it draws integrated-gradients and occlusion maps once they are asked for;
+    asking for attention afterwards, with the scores already computed, is refused again rather
+    than drawn from WiKG's placeholder per-patch scores (catches a check made only when the
+    infer stage reruns)."""
     _one_row(demo_project, 1)
     base = load_config(demo_project)
     torch.manual_seed(0)
@@ -416,9 +419,9 @@ def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention
     ckpt = demo_project.parent / "ckpts" / "wikg.pt"
     torch.save(model.state_dict(), ckpt)
     common = ["model_arguments.model_type=wikg", f"model_arguments.ckpt_path={ckpt}"]
-    refused = run_pipeline(load_config(demo_project, overrides=common))
-    assert not refused.ok
-    assert "wikg has no per-patch attention map; use one of gradient_x_input" in str(refused.failed)
+    refusal = "wikg has no per-patch attention map; use one of gradient_x_input"
+    with pytest.raises(GlobalInputError, match=refusal):
+        run_pipeline(load_config(demo_project, overrides=common))
     cfg = load_config(
         demo_project,
         overrides=[
@@ -427,7 +430,7 @@ def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention
             "exp_arguments.save_exp_code=graph",
         ],
     )
-    assert run_pipeline(cfg, retry_failed=True).ok
+    assert run_pipeline(cfg).ok
     prod = Path(cfg.exp_arguments.production_save_dir) / "graph"
     raw = Path(cfg.exp_arguments.raw_save_dir) / "graph"
     for method in ("integrated_gradients", "occlusion"):
@@ -436,6 +439,17 @@ def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention
         with h5py.File(h5) as f:
             scores = f["attention_scores"][:].reshape(-1)
         assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+    attention = load_config(
+        demo_project,
+        overrides=[
+            *common,
+            "heatmap_arguments.method=attention",
+            "exp_arguments.save_exp_code=graph",
+        ],
+    )
+    with pytest.raises(GlobalInputError, match=refusal):
+        run_pipeline(attention)
+    assert not list(prod.rglob("*_bi_0_-1.0.jpg"))  # no attention map drawn
 
 
 @pytest.mark.slow

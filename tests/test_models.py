@@ -751,6 +751,10 @@ def test_wikg_and_dftd_checkpoints_load_strictly_and_score_as_mil_lab(
     out = run_attention(loaded, fixture_bag().astype(np.float32))
     assert_close_to(out.logits, fixture["logits"], 1e-4, f"{name} logits")
     assert out.pred == int(np.argmax(fixture["logits"])) and out.attention.shape == (50,)
+    from clam_heat.models import checkpoint_n_classes
+
+    # the quick path reads the class count from the head (3 rows), so --num_classes is optional
+    assert checkpoint_n_classes(torch.load(tmp_path / "ckpt.pt", weights_only=True)) == 3
 
 
 def test_wikg_and_dftd_declare_no_attention_and_guard_as_documented() -> None:

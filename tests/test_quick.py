@@ -426,3 +426,21 @@ def test_refused_model_names_the_flags_and_leaves_nothing_behind(
     assert "model_arguments" not in result.output and "set model_type" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not inputs["out"].exists()
+
+
+def test_a_method_the_model_cannot_give_is_refused_by_its_flag(inputs: dict[str, Path]) -> None:
+    """MIL_fc has no attention map, and quick asks for attention unless ``--method`` says
+    otherwise: one line naming ``--method`` (not ``heatmap_arguments.method``) and the methods
+    that work, exit 2 before any row, nothing left in --output_dir (catches the check made per
+    row, or in config words)."""
+    from clam_heat.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("mil_fc", n_classes=2, embed_dim=64).state_dict(), inputs["ckpt"])
+    result = runner.invoke(app, _quick(inputs, "--model_name", "mil_fc"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "error: --method attention: model mil_fc has no per-patch attention map; use one of "
+        "gradient_x_input, integrated_gradients, occlusion, instance"
+    )
+    assert not inputs["out"].exists()

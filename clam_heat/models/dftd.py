@@ -164,10 +164,20 @@ class DFTD(MilLabNet):
         }
 
 
+def _count_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Classes of a DTFD checkpoint: rows of its tier-2 head ``model.classifier.fc`` (keys as
+    saved, with or without DataParallel's ``module.``)."""
+    from .checkpoint import normalise_mil_lab_state_dict
+
+    head = normalise_mil_lab_state_dict(state).get("model.classifier.fc.weight")
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
 register_mil_lab(
     "dftd",
     DFTD,
     signature=("model.attCls.",),
     input_key="model.patch_embed.fc1.0.weight",
     has_attention=False,
+    count_classes=_count_classes,
 )

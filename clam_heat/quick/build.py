@@ -165,6 +165,7 @@ FLAG_OF_KEY: dict[str, str] = {
     "heatmap_arguments.vis_level": "--vis_level",
     "heatmap_arguments.alpha": "--alpha",
     "heatmap_arguments.cmap": "--cmap",
+    "heatmap_arguments.method": "--method",
 }
 
 
