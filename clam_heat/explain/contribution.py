@@ -15,6 +15,7 @@ import torch
 from .bag import Attribution, Bag, ExplainOptions
 
 
+@torch.no_grad()
 def contributions(bag: Bag, target: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(N,) float64 contributions to logit ``target``, that class's bias (float64), and the
     logit pooled the model's way (pooled features, then the head) from the same pass."""
