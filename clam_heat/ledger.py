@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,9 +206,17 @@ class Ledger:
         return self.stages.get(stage)
 
     def reason(
-        self, stage: str, fingerprint: Mapping[str, Any], outputs: Iterable[Path] = ()
+        self,
+        stage: str,
+        fingerprint: Mapping[str, Any],
+        outputs: Iterable[Path] | Callable[[], Iterable[Path]] = (),
     ) -> Reason | None:
-        """Why ``stage`` must run given its current fingerprint, or None when up to date."""
+        """Why ``stage`` must run given its current fingerprint, or None when up to date.
+
+        ``outputs`` (the stage's current output paths) may be a function, called only when
+        everything else says up to date: naming them can mean opening the slide (CLAM's
+        ``vis_level: -1``), which a row that must run anyway, or a dry run of a new list, need
+        not pay for."""
         rec = self.stages.get(stage)
         if rec is None:
             return Reason("never-run")
@@ -225,6 +233,8 @@ class Ledger:
         changes = fingerprint_diff(rec.get("fingerprint", {}), fingerprint)
         if changes:
             return Reason("changed", "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else ""))
+        if callable(outputs):
+            outputs = outputs()
         for out in outputs:  # e.g. a file name that depends on a key not in the fingerprint
             if not Path(out).exists():
                 return Reason("output-missing", Path(out).name)

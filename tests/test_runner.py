@@ -80,6 +80,24 @@ def test_a_done_row_is_checked_without_opening_its_slide(
     assert again.stage_seconds == {}
 
 
+def test_planning_a_new_list_opens_no_slide(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry run of a list no row of which has run yet names no outputs, so it opens no slide
+    (the demo's ``vis_level: -1`` names the plain image by a level read from the slide); catches
+    output names computed before the ledger knows it needs them (10,000 slide opens on a network
+    filesystem to plan a new cohort)."""
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr("clam_heat.slide.open_slide", refuse)
+    cfg = load_config(demo_project)
+    plan = run_pipeline(cfg, dry_run=True)
+    assert plan.ok, plan.failed
+    assert not Path(cfg.exp_arguments.production_save_dir).exists()  # a dry run writes nothing
+
+
 def test_the_remembered_level_is_only_that_of_an_auto_level_drawing(demo_project: Path) -> None:
     """Drawn at a fixed level 2, then asked for -1: the plain image is named by the level -1
     resolves to (3), not by the level the ledger remembers (catches a remembered level reused

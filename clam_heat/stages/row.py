@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,11 @@ def _run_stage(stage: Stage, ctx: RowContext) -> StageRun:
     return run
 
 
+def _outputs(stage: Stage, ctx: RowContext) -> Callable[[], Iterable[Path]]:
+    """The stage's output paths, named only when the ledger asks (see :meth:`Ledger.reason`)."""
+    return lambda: stage.outputs(ctx).values()
+
+
 def plan_row(
     ctx: RowContext, stages: Sequence[Stage | str] | None = None
 ) -> dict[str, Reason | None]:
@@ -90,7 +95,7 @@ def plan_row(
     for stage in resolve(stages):
         name = stage.name
         try:
-            reason = ledger.reason(name, stage.fingerprint(ctx), stage.outputs(ctx).values())
+            reason = ledger.reason(name, stage.fingerprint(ctx), _outputs(stage, ctx))
         except ClamHeatError as err:
             reason = Reason("changed", f"cannot fingerprint ({err})")
         if reason is None:
@@ -120,7 +125,7 @@ def failed_row_changed(
                 return ledger.changed_since_failure(stage.name, fingerprint)
             if rec.get("state") != "done" or fingerprint is None:
                 return None
-            reason = ledger.reason(stage.name, fingerprint, stage.outputs(ctx).values())
+            reason = ledger.reason(stage.name, fingerprint, _outputs(stage, ctx))
             if reason is not None:
                 return Reason("upstream", f"{stage.name} {reason}")
         return None
@@ -157,7 +162,7 @@ def process_row(ctx: RowContext, stages: Sequence[Stage | str] | None = None) ->
             current = (name, None)
             fingerprint = dict(stage.fingerprint(ctx))
             current = (name, fingerprint)
-            reason = ledger.reason(name, fingerprint, stage.outputs(ctx).values())
+            reason = ledger.reason(name, fingerprint, _outputs(stage, ctx))
             if reason is not None:
                 outcome.reasons[name] = str(reason)
                 stage_timer = Timer()
