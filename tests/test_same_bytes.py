@@ -109,7 +109,7 @@ def test_serial_local_and_dask_runs_write_the_same_bytes(project) -> None:
 
     _fresh(project)
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     try:
         dask = run_pipeline(project, executor=DaskExecutor(cluster.scheduler_address))
