@@ -54,27 +54,6 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class _Gate(torch.autograd.Function):
-    """``baseline + gates[:, None] * difference`` whose backward is one batched dot product per
-    patch: autograd's own product rule would first build ``grad * difference``, one more
-    bag-sized tensor at the peak."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, gates: torch.Tensor, difference: torch.Tensor, baseline: torch.Tensor | None
-    ) -> torch.Tensor:
-        ctx.save_for_backward(difference)
-        column = gates.unsqueeze(1)
-        return (
-            column * difference if baseline is None else torch.addcmul(baseline, column, difference)
-        )
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (difference,) = ctx.saved_tensors
-        return torch.bmm(grad.unsqueeze(1), difference.unsqueeze(2)).view(-1), None, None
-
-
 class _GatedBag:
     """The bag's class logits as a function of per-patch gates (see the module docstring)."""
 
@@ -86,9 +65,14 @@ class _GatedBag:
 
     def __call__(self, gates: torch.Tensor) -> torch.Tensor:
         """(B, C) logits for B gate vectors (B, N), one forward each."""
-        return torch.stack(
-            [self.bag.logits(_Gate.apply(g, self.difference, self.baseline)) for g in gates]
-        )
+        return torch.stack([self.bag.logits(self.bag_at(g)) for g in gates])
+
+    def bag_at(self, gates: torch.Tensor) -> torch.Tensor:
+        """``baseline + gates[:, None] * (features - baseline)``, (N, D)."""
+        column = gates.unsqueeze(1)
+        if self.baseline is None:
+            return column * self.difference
+        return torch.addcmul(self.baseline, column, self.difference)
 
 
 def baseline_row(features: torch.Tensor, kind: str) -> torch.Tensor | None:
