@@ -8,6 +8,13 @@ any recorded output is gone or no longer has the recorded size and mtime (trunca
 or its fingerprint differs. The
 ledger itself is replaced atomically; an unreadable ledger is treated as empty (everything reruns)
 rather than trusted.
+
+Input files up to :data:`HASH_LIMIT_BYTES` are identified by content (sha256), so rewriting
+identical bytes invalidates nothing. The ledger also keeps each hashed input's digest with the
+file's inode, size, mtime and ctime when it was read (``digests``): while all four are
+unchanged the digest is reused, so checking a done row reads no input file (a rerun of 10,000
+rows would otherwise read every feature file again from shared storage); any rewrite changes
+them, and the file is hashed again.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,29 +94,50 @@ def file_identity(path: Path) -> dict[str, Any]:
     return ident
 
 
-#: sha256 by (path, inode, size, mtime): every stage of a row fingerprints the same slide and H5,
-#: and hashing them again each time was a visible part of a small slide's run.
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+#: path -> ((inode, size, mtime_ns, ctime_ns), sha256) of the version last hashed or read from
+#: a ledger: every stage of a row fingerprints the same slide and H5, and hashing them again each
+#: time was a visible part of a small slide's run.
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+_DIGESTS_KEPT = 4096
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What any rewrite of a file changes, in place or through a temp file and a rename."""
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _keep_digest(path: str, signature: tuple[int, int, int, int], digest: str) -> None:
+    if len(_DIGESTS) >= _DIGESTS_KEPT and path not in _DIGESTS:
+        _DIGESTS.pop(next(iter(_DIGESTS)))  # the oldest: a long run keeps its latest rows'
+    _DIGESTS[path] = (signature, digest)
 
 
 def _sha256(path: Path, stat: os.stat_result) -> str:
-    """Content hash of ``path``, computed once per version of the file in this process.
-
-    A rewrite, in place or through a temp file and rename, changes the inode, mtime or ctime, so
-    a stale digest is not returned.
-    """
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        hasher = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(chunk)
-        digest = hasher.hexdigest()
-        if len(_DIGESTS) >= 4096:
-            _DIGESTS.clear()
-        _DIGESTS[key] = digest
+    """Content hash of ``path``, computed once per version of the file: reused while the file's
+    :func:`_signature` is the one it was hashed (or recorded in a ledger) with."""
+    signature = _signature(stat)
+    known = _DIGESTS.get(str(path))
+    if known is not None and known[0] == signature:
+        return known[1]
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+    digest = hasher.hexdigest()
+    _keep_digest(str(path), signature, digest)
     return digest
+
+
+def _hashed_paths(value: Any) -> Iterator[str]:
+    """The paths of the content-hashed file identities anywhere in a fingerprint."""
+    if isinstance(value, Mapping):
+        if "sha256" in value and isinstance(value.get("path"), str):
+            yield value["path"]
+        for item in value.values():
+            yield from _hashed_paths(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _hashed_paths(item)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -174,6 +202,8 @@ class Ledger:
 
     path: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: path -> [inode, size, mtime_ns, ctime_ns, sha256] of the inputs the stages hashed
+    digests: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Ledger:
@@ -189,16 +219,37 @@ class Ledger:
                     data.get("record_format_version"),
                 )
                 return cls(path)
-            return cls(path, dict(data.get("stages", {})))
-        except (OSError, ValueError, AttributeError) as err:
+            ledger = cls(path, dict(data.get("stages", {})), dict(data.get("digests", {})))
+            ledger._share_digests()
+            return ledger
+        except (OSError, ValueError, AttributeError, TypeError) as err:
             log.warning("%s: unreadable ledger (%s); treating as empty", path, err)
             return cls(path)
 
+    def _share_digests(self) -> None:
+        """Offer the recorded digests to :func:`_sha256` (each still checked against the file's
+        current signature before it is used)."""
+        for path, entry in self.digests.items():
+            if isinstance(entry, list) and len(entry) == 5 and isinstance(entry[4], str):
+                known = _DIGESTS.get(path)
+                if known is None or known[1] != entry[4]:
+                    _keep_digest(path, tuple(int(v) for v in entry[:4]), entry[4])  # type: ignore[arg-type]
+
+    def _record_digests(self, fingerprint: Mapping[str, Any]) -> None:
+        """Keep the signature each hashed input of ``fingerprint`` had when it was hashed."""
+        for path in _hashed_paths(fingerprint):
+            known = _DIGESTS.get(path)
+            if known is not None:
+                self.digests[path] = [*known[0], known[1]]
+
     def save(self) -> None:
+        current = {path for rec in self.stages.values() for path in _hashed_paths(rec)}
+        self.digests = {path: v for path, v in self.digests.items() if path in current}
         payload = {
             "record_format_version": RECORD_FORMAT_VERSION,
             "package_version": __version__,
             "stages": self.stages,
+            "digests": self.digests,
         }
         write_text_atomic(self.path, json.dumps(payload, indent=1, sort_keys=True, default=str))
 
@@ -261,6 +312,7 @@ class Ledger:
     ) -> None:
         rec = self.stages.get(stage, {})
         outputs = [Path(p) for p in outputs]
+        self._record_digests(fingerprint)
         self.stages[stage] = {
             "state": "done",
             "started_at": rec.get("started_at", now_iso()),

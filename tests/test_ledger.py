@@ -88,6 +88,47 @@ def test_file_identity_sees_rewrites_of_a_hashed_file(tmp_path: Path) -> None:
     assert file_identity(path)["sha256"] == first["sha256"]
 
 
+def test_a_later_process_reuses_the_recorded_digest_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger keeps each hashed input's digest with the file's signature: a later process
+    (the in-memory memo cleared) identifies the unchanged file without reading it, a rewrite
+    with the same bytes is read again and still matches, and other bytes differ. Catches a
+    rerun that re-reads every feature file, and a recorded digest trusted after a rewrite."""
+    h5 = tmp_path / "slide.h5"
+    h5.write_bytes(b"features-1")
+    fingerprint = {"features": file_identity(h5), "alpha": 0.4}
+    _done(tmp_path, fingerprint, [])
+    reads: list[str] = []
+    real_sha256 = ledger_mod.hashlib.sha256
+
+    class Counting:
+        def __init__(self) -> None:
+            self._h = real_sha256()
+            reads.append("read")
+
+        def update(self, chunk: bytes) -> None:
+            self._h.update(chunk)
+
+        def hexdigest(self) -> str:
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(ledger_mod.hashlib, "sha256", Counting)
+    monkeypatch.setattr(ledger_mod, "_DIGESTS", {})  # a new process
+    ledger = Ledger.load(tmp_path / "s.ledger.json")
+    assert ledger.reason("segment", {"features": file_identity(h5), "alpha": 0.4}) is None
+    assert reads == []
+    time.sleep(0.02)
+    other = tmp_path / "new.h5"
+    other.write_bytes(b"features-1")
+    os.replace(other, h5)  # the same bytes, a new file
+    assert ledger.reason("segment", {"features": file_identity(h5), "alpha": 0.4}) is None
+    assert reads == ["read"]
+    h5.write_bytes(b"features-2")
+    assert ledger.reason("segment", {"features": file_identity(h5), "alpha": 0.4}) is not None
+    assert reads == ["read", "read"]
+
+
 def test_fingerprint_diff_reports_file_changes_compactly() -> None:
     old = {"checkpoint": {"path": "c.pt", "sha256": "aa"}}
     new = {"checkpoint": {"path": "c.pt", "sha256": "bb"}}

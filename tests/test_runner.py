@@ -80,6 +80,31 @@ def test_a_done_row_is_checked_without_opening_its_slide(
     assert again.stage_seconds == {}
 
 
+def test_a_rerun_in_a_new_process_reads_no_input_to_identify_it(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs are identified by content, but a done row's ledger keeps each digest with the
+    file's signature, so a rerun in a fresh process (the memo emptied) hashes only the
+    checkpoint, once, for the start-up check: not the 5 slides and 5 feature files again
+    (catches a 10,000-row rerun that re-reads every feature file from shared storage)."""
+    from clam_heat import ledger as ledger_mod
+
+    cfg = load_config(demo_project)
+    assert run_pipeline(cfg).ok
+    hashed: list[int] = []
+    real_sha256 = ledger_mod.hashlib.sha256
+
+    def counting_sha256() -> object:
+        hashed.append(1)
+        return real_sha256()
+
+    monkeypatch.setattr(ledger_mod, "_DIGESTS", {})
+    monkeypatch.setattr(ledger_mod.hashlib, "sha256", counting_sha256)
+    again = run_pipeline(cfg)
+    assert again.ok and again.stage_seconds == {}
+    assert len(hashed) <= 1
+
+
 def test_planning_a_new_list_opens_no_slide(
     demo_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
