@@ -117,6 +117,27 @@ def message_line(err: BaseException, empty: str = "") -> str:
     return text.splitlines()[0] if text else (empty or type(err).__name__)
 
 
+def csv_read_error(path: object, what: str, err: BaseException) -> ProcessListError:
+    """The one-line error for a CSV that cannot be read (missing, a folder, unreadable, not
+    UTF-8 text a CSV parser accepts), naming the file and the fix.
+
+    >>> str(csv_read_error("l.csv", "process list", FileNotFoundError()))
+    'l.csv: process list file not found; check the path'
+    >>> str(csv_read_error("l.csv", "labels", UnicodeDecodeError("utf-8", b"", 0, 1, "bad")))
+    "l.csv: labels is not a readable UTF-8 CSV ('utf-8' codec can't decode bytes in position 0-0: bad); re-save it as CSV"
+    """  # noqa: E501 - a doctest's output is one line
+    if isinstance(err, FileNotFoundError):
+        return ProcessListError(f"{path}: {what} file not found; check the path")
+    if isinstance(err, IsADirectoryError):
+        return ProcessListError(f"{path}: {what} path is a folder; name a CSV file")
+    if isinstance(err, OSError):
+        reason = err.strerror or err
+        return ProcessListError(f"{path}: cannot read {what} ({reason}); check permissions")
+    return ProcessListError(
+        f"{path}: {what} is not a readable UTF-8 CSV ({message_line(err)}); re-save it as CSV"
+    )
+
+
 def typed_message_line(err: BaseException) -> str:
     """``Type: first line of the message`` (or just the type), for details of third-party
     errors whose type says more than their text.

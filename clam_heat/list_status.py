@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ProcessListError, message_line
+from .errors import ProcessListError, csv_read_error
 
 __all__ = ["STATUSES", "ListStatus", "read_status"]
 
@@ -68,18 +68,8 @@ def read_status(path: str | Path) -> ListStatus:
                 counts[status] += 1
                 if status == "failed":
                     failed.append((_cell(cells, id_at), _cell(cells, error_at)))
-    except FileNotFoundError:
-        raise ProcessListError(f"{path}: {what} file not found; check the path") from None
-    except IsADirectoryError:
-        raise ProcessListError(f"{path}: {what} path is a folder; name a CSV file") from None
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise ProcessListError(
-            f"{path}: {what} is not a readable UTF-8 CSV ({message_line(err)}); re-save it as CSV"
-        ) from None
-    except OSError as err:
-        raise ProcessListError(
-            f"{path}: cannot read {what} ({err.strerror or err}); check permissions"
-        ) from None
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise csv_read_error(path, what, err) from None
     ordered = {status: counts.get(status, 0) for status in STATUSES}
     ordered.update({other: counts[other] for other in sorted(set(counts) - set(STATUSES))})
     return ListStatus(rows, ordered, failed)

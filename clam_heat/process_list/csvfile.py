@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ..atomic import commit, temp_path_for
-from ..errors import OutputError, ProcessListError, message_line
+from ..errors import OutputError, ProcessListError, csv_read_error
 
 __all__ = ["read_csv", "render_csv", "write_csv_atomic"]
 
@@ -24,20 +24,10 @@ def read_csv(path: Path, *, what: str, dtype: Any) -> pd.DataFrame:
         return pd.read_csv(
             path, dtype=dtype, keep_default_na=False, na_values=[""], encoding="utf-8-sig"
         )
-    except FileNotFoundError:
-        raise ProcessListError(f"{path}: {what} file not found; check the path") from None
-    except IsADirectoryError:
-        raise ProcessListError(f"{path}: {what} path is a folder; name a CSV file") from None
     except pd.errors.EmptyDataError:
         raise ProcessListError(f"{path}: {what} file is empty; it needs a header row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        raise ProcessListError(
-            f"{path}: {what} is not a readable UTF-8 CSV ({message_line(err)}); re-save it as CSV"
-        ) from None
-    except OSError as err:
-        raise ProcessListError(
-            f"{path}: cannot read {what} ({err.strerror or err}); check permissions"
-        ) from None
+    except (OSError, ValueError) as err:  # pandas' ParserError and UnicodeDecodeError included
+        raise csv_read_error(path, what, err) from None
 
 
 def render_csv(df: pd.DataFrame) -> bytes:
