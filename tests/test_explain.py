@@ -378,15 +378,20 @@ def test_default_config_writes_no_explanation_files(demo_project: Path) -> None:
     assert not [c for c in pd.read_csv(cfg.results_csv_path).columns if c.startswith("faith_")]
 
 
+def _one_row_of(demo_project: Path, name: str) -> list[str]:
+    """The demo cut to one row, a seeded ``name`` checkpoint saved for its features, and the
+    overrides that run it."""
+    _one_row(demo_project, 1)
+    torch.manual_seed(0)
+    width = load_config(demo_project).model_arguments.embed_dim
+    ckpt = demo_project.parent / "ckpts" / f"{name}.pt"
+    torch.save(build_model(name, n_classes=2, embed_dim=width).state_dict(), ckpt)
+    return [f"model_arguments.model_type={name}", f"model_arguments.ckpt_path={ckpt}"]
+
+
 @pytest.mark.slow
 def test_mil_fc_is_drawable_with_instance_and_refused_for_attention(demo_project: Path) -> None:
-    _one_row(demo_project, 1)
-    base = load_config(demo_project)
-    torch.manual_seed(0)
-    model = build_model("mil_fc", n_classes=2, embed_dim=base.model_arguments.embed_dim)
-    ckpt = demo_project.parent / "ckpts" / "mil_fc.pt"
-    torch.save(model.state_dict(), ckpt)
-    common = ["model_arguments.model_type=mil_fc", f"model_arguments.ckpt_path={ckpt}"]
+    common = _one_row_of(demo_project, "mil_fc")
     with pytest.raises(GlobalInputError, match="mil_fc has no per-patch attention map"):
         run_pipeline(load_config(demo_project, overrides=common))  # once, before any row
     cfg = load_config(
@@ -412,13 +417,7 @@ def test_wikg_is_drawable_with_gradients_and_occlusion_and_refused_for_attention
     asking for attention afterwards, with the scores already computed, is refused again rather
     than drawn from WiKG's placeholder per-patch scores (catches a check made only when the
     infer stage reruns)."""
-    _one_row(demo_project, 1)
-    base = load_config(demo_project)
-    torch.manual_seed(0)
-    model = build_model("wikg", n_classes=2, embed_dim=base.model_arguments.embed_dim)
-    ckpt = demo_project.parent / "ckpts" / "wikg.pt"
-    torch.save(model.state_dict(), ckpt)
-    common = ["model_arguments.model_type=wikg", f"model_arguments.ckpt_path={ckpt}"]
+    common = _one_row_of(demo_project, "wikg")
     refusal = "wikg has no per-patch attention map; use one of gradient_x_input"
     with pytest.raises(GlobalInputError, match=refusal):
         run_pipeline(load_config(demo_project, overrides=common))
