@@ -80,10 +80,6 @@ class Bag:
         chunk = None if torch.is_grad_enabled() else CHUNK_PATCHES
         return _reduce(self.model, h, None, chunk)[0]
 
-    def batch_logits(self, hs: torch.Tensor) -> torch.Tensor:
-        """(B, C) logits of B bags ``hs`` (B, N, D), one forward each (Captum's batches)."""
-        return torch.stack([self.logits(h) for h in hs])
-
     @torch.no_grad()
     def full_logits(self) -> torch.Tensor:
         return self.logits(self.features)
