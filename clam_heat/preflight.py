@@ -130,9 +130,9 @@ def check_global_inputs(
 
 def check_checkpoint(cfg: Any) -> None:
     """Load the checkpoint once on the CPU; refuse NaN/Inf weights naming the checkpoint, and
-    a ``heatmap_arguments.method`` the model cannot give (checked here, once, not by the infer
-    stage of each row: a row whose scores are already computed would otherwise draw
-    ``attention`` from a model that has none)."""
+    a ``heatmap_arguments.method`` the model cannot give or per-class maps of a model with one
+    map (checked here, once, not by a stage of each row: a row whose scores are already
+    computed would otherwise draw ``attention`` from a model that has none)."""
     from .models import load_model
 
     args = cfg.model_arguments
@@ -156,9 +156,12 @@ def check_checkpoint(cfg: Any) -> None:
             "the training run diverged or the file is damaged: use an earlier checkpoint"
         )
     from .explain import check_methods
+    from .stages.class_maps import ClassMapsStage, check_per_class
 
     try:  # e.g. attention asked of a model with no per-patch attention map: every row's problem
         check_methods(model, cfg.heatmap_arguments.methods())
+        if ClassMapsStage().enabled(cfg):  # one attention map per class, asked of a model
+            check_per_class(cfg)
     except ClamHeatError as err:
         raise GlobalInputError(message_line(err)) from None
 
@@ -237,8 +240,8 @@ CHECKPOINT_RECORD = ".checkpoint_checked.json"
 
 
 def _checkpoint_key(cfg: Any) -> dict[str, Any]:
-    """What the checkpoint check depends on: the file's identity, the model keys and the
-    methods asked of the model (a method it cannot give is refused there)."""
+    """What the checkpoint check depends on: the file's identity, the model keys and what is
+    asked of the model (methods, per-class maps: what it cannot give is refused there)."""
     from . import __version__
     from .ledger import file_identity
 
@@ -253,6 +256,7 @@ def _checkpoint_key(cfg: Any) -> dict[str, Any]:
         "embed_dim": args.embed_dim,
         "n_classes": cfg.exp_arguments.n_classes,
         "methods": list(cfg.heatmap_arguments.methods()),
+        "classes": cfg.heatmap_arguments.classes,
     }
 
 

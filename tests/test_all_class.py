@@ -7,7 +7,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from demo_state import row_contexts
@@ -15,6 +14,7 @@ from PIL import Image
 
 from clam_heat.config import load_config
 from clam_heat.models import build_model
+from clam_heat.preflight import GlobalInputError
 from clam_heat.rows import class_heatmap_path, class_scores_h5_path
 from clam_heat.runner import run_pipeline
 from clam_heat.stages import stages_for
@@ -77,11 +77,10 @@ def test_predicted_is_todays_behaviour_and_single_map_models_are_refused(
     cfg = load_config(demo_project)
     assert "class_maps" not in [s.name for s in stages_for(cfg)]
     cfg = load_config(demo_project, overrides=["heatmap_arguments.classes=all"])
-    summary = run_pipeline(cfg, stages=["segment", "infer", "class_maps"])
-    assert len(summary.failed) == 5
-    assert "one attention map per class" in summary.failed[0][1]
-    listed = pd.read_csv(summary.process_list)
-    assert set(listed["status"]) == {"failed"}
+    # every row would fail the same way: refused once, before any row (exit 2 from the CLI)
+    with pytest.raises(GlobalInputError, match="one attention map per class .* set classes"):
+        run_pipeline(cfg, stages=["segment", "infer", "class_maps"])
+    assert not list(Path(cfg.exp_arguments.raw_save_dir).rglob("*.ledger.json"))  # no row ran
 
 
 def test_unknown_class_name_is_a_config_error(demo_project: Path) -> None:
