@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from picture_tools import labelled, read_at_height
 
 from clam_heat.config import load_config
 from clam_heat.demo import make_demo_project
@@ -24,18 +25,6 @@ from clam_heat.rows import build_contexts, class_heatmap_path, production_heatma
 from clam_heat.runner import run_pipeline
 
 OUT = Path(__file__).resolve().parent / "img"
-
-
-def _read(path: Path, height: int = 260) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    scale = height / image.shape[0]
-    return cv2.resize(image, (max(1, int(image.shape[1] * scale)), height), cv2.INTER_AREA)
-
-
-def _label(image: np.ndarray, text: str) -> np.ndarray:
-    bar = np.full((26, image.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, text, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([bar, image])
 
 
 def _row(images: list[np.ndarray], gap: int = 6) -> np.ndarray:
@@ -69,13 +58,15 @@ def main() -> None:
     run_pipeline(slide)
     pick = _contexts(slide)[:2]
     top = [
-        _label(_read(production_heatmap_path(c), 210), f"{c.slide_id} slide scale") for c in pick
+        labelled(read_at_height(production_heatmap_path(c), 210), f"{c.slide_id} slide scale")
+        for c in pick
     ]
     cohort = load_config(config, overrides=["heatmap_arguments.score_scale=cohort"])
     run_pipeline(cohort)
     pick = _contexts(cohort)[:2]
     low = [
-        _label(_read(production_heatmap_path(c), 210), f"{c.slide_id} cohort scale") for c in pick
+        labelled(read_at_height(production_heatmap_path(c), 210), f"{c.slide_id} cohort scale")
+        for c in pick
     ]
     _save("cohort_scale.png", np.vstack([_row(top), _row(low)]))
 
@@ -88,8 +79,10 @@ def main() -> None:
     manifest = next((Path(thr.exp_arguments.production_save_dir) / "demo").rglob("manifest.csv"))
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))[:12]
-    tiles = [_label(_read(manifest.parent / r["path"], 120), f"{float(r['percentile']):.3f}")
-             for r in rows]  # fmt: skip
+    tiles = [
+        labelled(read_at_height(manifest.parent / r["path"], 120), f"{float(r['percentile']):.3f}")
+        for r in rows
+    ]
     _save("threshold_export.png", _row(tiles, 4))
 
     # all-class maps: a CLAM_MB checkpoint (seeded) on the demo bags, one map per class
@@ -102,7 +95,10 @@ def main() -> None:
     ])  # fmt: skip
     run_pipeline(mb)
     ctx = _contexts(mb)[0]
-    maps = [_label(_read(class_heatmap_path(ctx, n)), f"class {n}") for n in ("normal", "tumour")]
+    maps = [
+        labelled(read_at_height(class_heatmap_path(ctx, n)), f"class {n}")
+        for n in ("normal", "tumour")
+    ]
     _save("all_class_maps.png", _row(maps))
 
     # trackers: the thumbnails MLflow holds for a demo run, downloaded with MLflow's client
@@ -117,7 +113,7 @@ def main() -> None:
     exp = client.get_experiment_by_name("demo")
     (run,) = client.search_runs([exp.experiment_id])
     local = Path(client.download_artifacts(run.info.run_id, "thumbnails", str(work / "back")))
-    shots = [_label(_read(p, 150), p.stem) for p in sorted(local.glob("*.png"))]
+    shots = [labelled(read_at_height(p, 150), p.stem) for p in sorted(local.glob("*.png"))]
     _save("tracker_thumbnails.png", _row(shots))
 
 

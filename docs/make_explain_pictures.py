@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from picture_tools import labelled, read_at_height
 
 from clam_heat.config import load_config
 from clam_heat.demo import make_demo_project
@@ -20,18 +21,6 @@ from clam_heat.rows import build_contexts, method_heatmap_path, production_heatm
 from clam_heat.runner import run_pipeline
 
 OUT = Path(__file__).resolve().parent / "img"
-
-
-def _read(path: Path, height: int = 300) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    scale = height / image.shape[0]
-    return cv2.resize(image, (max(1, int(image.shape[1] * scale)), height), cv2.INTER_AREA)
-
-
-def _label(image: np.ndarray, text: str) -> np.ndarray:
-    bar = np.full((26, image.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, text, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([bar, image])
 
 
 def main() -> None:
@@ -49,15 +38,19 @@ def main() -> None:
         df, _ = build_process_list(cfg, write=False)
         ctx = build_contexts(cfg, df)[0]
         panels = [
-            _label(_read(production_heatmap_path(ctx)), f"{ctx.slide_id}: attention (jet)"),
-            _label(
-                _read(method_heatmap_path(ctx, "contribution")), "contribution (RdBu_r, 0 = white)"
+            labelled(
+                read_at_height(production_heatmap_path(ctx), 300),
+                f"{ctx.slide_id}: attention (jet)",
+            ),
+            labelled(
+                read_at_height(method_heatmap_path(ctx, "contribution"), 300),
+                "contribution (RdBu_r, 0 = white)",
             ),
         ]
         gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
         row = np.hstack([panels[0], gap, panels[1]])
         plot = cfg.results_csv_path.with_name(f"{cfg.results_csv_path.stem}_faithfulness.png")
-        faith = _read(plot, height=int(row.shape[1] * 360 / 900))
+        faith = read_at_height(plot, height=int(row.shape[1] * 360 / 900))
         pad = np.full((faith.shape[0], max(0, row.shape[1] - faith.shape[1]), 3), 255, np.uint8)
         picture = np.vstack([row, np.hstack([faith, pad])[:, : row.shape[1]]])
         OUT.mkdir(exist_ok=True)
