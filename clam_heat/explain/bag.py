@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.inference import CHUNK_PATCHES, _reduce, _spec_of
+from ..models.inference import _reduce, _spec_of
 from ..models.registry import ModelSpec
 
 __all__ = ["Attribution", "Bag", "ExplainOptions"]
@@ -74,11 +74,8 @@ class Bag:
         return int(self.features.shape[0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(C,) bag logits of ``h`` (N, D); differentiable. With gradients on, the bag goes
-        through the plain forward even when it is large: the chunked one embeds each chunk twice
-        (for the attention, then for the pooling), which under autograd keeps both copies."""
-        chunk = None if torch.is_grad_enabled() else CHUNK_PATCHES
-        return _reduce(self.model, h, None, chunk)[0]
+        """(C,) bag logits of ``h`` (N, D); differentiable."""
+        return _reduce(self.model, h, None)[0]
 
     @torch.no_grad()
     def full_logits(self) -> torch.Tensor:

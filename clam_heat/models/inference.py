@@ -151,9 +151,12 @@ def _reduce(
     model: nn.Module, h: torch.Tensor, branch: int | None, chunk: int | None = CHUNK_PATCHES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (C,), attention (N,)) through the model's reduction, or the protocol; a bag of
-    more than ``chunk`` patches on an attention-pooling model is scored chunk by chunk."""
+    more than ``chunk`` patches on an attention-pooling model is scored chunk by chunk, unless
+    gradients are recorded: the chunked pass embeds each chunk twice (for the attention, then
+    for the pooling), and autograd would keep both copies, more than the plain pass holds."""
     parts = _pooling_parts(model)
-    if parts is not None and chunk is not None and h.shape[0] > chunk:
+    chunked = chunk is not None and h.shape[0] > chunk and not torch.is_grad_enabled()
+    if parts is not None and chunked:
         return _reduce_chunked(parts, h, branch, chunk)
     spec = _spec_of(model)
     if spec is not None and spec.attention is not None:
