@@ -10,10 +10,12 @@ maths can be tested without a scanner file (the test seam, like openslide's ``Im
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +155,53 @@ def _float_property(props: dict[str, str], *keys: str) -> float | None:
     return None
 
 
+@functools.cache
+def _argb_reader() -> tuple[Any, Any]:
+    """OpenSlide's raw ``openslide_read_region`` (filling a caller's uint32 buffer, errors
+    checked) and the pointer type it takes, or ``(None, None)`` where it cannot be used.
+
+    openslide-python's public ``read_region`` fills the same buffer, converts it in place and
+    wraps it in a PIL image, which costs two more full copies of the region (one to
+    ``ndarray``, one to drop alpha): 11 bytes per pixel at peak instead of 7, and ~0.3 ms per
+    256 px patch. The raw function is private to openslide-python (present since 1.0), so a
+    release without it, or a big-endian host, falls back to the public path.
+    """
+    import ctypes
+    import sys
+
+    from openslide import lowlevel
+
+    func = getattr(lowlevel, "_read_region", None)
+    if func is None or sys.byteorder != "little":
+        return None, None
+    return func, ctypes.POINTER(ctypes.c_uint32)
+
+
+def argb_to_rgb(argb: np.ndarray) -> np.ndarray:
+    """OpenSlide's premultiplied ARGB pixels (native uint32) as (..., 3) uint8 RGB.
+
+    Byte for byte what openslide-python's PIL image gives once alpha is dropped: opaque pixels
+    are unpacked; translucent ones are un-premultiplied as ``255 * c // a`` kept to 8 bits;
+    fully transparent ones (outside the slide: all zero) are left as they are.
+
+    >>> argb_to_rgb(np.array([0xFF102030, 0x80402010, 0], dtype=np.uint32)).tolist()
+    [[16, 32, 48], [127, 63, 31], [0, 0, 0]]
+    """
+    bgra = argb.view(np.uint8).reshape(*argb.shape, 4)  # little-endian words: B, G, R, A
+    rgb = bgra[..., 2::-1].copy()
+    alpha = bgra[..., 3]
+    translucent = alpha != 255
+    if translucent.any():
+        a = alpha[translucent].astype(np.uint32)
+        stored = bgra[translucent]
+        straight = ((255 * stored[:, 2::-1].astype(np.uint32)) // np.maximum(a, 1)[:, None]) & 0xFF
+        straight = straight.astype(np.uint8)
+        transparent = a == 0
+        straight[transparent] = stored[transparent][:, :3]  # untouched bytes, read as R, G, B
+        rgb[translucent] = straight
+    return rgb
+
+
 class OpenSlideSlide(Slide):
     """A slide read through OpenSlide (SVS, generic tiled TIFF, NDPI, MRXS, DICOM, ...)."""
 
@@ -194,15 +243,20 @@ class OpenSlideSlide(Slide):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             return np.zeros((max(h, 0), max(w, 0), 3), dtype=np.uint8)
+        x, y = int(l0_xy[0]), int(l0_xy[1])
         try:
-            image = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), level, (w, h))
+            read_argb, uint32_pointer = _argb_reader()
+            if read_argb is None:
+                return np.asarray(self._osr.read_region((x, y), level, (w, h)))[..., :3].copy()
+            argb = np.empty((h, w), dtype=np.uint32)
+            read_argb(self._osr._osr, argb.ctypes.data_as(uint32_pointer), x, y, level, w, h)
         except openslide.OpenSlideError as err:
             raise SlideError(
                 self.path,
                 f"reading pixels failed at level {level} {tuple(l0_xy)} ({err})".replace("\n", " "),
                 "the file is corrupt; re-export the slide or remove it from the process list",
             ) from None
-        return np.asarray(image)[..., :3].copy()
+        return argb_to_rgb(argb)
 
     def close(self) -> None:
         self._osr.close()
