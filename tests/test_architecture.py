@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "lazy": 0,
     "formats": 0,
+    "colormaps": 0,
     "__version__": 0,
     "atomic": 1,
     "devices": 1,

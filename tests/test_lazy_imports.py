@@ -22,8 +22,8 @@ import pytest
 
 from clam_heat import model_process
 from clam_heat.cli import cli_main
+from clam_heat.colormaps import SHIPPED_CMAPS, SHIPPED_FILE, colormap_lut, write_shipped
 from clam_heat.config import load_config
-from clam_heat.config.fields import SHIPPED_CMAPS
 from clam_heat.errors import CheckpointError, SlideError
 from clam_heat.list_status import STATUSES, ListStatus, read_status
 from clam_heat.model_process import ModelProcessError
@@ -200,10 +200,24 @@ def test_checkpoint_record_skips_the_load_only_while_nothing_changed(
     assert len(loads) == 1
 
 
-def test_shipped_colormaps_are_matplotlib_colormaps() -> None:
+def test_shipped_colormap_tables_are_matplotlibs(tmp_path: Path) -> None:
+    """colormaps.json holds exactly matplotlib's tables (a stale or hand-edited file fails), and
+    a name outside it still comes from matplotlib."""
     import matplotlib
 
     assert set(matplotlib.colormaps) >= SHIPPED_CMAPS
+    shipped = json.loads(SHIPPED_FILE.read_text(encoding="utf-8"))
+    assert set(shipped) == SHIPPED_CMAPS
+    for name in sorted(SHIPPED_CMAPS):
+        cm = matplotlib.colormaps[name]
+        rgba = [cm(i) for i in range(cm.N)] + [cm.get_under(), cm.get_over(), cm.get_bad()]
+        expected = (np.asarray(rgba) * 255)[:, :3].astype(np.uint8)  # CLAM's truncation
+        np.testing.assert_array_equal(colormap_lut(name), expected, err_msg=name)
+    assert colormap_lut("jet")[0].tolist() == [0, 0, 127]  # jet starts dark blue
+    viridis_r = matplotlib.colormaps["viridis_r"]
+    assert colormap_lut("viridis_r")[0].tolist() == [int(v * 255) for v in viridis_r(0)[:3]]
+    remade = write_shipped(tmp_path / "colormaps.json")
+    assert remade.read_text(encoding="utf-8") == SHIPPED_FILE.read_text(encoding="utf-8")
 
 
 def test_tissue_names_load_on_first_use() -> None:
@@ -261,6 +275,7 @@ def test_run_keeps_torch_out_of_the_driver(demo_project: Path, tmp_path: Path) -
     code, output, loaded = _command(["run", str(demo_project), "--quiet"], folder)
     assert code == 0 and "rows: 5 done" in output, output
     assert "torch" not in loaded, loaded
+    assert "matplotlib" not in loaded, loaded  # jet's table ships in colormaps.json
     env_off = "import os; os.environ['CLAM_HEAT_MODEL_PROCESS'] = '0'"
     code, output, loaded = _command(["run", str(alone / "config.yaml"), "--quiet"], alone, env_off)
     assert code == 0 and "torch" in loaded, output

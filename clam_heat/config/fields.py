@@ -170,14 +170,6 @@ ResolvedPath = Annotated[Path, BeforeValidator(_to_path)]
 OptionalPath = Annotated[Path | None, BeforeValidator(_to_optional_path)]
 
 
-#: Colormaps every matplotlib release ships (CLAM's ``jet`` among them): a config naming one is
-#: valid without importing matplotlib, which cost 0.2 CPU s of every ``run``, ``status``,
-#: ``validate`` (a test checks each name against matplotlib itself).
-SHIPPED_CMAPS: frozenset[str] = frozenset(
-    {"jet", "coolwarm", "viridis", "plasma", "inferno", "magma", "RdBu_r", "bwr", "hot", "gray"}
-)
-
-
 @functools.cache
 def _colormap_names() -> tuple[str, ...]:
     import matplotlib  # lazy: only needed when a config is validated

@@ -17,12 +17,12 @@ from pydantic import (
 )
 
 from ..atomic import name_problem
+from ..colormaps import SHIPPED_CMAPS
 from ..models.registry import model_type_problem
 from .fields import (
     _DEVICE,
     PROCESS_LIST_DIRS,
     SAVE_EXTS,
-    SHIPPED_CMAPS,
     Bool,
     Float,
     OptionalPath,

@@ -7,12 +7,13 @@ region at the vis level (see :mod:`clam_heat.heatmap`).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from ..colormaps import colormap_lut
 
 __all__ = [
     "AUTO_VIS_DOWNSAMPLE",
@@ -274,38 +275,6 @@ def gaussian_ksize(vis_patch_size: Sequence[int], overlap: float) -> tuple[int, 
     """
     k = (np.asarray(vis_patch_size, dtype=np.float64) * (1 - overlap)).astype(int) * 2 + 1
     return int(k[0]), int(k[1])
-
-
-@functools.lru_cache(maxsize=32)
-def colormap_lut(cmap: str) -> np.ndarray:
-    """A colormap as a uint8 lookup table: N colours, then under, over and bad.
-
-    Entries are ``uint8(rgba * 255)`` (truncation, as CLAM's ``(cmap(v) * 255).astype(uint8)``).
-    Cached per name and read-only.
-
-    Returns
-    -------
-    (N + 3, 3) uint8 ndarray, RGB
-
-    Examples
-    --------
-    >>> lut = colormap_lut("gray")
-    >>> lut.shape, lut[0].tolist(), lut[255].tolist()
-    ((259, 3), [0, 0, 0], [255, 255, 255])
-    """
-    import matplotlib
-
-    try:
-        cm = matplotlib.colormaps[cmap]
-    except KeyError:
-        raise ValueError(f"cmap {cmap!r} is not a matplotlib colormap name") from None
-    n = int(cm.N)
-    rgba = np.concatenate(
-        [cm(np.arange(n)), [cm.get_under()], [cm.get_over()], [cm.get_bad()]], axis=0
-    )
-    lut = (np.asarray(rgba, dtype=np.float64) * 255)[:, :3].astype(np.uint8)
-    lut.flags.writeable = False
-    return lut
 
 
 def colormap_index(values: np.ndarray, n: int) -> np.ndarray:

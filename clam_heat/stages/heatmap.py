@@ -76,7 +76,7 @@ def production_spec(
 class HeatmapStage(Stage):
     name = "heatmap"
     depends_on = ("segment", "infer", "overlap")
-    preload = ("clam_heat.heatmap", "matplotlib", "imagecodecs", "tifffile")
+    preload = ("clam_heat.heatmap", "imagecodecs", "tifffile")
 
     def enabled(self, cfg: Any) -> bool:
         return "attention" in cfg.heatmap_arguments.methods()  # other maps: the explain stage
