@@ -114,9 +114,16 @@ class StopSignals:
     raises :class:`StopRequested` while it waits for the executor, builds the list or starts
     workers, so a stop is prompt and never lands inside a CSV or journal write. Installed only
     in the main thread (Python delivers signals there).
+
+    A signal that arrives while a finalizer (``__del__``, e.g. OpenSlide closing a slide
+    handle) runs is not raised there: Python prints an exception from ``__del__`` as
+    "Exception ignored" and drops it, so the stop would be lost behind a traceback. The
+    handler asks again a few milliseconds later (``SIGALRM``), outside the finalizer.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    #: seconds before a stop that arrived inside a finalizer is raised again
+    RETRY_SECONDS = 0.005
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -128,23 +135,37 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
+            self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
 
-    def _handle(self, signum: int, _frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and self.stopping:
             name = signal.Signals(signum).name
             os.write(2, f"stopped by {name} again: forced exit\n".encode())
             os._exit(128 + signum)
         if self.signum is None:
             self.signum = signum
-        if self._armed:
-            self._armed = False
-            raise StopRequested
+        self._raise_unless_in_finalizer(frame)
+
+    def _retry(self, _signum: int, frame: Any) -> None:
+        if self.signum is not None and not self.stopping:
+            self._raise_unless_in_finalizer(frame)
+
+    def _raise_unless_in_finalizer(self, frame: Any) -> None:
+        if not self._armed:
+            return
+        if _in_finalizer(frame):
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
+            return
+        self._armed = False
+        raise StopRequested
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -165,6 +186,15 @@ class StopSignals:
         """From now on: no raising; a second signal forces the exit."""
         self._armed = False
         self.stopping = True
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` (where a raised exception is dropped)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stop_line(summary: RunSummary) -> str:
