@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -115,10 +116,13 @@ class StopSignals:
     workers, so a stop is prompt and never lands inside a CSV or journal write. Installed only
     in the main thread (Python delivers signals there).
 
-    A signal that arrives while a finalizer (``__del__``, e.g. OpenSlide closing a slide
-    handle) runs is not raised there: Python prints an exception from ``__del__`` as
-    "Exception ignored" and drops it, so the stop would be lost behind a traceback. The
-    handler asks again a few milliseconds later (``SIGALRM``), outside the finalizer.
+    A signal that arrives while a finalizer runs (``__del__``, e.g. OpenSlide closing a slide
+    handle; a generator or weakref callback the garbage collector finishes) must not be raised
+    there: Python prints an exception from a finalizer as "Exception ignored" and drops it, so
+    the stop would be lost behind a traceback. The handler does not raise inside ``__del__``,
+    and a :class:`StopRequested` that a finalizer dropped all the same is caught by
+    ``sys.unraisablehook``, silently; either way the stop is raised again a few milliseconds
+    later (``SIGALRM``), outside the finalizer.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -130,17 +134,21 @@ class StopSignals:
         self.stopping = False
         self._armed = True
         self._old: dict[int, Any] = {}
+        self._old_unraisable_hook: Callable[[Any], Any] = sys.unraisablehook
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
             self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
+            self._old_unraisable_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._old:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.unraisablehook = self._old_unraisable_hook
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
@@ -166,6 +174,15 @@ class StopSignals:
             return
         self._armed = False
         raise StopRequested
+
+    def _unraisable(self, info: Any) -> None:
+        """A stop a finalizer dropped: arm again and retry shortly (other reports pass on)."""
+        if not isinstance(info.exc_value, StopRequested):
+            self._old_unraisable_hook(info)
+            return
+        if not self.stopping:
+            self._armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

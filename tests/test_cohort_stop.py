@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -171,40 +172,71 @@ def test_a_second_run_on_a_held_list_exits_2_with_one_line(demo_project: Path) -
     assert done_stages(cfg) == {}  # no stage ran
 
 
-def test_a_stop_that_lands_in_a_finalizer_is_raised_after_it() -> None:
-    """Catches: a SIGINT that arrives while a ``__del__`` runs (OpenSlide closing a slide handle
-    at garbage collection) raised inside it, where Python prints "Exception ignored" on stderr
-    and drops it, so the stop is lost behind a traceback (seen once in a full suite run)."""
-    import gc
-
+def _stop_from_a_finalizer(make_garbage: Callable[[], None]) -> tuple[list[object], bool]:
+    """Run ``make_garbage`` (whose finalizer sends SIGINT and spins 0.3 s) under StopSignals:
+    (what reached the previous ``sys.unraisablehook``, whether StopRequested came after)."""
     from clam_heat.runner import StopRequested, StopSignals
 
-    dropped: list[BaseException | None] = []
+    dropped: list[object] = []
     before = sys.unraisablehook
     sys.unraisablehook = lambda info: dropped.append(info.exc_value)
-
-    class SignalsInItsFinalizer:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
-            deadline = time.monotonic() + 0.5
-            while time.monotonic() < deadline:  # the handler runs here, in the finalizer
-                pass
-
-    stopped_after_finalizer = False
+    stopped_after = False
     try:
         with StopSignals() as stop:
             try:
-                obj = SignalsInItsFinalizer()
-                del obj
-                gc.collect()
+                make_garbage()
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
                     pass
             except StopRequested:
-                stopped_after_finalizer = True
+                stopped_after = True
         assert stop.signum == signal.SIGINT
     finally:
         sys.unraisablehook = before
-    assert dropped == []  # nothing raised inside __del__
-    assert stopped_after_finalizer
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    return dropped, stopped_after
+
+
+def _signal_and_spin() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # the handler runs here, inside the finalizer
+        pass
+
+
+def test_a_stop_that_lands_in_a_del_is_raised_after_it() -> None:
+    """Catches: a SIGINT that arrives while a ``__del__`` runs (OpenSlide closing a slide handle
+    at garbage collection) raised inside it, where Python prints "Exception ignored" on stderr
+    and drops it, so the stop is lost behind a traceback (seen once in a full suite run)."""
+    closed: list[bool] = []
+
+    class SignalsInItsFinalizer:
+        def __del__(self) -> None:
+            _signal_and_spin()
+            closed.append(True)  # the finalizer itself ran to its end
+
+    def make_garbage() -> None:
+        obj = SignalsInItsFinalizer()
+        del obj
+
+    dropped, stopped_after = _stop_from_a_finalizer(make_garbage)
+    assert dropped == [] and stopped_after and closed == [True]
+
+
+def test_a_stop_that_lands_in_a_collected_generator_is_raised_after_it() -> None:
+    """Catches: the same stop landing in a finalizer that is not a ``__del__`` (a generator the
+    garbage collector closes runs its ``finally``; Python drops what it raises there too)."""
+
+    def generator() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            _signal_and_spin()
+
+    def make_garbage() -> None:
+        gen = generator()
+        next(gen)
+        del gen  # closed here, by its deallocation
+
+    dropped, stopped_after = _stop_from_a_finalizer(make_garbage)
+    assert dropped == [] and stopped_after
